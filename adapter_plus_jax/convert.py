@@ -1,0 +1,385 @@
+"""Conversion between timm / adapter-plus PyTorch ViTs and the Flax model.
+
+The architecture is read off the live torch module (`vit_config_from_timm`), never from a table
+of model names. Parameter names map one way, Flax -> timm, in `timm_key`; the same mapping fills
+Flax parameters from a torch state dict (`params_from_state_dict`) and exports them back
+(`to_adapter_plus`). Every Flax parameter must be filled and every torch tensor used, or the
+conversion fails with the list of keys.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from adapter_plus_jax.model import VisionTransformer, ViTConfig
+from adapter_plus_jax.peft import AdapterSpec, LoRASpec, PromptSpec
+
+
+class ConversionError(ValueError):
+    """The torch model or checkpoint cannot be converted; the message says why."""
+
+
+# ----------------------------------------------------------------------------------------------
+# The key mapping: Flax parameter path -> timm state-dict key.
+#
+#   patch_embed/kernel                  patch_embed.proj.weight        (OIHW -> HWIO)
+#   blocks_{i}/attn/qkv/kernel          blocks.{i}.attn.qkv.weight     (transposed)
+#   blocks_{i}/norm1/scale              blocks.{i}.norm1.weight
+#   blocks_{i}/ls1/gamma                blocks.{i}.ls1.gamma
+#   blocks_{i}/adapter/down/kernel      blocks.{i}.adapter.bottleneck.1.weight   (adapter-plus)
+#   blocks_{i}/adapter/up/kernel        blocks.{i}.adapter.bottleneck.4.weight
+#   blocks_{i}/adapter/norm/scale       blocks.{i}.adapter.norm_a.weight
+#   blocks_{i}/attn/lora_q/down/kernel  blocks.{i}.attn.adapters.q.bottleneck.1.weight
+#   blocks_{i}/prompt                   blocks.{i}.prompt
+#   everything else: '/' -> '.', kernel/scale -> weight.
+
+_BRANCH_MODULES = {"down": "bottleneck.1", "up": "bottleneck.4", "norm": "norm_a"}
+
+
+def _is_branch(name: str) -> bool:
+    return name in ("adapter", "adapter_attn") or name.startswith("lora_")
+
+
+def timm_key(path: tuple[str, ...]) -> str:
+    """The timm (adapter-plus) state-dict key of a Flax parameter path."""
+    parts: list[str] = []
+    for i, name in enumerate(path[:-1]):
+        if m := re.fullmatch(r"blocks_(\d+)", name):
+            parts += ["blocks", m[1]]
+        elif m := re.fullmatch(r"lora_([qkvo])", name):
+            parts += ["adapters", m[1]]
+        elif i > 0 and _is_branch(path[i - 1]) and name in _BRANCH_MODULES:
+            parts.append(_BRANCH_MODULES[name])
+        elif name == "patch_embed":
+            parts.append("patch_embed.proj")
+        else:
+            parts.append(name)
+    leaf = path[-1]
+    parts.append("weight" if leaf in ("kernel", "scale") else leaf)
+    return ".".join(parts)
+
+
+def _torch_to_flax(leaf: str, value: np.ndarray) -> np.ndarray:
+    if leaf == "kernel" and value.ndim == 4:
+        return value.transpose(2, 3, 1, 0)  # conv OIHW -> HWIO
+    if leaf == "kernel":
+        return value.T
+    return value
+
+
+def _flax_to_torch(leaf: str, value: np.ndarray) -> np.ndarray:
+    if leaf == "kernel" and value.ndim == 4:
+        return value.transpose(3, 2, 0, 1)
+    if leaf == "kernel":
+        return value.T
+    return value
+
+
+def params_from_state_dict(
+    module: VisionTransformer,
+    state_dict: Mapping[str, Any],
+    ignore: Iterable[str] = (),
+) -> dict:
+    """Flax params for `module` filled from a timm state dict (torch tensors or numpy arrays).
+
+    Raises ConversionError listing missing keys, unused keys (not in `ignore`) and shape
+    mismatches.
+    """
+    shapes = traverse_util.flatten_dict(abstract_params(module))
+    arrays = {k: _to_numpy(v) for k, v in state_dict.items()}
+    params, missing, bad_shape = {}, [], []
+    for path, abstract in shapes.items():
+        key = timm_key(path)
+        if key not in arrays:
+            missing.append(key)
+            continue
+        value = _torch_to_flax(path[-1], arrays[key])
+        if value.shape != abstract.shape:
+            bad_shape.append(
+                f"{key}: checkpoint {tuple(arrays[key].shape)}, model expects "
+                f"{tuple(_flax_to_torch(path[-1], np.empty(abstract.shape)).shape)}"
+            )
+            continue
+        params[path] = jnp.asarray(value, dtype=abstract.dtype)
+    used = {timm_key(p) for p in shapes}
+    unused = sorted(set(arrays) - used - set(ignore))
+    problems = []
+    if missing:
+        problems.append(f"missing from the checkpoint ({len(missing)}): {missing}")
+    if unused:
+        problems.append(f"in the checkpoint but not used by the model ({len(unused)}): {unused}")
+    if bad_shape:
+        problems.append(f"wrong shapes ({len(bad_shape)}): {bad_shape}")
+    if problems:
+        raise ConversionError("Checkpoint does not match the model; keys " + "; ".join(problems))
+    return traverse_util.unflatten_dict(params)
+
+
+def abstract_params(module: VisionTransformer) -> dict:
+    """Shapes and dtypes of the module's parameters, without computing anything."""
+    cfg = module.config
+    images = jax.ShapeDtypeStruct((1, *cfg.img_size, cfg.in_chans), jnp.float32)
+    rngs = {"params": jax.random.key(0)}
+    return jax.eval_shape(lambda x: module.init(rngs, x), images)["params"]
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):  # torch tensor
+        value = value.detach().cpu()
+        if not value.dtype.is_floating_point:
+            return value.numpy()
+        return value.float().numpy()
+    return np.asarray(value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading the architecture off a torch module.
+
+
+def _type_name(obj: Any) -> str:
+    return type(obj).__name__
+
+
+def _unsupported(part: str, found: str, hint: str = "") -> ConversionError:
+    msg = f"Unsupported architecture: {part} is {found}."
+    return ConversionError(msg + (f" {hint}" if hint else ""))
+
+
+def vit_config_from_timm(model: Any) -> ViTConfig:
+    """Read the ViTConfig off a timm VisionTransformer (or adapter-plus model) instance."""
+    from timm.layers import Mlp, PatchEmbed
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+    from torch import nn
+
+    if not isinstance(model, TimmViT):
+        raise _unsupported(
+            "the model",
+            _type_name(model),
+            "Only timm VisionTransformer models (and adapter-plus's subclass) "
+            "convert; EVA, relative-position, hybrid and other ViTs do not.",
+        )
+    if getattr(model, "dynamic_img_size", False):
+        raise _unsupported(
+            "dynamic_img_size",
+            "True",
+            "Create the timm model with dynamic_img_size=False and a fixed img_size.",
+        )
+    pe = model.patch_embed
+    if type(pe) is not PatchEmbed:
+        raise _unsupported(
+            "the stem (patch_embed)",
+            _type_name(pe),
+            "Only timm PatchEmbed stems convert (no hybrid CNN stems).",
+        )
+    conv = pe.proj
+    if (
+        not isinstance(conv, nn.Conv2d)
+        or tuple(conv.stride) != tuple(conv.kernel_size)
+        or any(conv.padding)
+        or getattr(pe, "dynamic_img_pad", False)
+        or not isinstance(pe.norm, nn.Identity)
+    ):
+        raise _unsupported("patch_embed", "a non-standard PatchEmbed (stride, padding or norm)")
+    if not isinstance(model.patch_drop, nn.Identity):
+        raise _unsupported(
+            "patch_drop", _type_name(model.patch_drop), "Create the model with patch_drop_rate=0."
+        )
+    block_names = {_type_name(b) for b in model.blocks}
+    if len(block_names) != 1 or not block_names <= {
+        "Block",
+        "ResPostBlock",
+        "AdapterBlock",
+        "AdapterResPostBlock",
+    }:
+        raise _unsupported(
+            "the transformer blocks",
+            ", ".join(sorted(block_names)),
+            "Supported: Block and ResPostBlock.",
+        )
+    block0 = model.blocks[0]
+    res_post = "ResPost" in _type_name(block0)
+    attn = block0.attn
+    if _type_name(attn) not in ("Attention", "LoRAAttention"):
+        raise _unsupported("the attention layer", _type_name(attn))
+    for extra in ("norm",):  # attention-output norm in newer timm (scale_norm)
+        if not isinstance(getattr(attn, extra, nn.Identity()), nn.Identity):
+            raise _unsupported(f"attn.{extra}", _type_name(getattr(attn, extra)))
+    if attn.proj.bias is None:
+        raise _unsupported("attn.proj", "a Linear without bias")
+    mlp = block0.mlp
+    if type(mlp) is not Mlp or not isinstance(mlp.norm, nn.Identity):
+        raise _unsupported("the MLP", _type_name(mlp), "Supported: timm Mlp without norm.")
+    if mlp.fc1.bias is None or mlp.fc2.bias is None:
+        raise _unsupported("the MLP", "an Mlp without bias")
+    eps = _layer_norm_eps(model)
+
+    drop_paths = [float(getattr(b.drop_path1, "drop_prob", 0.0)) for b in model.blocks]
+    ls = getattr(block0, "ls1", nn.Identity())
+    if res_post:
+        init_values = getattr(block0, "init_values", None)
+    else:
+        init_values = float(ls.gamma.detach().flatten()[0]) if hasattr(ls, "gamma") else None
+    use_fc_norm = not isinstance(model.fc_norm, nn.Identity)
+    head = model.head
+    if not isinstance(head, (nn.Linear, nn.Identity)):
+        raise _unsupported("the head", _type_name(head))
+    cfg = ViTConfig(
+        img_size=tuple(pe.img_size),
+        patch_size=tuple(conv.kernel_size),
+        in_chans=conv.in_channels,
+        num_classes=head.out_features if isinstance(head, nn.Linear) else 0,
+        embed_dim=model.embed_dim,
+        depth=len(model.blocks),
+        num_heads=attn.num_heads,
+        mlp_dim=mlp.fc1.out_features,
+        qkv_bias=attn.qkv.bias is not None,
+        qk_norm=not isinstance(getattr(attn, "q_norm", nn.Identity()), nn.Identity),
+        patch_bias=conv.bias is not None,
+        init_values=init_values,
+        class_token=model.cls_token is not None,
+        reg_tokens=int(getattr(model, "num_reg_tokens", 0)),
+        no_embed_class=bool(model.no_embed_class),
+        pos_embed=model.pos_embed is not None,
+        pre_norm=not isinstance(model.norm_pre, nn.Identity),
+        final_norm=not (isinstance(model.norm, nn.Identity) and not use_fc_norm),
+        fc_norm=use_fc_norm,
+        global_pool=model.global_pool,
+        block="res_post" if res_post else "pre_norm",
+        act=_activation_name(mlp.act),
+        norm_eps=eps,
+        drop_rate=float(model.head_drop.p),
+        pos_drop_rate=float(model.pos_drop.p),
+        proj_drop_rate=float(attn.proj_drop.p),
+        attn_drop_rate=float(attn.attn_drop.p),
+        drop_path_rate=max(drop_paths),
+    )
+    if cfg.global_pool == "map":
+        _check_attn_pool(model.attn_pool, cfg)
+    return cfg
+
+
+def _activation_name(act: Any) -> str:
+    from torch import nn
+
+    if isinstance(act, nn.GELU):
+        return "gelu" if act.approximate == "none" else "gelu_tanh"
+    if _type_name(act) == "QuickGELU":
+        return "quick_gelu"
+    raise _unsupported(
+        "the MLP activation", _type_name(act), "Supported: GELU (exact or tanh) and QuickGELU."
+    )
+
+
+def _layer_norm_eps(model: Any) -> float:
+    from torch import nn
+
+    norm_like = [
+        (n, m)
+        for n, m in model.named_modules()
+        if "norm" in _type_name(m).lower() or "Norm" in _type_name(m)
+    ]
+    eps = set()
+    for name, m in norm_like:
+        if not isinstance(m, nn.LayerNorm):
+            raise _unsupported(f"norm layer '{name}'", _type_name(m), "Supported: LayerNorm.")
+        if not m.elementwise_affine or m.bias is None:
+            raise _unsupported(f"norm layer '{name}'", "a LayerNorm without affine weight/bias")
+        eps.add(float(m.eps))
+    if len(eps) > 1:
+        raise _unsupported("the norm layers", f"LayerNorms with different eps {sorted(eps)}")
+    return eps.pop() if eps else 1e-6
+
+
+def _check_attn_pool(pool: Any, cfg: ViTConfig) -> None:
+    from torch import nn
+
+    ok = (
+        _type_name(pool) == "AttentionPoolLatent"
+        and pool.latent_len == 1
+        and pool.pos_embed is None
+        and pool.pool == "token"
+        and pool.num_heads == cfg.num_heads
+        and pool.q.bias is not None
+        and isinstance(pool.q_norm, nn.Identity)
+        and isinstance(pool.norm, nn.LayerNorm)
+        and pool.mlp.fc1.out_features == cfg.mlp_dim
+        and isinstance(pool.mlp.act, nn.GELU)
+        and pool.mlp.act.approximate == "none"
+    )
+    if not ok:
+        raise _unsupported("the attention pool", "an AttentionPoolLatent with non-default options")
+
+
+# ----------------------------------------------------------------------------------------------
+# adapter-plus modules.
+
+
+def _fields(cfg: Any, spec_cls: type) -> dict[str, Any]:
+    import dataclasses
+
+    names = [f.name for f in dataclasses.fields(spec_cls)]
+    out = {n: getattr(cfg, n) for n in names if hasattr(cfg, n) and getattr(cfg, n) is not None}
+    if "location" in out:
+        out["location"] = tuple(out["location"])
+    return out
+
+
+def peft_specs_from_timm(
+    model: Any,
+) -> tuple[AdapterSpec | None, LoRASpec | None, PromptSpec | None]:
+    """The Adapter, LoRA and prompt specs of an adapter-plus VisionTransformerAdapter."""
+    block0 = model.blocks[0]
+    adapter = lora = prompt = None
+    if getattr(block0, "adapter_config", None) is not None:
+        adapter = AdapterSpec(**_fields(block0.adapter_config, AdapterSpec))
+    lcfg = getattr(block0, "lora_config", None)
+    if lcfg is not None and getattr(lcfg, "config", "attention") == "attention":
+        # The reference passes no `init` to its LoRA branches (houlsby init); init does not
+        # change the conversion, so keep our default.
+        lora = LoRASpec(**{k: v for k, v in _fields(lcfg, LoRASpec).items() if k != "init"})
+    pcfg = getattr(block0, "prompt_config", None)
+    if pcfg:
+        if model.cls_token is None or getattr(model, "num_reg_tokens", 0):
+            raise _unsupported(
+                "adapter-plus prompts",
+                "on a model without exactly one class token",
+                "The reference writes prompts at position 1, which is not defined for such models.",
+            )
+        prompt = PromptSpec(num_tokens=int(pcfg.num_tokens), dropout=float(pcfg.dropout))
+    return adapter, lora, prompt
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry points.
+
+
+def from_timm(model: Any, dtype: Any = jnp.float32) -> tuple[VisionTransformer, dict]:
+    """Convert a live timm VisionTransformer (or adapter-plus model) to (module, variables)."""
+    config = vit_config_from_timm(model)
+    adapter, lora, prompt = peft_specs_from_timm(model)
+    module = VisionTransformer(config, adapter=adapter, lora=lora, prompt=prompt, dtype=dtype)
+    params = params_from_state_dict(module, model.state_dict())
+    return module, {"params": params}
+
+
+def to_adapter_plus(
+    params: Mapping[str, Any], include: str = r"adapter|lora_|prompt|^head/"
+) -> dict[str, Any]:
+    """Export the adapter, LoRA, prompt and head parameters as a PyTorch state dict that the
+    reference model loads (`model.load_state_dict(sd, strict=False)`)."""
+    import torch
+
+    flat = traverse_util.flatten_dict(dict(params))
+    out = {}
+    for path, value in flat.items():
+        if re.search(include, "/".join(path)):
+            array = np.ascontiguousarray(_flax_to_torch(path[-1], np.asarray(value, np.float32)))
+            out[timm_key(path)] = torch.from_numpy(array)
+    return out

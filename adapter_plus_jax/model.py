@@ -1,0 +1,464 @@
+"""Vision Transformer in Flax Linen that computes what timm's `VisionTransformer` computes.
+
+Parameter names follow timm's module names ('/'-joined, `blocks_3/attn/qkv/kernel`), so that the
+one key mapping in `convert.py` stays readable. Adapters, LoRA branches and prompts (`peft.py`)
+plug into `Block` and `Attention`; with none configured the model is a plain timm ViT.
+
+    module = VisionTransformer(ViTConfig(...), adapter=AdapterSpec(...))
+    logits = module.apply(variables, images_nhwc, train=False)
+    features = module.apply(variables, images_nhwc, pre_logits=True)
+
+With `train=True`, dropout, attention dropout and stochastic depth draw from the 'dropout' rng.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from adapter_plus_jax.peft import (
+    Adapter,
+    AdapterSpec,
+    DropPath,
+    LoRASpec,
+    PromptSpec,
+    activation,
+    prompt_init,
+    trunc_normal,
+)
+
+GLOBAL_POOLS = ("", "token", "avg", "max", "avgmax", "map")
+BLOCK_TYPES = ("pre_norm", "res_post")  # timm `Block` and `ResPostBlock`
+ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu")
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+    """Architecture of a timm VisionTransformer (the names follow timm's arguments).
+
+    `fc_norm` is resolved (True: norm after pooling), unlike timm's `None` default.
+    `block` is 'pre_norm' for timm `Block`, 'res_post' for `ResPostBlock`.
+    """
+
+    img_size: tuple[int, int] = (224, 224)
+    patch_size: tuple[int, int] = (16, 16)
+    in_chans: int = 3
+    num_classes: int = 1000
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_dim: int = 3072
+    qkv_bias: bool = True
+    qk_norm: bool = False
+    patch_bias: bool = True
+    init_values: float | None = None  # LayerScale (pre_norm) or norm init (res_post)
+    class_token: bool = True
+    reg_tokens: int = 0
+    no_embed_class: bool = False
+    pos_embed: bool = True
+    pre_norm: bool = False
+    final_norm: bool = True
+    fc_norm: bool = False
+    global_pool: str = "token"
+    block: str = "pre_norm"
+    act: str = "gelu"
+    norm_eps: float = 1e-6
+    drop_rate: float = 0.0
+    pos_drop_rate: float = 0.0
+    proj_drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+
+    def __post_init__(self):
+        for name in ("img_size", "patch_size"):
+            value = getattr(self, name)
+            object.__setattr__(
+                self, name, (value, value) if isinstance(value, int) else tuple(value)
+            )
+        checks = [
+            (self.global_pool in GLOBAL_POOLS, "global_pool", f"one of {GLOBAL_POOLS}"),
+            (self.block in BLOCK_TYPES, "block", f"one of {BLOCK_TYPES}"),
+            (self.act in ACTIVATIONS, "act", f"one of {ACTIVATIONS}"),
+            (self.embed_dim % self.num_heads == 0, "num_heads", "a divisor of embed_dim"),
+            (
+                self.class_token or self.global_pool != "token",
+                "global_pool",
+                "not 'token' for a model without class token",
+            ),
+            (
+                all(i % p == 0 for i, p in zip(self.img_size, self.patch_size, strict=False)),
+                "img_size",
+                "a multiple of patch_size",
+            ),
+        ]
+        for ok, field, expected in checks:
+            if not ok:
+                raise ValueError(
+                    f"ViTConfig.{field}={getattr(self, field)!r}: expected {expected}."
+                )
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(self.class_token) + self.reg_tokens
+
+    def replace(self, **changes: Any) -> ViTConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ViTConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"Unknown ViTConfig field(s) {unknown}.")
+        return cls(**d)
+
+
+def _dense(features: int, name: str, dtype: Any, use_bias: bool = True) -> nn.Dense:
+    # timm's init for Linear layers: trunc_normal(std=.02) (cut at +-2 absolute), zero bias.
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        name=name,
+        kernel_init=trunc_normal(0.02, cutoff=100.0),
+    )
+
+
+class Mlp(nn.Module):
+    """timm `Mlp`: fc1, activation, dropout, fc2, dropout."""
+
+    hidden_dim: int
+    act: str = "gelu"
+    dropout: float = 0.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        out_dim = x.shape[-1]
+        x = activation(self.act)(_dense(self.hidden_dim, "fc1", self.dtype)(x))
+        x = nn.Dropout(self.dropout)(x, deterministic=not train)
+        x = _dense(out_dim, "fc2", self.dtype)(x)
+        return nn.Dropout(self.dropout)(x, deterministic=not train)
+
+
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, drop: nn.Module, train: bool) -> jax.Array:
+    """softmax(q k^T / sqrt(d)) v on [batch, tokens, heads, head_dim]; the softmax in float32."""
+    scale = q.shape[-1] ** -0.5
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q * scale, k)
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+    weights = drop(weights, deterministic=not train)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+class Attention(nn.Module):
+    """timm `Attention` (fused qkv, optional q/k LayerNorm), with optional LoRA branches.
+
+    LoRA follows the reference's LoRAAttention: the q/k/v branches read the attention input and
+    are added per head before attention; the 'o' branch reads the output projection.
+    """
+
+    num_heads: int
+    qkv_bias: bool = True
+    qk_norm: bool = False
+    attn_drop: float = 0.0
+    proj_drop: float = 0.0
+    norm_eps: float = 1e-6
+    act: str = "gelu"
+    lora: LoRASpec | None = None
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        b, n, c = x.shape
+        heads = (self.num_heads, c // self.num_heads)
+        qkv = _dense(3 * c, "qkv", self.dtype, self.qkv_bias)(x).reshape(b, n, 3, *heads)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        if self.lora is not None:
+            branch = functools.partial(
+                Adapter, self.lora, act=self.act, norm_eps=self.norm_eps, dtype=self.dtype
+            )
+            # The reference gives q/k/v branches a bias only when qkv has one.
+            use_bias = self.lora.bias and self.qkv_bias
+            q, k, v = (
+                t + branch(use_bias=use_bias, name=f"lora_{loc}")(x, train=train).reshape(t.shape)
+                if loc in self.lora.location
+                else t
+                for loc, t in zip("qkv", (q, k, v), strict=False)
+            )
+        if self.qk_norm:
+            q = nn.LayerNorm(epsilon=self.norm_eps, name="q_norm")(q)
+            k = nn.LayerNorm(epsilon=self.norm_eps, name="k_norm")(k)
+        x = _attend(q, k, v, nn.Dropout(self.attn_drop), train).reshape(b, n, c)
+        x = _dense(c, "proj", self.dtype)(x)
+        if self.lora is not None and "o" in self.lora.location:
+            x = x + branch(name="lora_o")(x, train=train)
+        return nn.Dropout(self.proj_drop)(x, deterministic=not train)
+
+
+class LayerScale(nn.Module):
+    """timm `LayerScale`: a learned per-channel gain."""
+
+    init_values: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        gamma = self.param("gamma", nn.initializers.constant(self.init_values), (x.shape[-1],))
+        return x * gamma
+
+
+class Block(nn.Module):
+    """One transformer block (timm `Block` or `ResPostBlock`) with the adapter positions of the
+    reference's AdapterBlock.forward_* variants, and VPT prompts written in before it runs."""
+
+    config: ViTConfig
+    drop_path: float = 0.0
+    adapter: AdapterSpec | None = None
+    lora: LoRASpec | None = None
+    prompt: PromptSpec | None = None
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        cfg = self.config
+        if self.prompt is not None:
+            x = self._write_prompt(x, train)
+        norm = functools.partial(nn.LayerNorm, epsilon=cfg.norm_eps)
+        if cfg.block == "res_post" and cfg.init_values is not None:
+            norm = functools.partial(norm, scale_init=nn.initializers.constant(cfg.init_values))
+        attn = Attention(
+            cfg.num_heads,
+            cfg.qkv_bias,
+            cfg.qk_norm,
+            cfg.attn_drop_rate,
+            cfg.proj_drop_rate,
+            cfg.norm_eps,
+            cfg.act,
+            self.lora,
+            self.dtype,
+            name="attn",
+        )
+        mlp = Mlp(cfg.mlp_dim, cfg.act, cfg.proj_drop_rate, self.dtype, name="mlp")
+        norm1, norm2 = norm(name="norm1"), norm(name="norm2")
+        if cfg.block == "res_post":
+
+            def attn_branch(y):
+                return norm1(attn(y, train))
+
+            def mlp_branch(y):
+                return norm2(mlp(y, train))
+        else:
+            scale1 = scale2 = lambda y: y  # noqa: E731
+            if cfg.init_values is not None:
+                scale1 = LayerScale(cfg.init_values, name="ls1")
+                scale2 = LayerScale(cfg.init_values, name="ls2")
+
+            def attn_branch(y):
+                return scale1(attn(norm1(y), train))
+
+            def mlp_branch(y):
+                return scale2(mlp(norm2(y), train))
+
+        dp1, dp2 = DropPath(self.drop_path), DropPath(self.drop_path)
+
+        def res_attn(y):
+            return dp1(attn_branch(y), train)
+
+        def res_mlp(y):
+            return dp2(mlp_branch(y), train)
+
+        spec = self.adapter
+        if spec is None:
+            x = x + res_attn(x)
+            return x + res_mlp(x)
+        branch = functools.partial(
+            Adapter, spec, act=cfg.act, norm_eps=cfg.norm_eps, dtype=self.dtype
+        )
+        adapter = branch(name="adapter")
+
+        def ad(y, skip):
+            return adapter(y, skip=skip, train=train)
+
+        if spec.config == "post":
+            x = x + res_attn(x)
+            x = x + res_mlp(x)
+            return ad(x, x)
+        if spec.config == "pre":
+            x = x + res_attn(x)
+            x = ad(x, x)
+            return x + res_mlp(x)
+        if spec.config == "pfeiffer":
+            y = x + res_attn(x)
+            skip = res_mlp(y)
+            return ad(y + skip, skip) + y
+        if spec.config == "intermediate":
+            x = x + res_attn(x)
+            y = res_mlp(x)
+            return x + ad(y, y)
+        if spec.config == "houlsby":
+            y = res_attn(x)
+            x = x + branch(name="adapter_attn")(y, skip=y, train=train)
+            y = res_mlp(x)
+            return x + ad(y, y)
+        # parallel
+        y = x + res_attn(x)
+        return ad(y, y + res_mlp(y))
+
+    def _write_prompt(self, x: jax.Array, train: bool) -> jax.Array:
+        """Replace the prompt slots (right after the prefix tokens) with this block's prompts."""
+        cfg, t = self.config, self.prompt.num_tokens
+        prompt = self.param("prompt", prompt_init(t, cfg.patch_size), (t, x.shape[-1]))
+        prompt = jnp.broadcast_to(prompt.astype(x.dtype), (x.shape[0], t, x.shape[-1]))
+        prompt = nn.Dropout(self.prompt.dropout)(prompt, deterministic=not train)
+        start = cfg.num_prefix_tokens
+        return jnp.concatenate([x[:, :start], prompt, x[:, start + t :]], axis=1)
+
+
+class AttentionPool(nn.Module):
+    """timm `AttentionPoolLatent` ('map' global pool): a learned latent query attends to the
+    tokens, followed by a residual MLP; returns the first latent."""
+
+    num_heads: int
+    mlp_dim: int
+    norm_eps: float = 1e-6
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, n, c = x.shape
+        heads = (self.num_heads, c // self.num_heads)
+        latent = self.param("latent", trunc_normal(c**-0.5), (1, 1, c))
+        q = _dense(c, "q", self.dtype)(jnp.broadcast_to(latent, (b, 1, c))).reshape(b, 1, *heads)
+        kv = _dense(2 * c, "kv", self.dtype)(x).reshape(b, n, 2, *heads)
+        y = _attend(q, kv[:, :, 0], kv[:, :, 1], lambda w, deterministic: w, False)
+        y = _dense(c, "proj", self.dtype)(y.reshape(b, 1, c))
+        y = y + Mlp(self.mlp_dim, "gelu", 0.0, self.dtype, name="mlp")(
+            nn.LayerNorm(epsilon=self.norm_eps, name="norm")(y), False
+        )
+        return y[:, 0]
+
+
+class VisionTransformer(nn.Module):
+    """timm VisionTransformer with optional Adapter / LoRA / VPT modules.
+
+    Attributes:
+      config: the architecture.
+      adapter, lora, prompt: PEFT specs (see `peft.py`); None for a plain ViT.
+      dtype: compute dtype of the matmuls (e.g. jnp.bfloat16); parameters stay float32,
+        LayerNorm, softmax and the residual stream run in float32.
+    """
+
+    config: ViTConfig
+    adapter: AdapterSpec | None = None
+    lora: LoRASpec | None = None
+    prompt: PromptSpec | None = None
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jax.Array, train: bool = False, pre_logits: bool = False):
+        """images: [batch, height, width, channels] -> logits [batch, num_classes]
+        (or pre-logit features [batch, embed_dim] with `pre_logits=True`)."""
+        cfg = self.config
+        expected = (*cfg.img_size, cfg.in_chans)
+        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+            raise ValueError(
+                f"Expected images of shape [batch, {expected[0]}, {expected[1]}, {expected[2]}] "
+                f"(NHWC), got {tuple(images.shape)}. Resize the inputs, or build the model for "
+                "this size (load_pretrained(..., img_size=...) resamples position embeddings)."
+            )
+        x = self._embed(images.astype(self.dtype), train)
+        for i in range(cfg.depth):
+            # Stochastic depth rises linearly over depth, as in timm.
+            rate = float(np.linspace(0.0, cfg.drop_path_rate, cfg.depth)[i])
+            prompt = self.prompt if self.prompt and (self.prompt.deep or i == 0) else None
+            x = Block(cfg, rate, self.adapter, self.lora, prompt, self.dtype, name=f"blocks_{i}")(
+                x, train
+            )
+        norm = functools.partial(nn.LayerNorm, epsilon=cfg.norm_eps)
+        if cfg.final_norm and not cfg.fc_norm:
+            x = norm(name="norm")(x)
+        x = self._pool(x)
+        if cfg.final_norm and cfg.fc_norm:
+            x = norm(name="fc_norm")(x)
+        x = nn.Dropout(cfg.drop_rate)(x, deterministic=not train)
+        if pre_logits or cfg.num_classes == 0:
+            return x
+        head = nn.Dense(
+            cfg.num_classes,
+            dtype=self.dtype,
+            name="head",
+            kernel_init=trunc_normal(0.02, cutoff=100.0),
+        )
+        return head(x).astype(jnp.float32)
+
+    def _embed(self, images: jax.Array, train: bool) -> jax.Array:
+        """Patchify, add position embeddings, prepend class/register tokens (and prompt slots)."""
+        cfg, d = self.config, self.config.embed_dim
+        x = nn.Conv(
+            d,
+            cfg.patch_size,
+            strides=cfg.patch_size,
+            padding="VALID",
+            use_bias=cfg.patch_bias,
+            dtype=self.dtype,
+            name="patch_embed",
+        )(images)
+        b = x.shape[0]
+        x = x.reshape(b, -1, d).astype(jnp.float32)
+        prefix = []
+        if cfg.class_token:
+            cls = self.param("cls_token", nn.initializers.normal(1e-6), (1, 1, d))
+            prefix.append(jnp.broadcast_to(cls, (b, 1, d)))
+        if cfg.reg_tokens:
+            reg = self.param("reg_token", nn.initializers.normal(1e-6), (1, cfg.reg_tokens, d))
+            prefix.append(jnp.broadcast_to(reg, (b, cfg.reg_tokens, d)))
+        if cfg.pos_embed:
+            n_pos = x.shape[1] + (0 if cfg.no_embed_class else cfg.num_prefix_tokens)
+            pos = self.param("pos_embed", trunc_normal(0.02, cutoff=100.0), (1, n_pos, d))
+        if cfg.pos_embed and cfg.no_embed_class:
+            x = x + pos
+        x = jnp.concatenate([*prefix, x], axis=1)
+        if cfg.pos_embed and not cfg.no_embed_class:
+            x = x + pos
+        x = nn.Dropout(cfg.pos_drop_rate)(x, deterministic=not train)
+        if cfg.pre_norm:
+            x = nn.LayerNorm(epsilon=cfg.norm_eps, name="norm_pre")(x)
+        if self.prompt is not None:
+            # Empty slots after the prefix tokens; each prompted block writes its prompts there.
+            slots = jnp.zeros((b, self.prompt.num_tokens, d), x.dtype)
+            start = cfg.num_prefix_tokens
+            x = jnp.concatenate([x[:, :start], slots, x[:, start:]], axis=1)
+        return x
+
+    def _pool(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        pool = cfg.global_pool
+        if pool == "map":
+            return AttentionPool(
+                cfg.num_heads, cfg.mlp_dim, cfg.norm_eps, self.dtype, name="attn_pool"
+            )(x)
+        if pool == "token":
+            return x[:, 0]
+        if not pool:
+            return x
+        # Prompts count as prefix tokens here: pooling averages the patch tokens only.
+        n_prefix = cfg.num_prefix_tokens + (self.prompt.num_tokens if self.prompt else 0)
+        patches = x[:, n_prefix:]
+        if pool == "avg":
+            return patches.mean(axis=1)
+        if pool == "max":
+            return patches.max(axis=1)
+        return 0.5 * (patches.max(axis=1) + patches.mean(axis=1))
