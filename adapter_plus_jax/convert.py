@@ -270,8 +270,9 @@ def _activation_name(act: Any) -> str:
 
     if isinstance(act, nn.GELU):
         return "gelu" if act.approximate == "none" else "gelu_tanh"
-    if _type_name(act) == "QuickGELU":
-        return "quick_gelu"
+    names = {"GELU": "gelu", "GELUTanh": "gelu_tanh", "QuickGELU": "quick_gelu"}  # timm.layers
+    if _type_name(act) in names:
+        return names[_type_name(act)]
     raise _unsupported(
         "the MLP activation", _type_name(act), "Supported: GELU (exact or tanh) and QuickGELU."
     )
