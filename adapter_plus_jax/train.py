@@ -1,0 +1,150 @@
+"""The training step: AdamW on the trainable subtree only, with the reference's schedule and
+weight-decay rule (../shared/vtab1k-spec.md, sections 8.1-8.3).
+
+Parameters are split by a boolean mask into a trainable and a frozen tree. Gradients are taken
+with respect to the trainable tree alone, so XLA computes no weight gradients for the frozen
+backbone and the optimizer holds state only for the trainable parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import traverse_util
+
+# timm's VisionTransformer.no_weight_decay(): these get no decay whatever their rank.
+NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token")
+
+
+def reference_lr(
+    base_lr: float,
+    steps_per_epoch: int,
+    warmup_epochs: int = 10,
+    epochs: int = 100,
+    start_factor: float = 100.0,
+    min_factor: float = 1000.0,
+) -> optax.Schedule:
+    """The reference's linear-warmup + cosine schedule, stepped once per epoch with its lag.
+
+    pl_bolts' LinearWarmupCosineAnnealingLR is stepped at the end of each epoch with the epoch
+    index, so epoch 0 runs at the warmup start lr and epoch k >= 1 at f(k - 1), with
+        f(j) = s + j (b - s) / (W - 1)                           for j < W
+        f(j) = m + (b - m) (1 + cos(pi (j - W) / (E - W))) / 2    for j >= W
+    where b = base_lr, s = b / start_factor, m = b / min_factor.
+    """
+    b, s, m = base_lr, base_lr / start_factor, base_lr / min_factor
+    w, e = warmup_epochs, epochs
+
+    def f(j):
+        warm = s + j * (b - s) / max(w - 1, 1)
+        cos = m + 0.5 * (b - m) * (1 + jnp.cos(jnp.pi * (j - w) / max(e - w, 1)))
+        return jnp.where(j < w, warm, cos)
+
+    def schedule(step):
+        epoch = step // steps_per_epoch
+        return jnp.where(epoch == 0, s, f(jnp.maximum(epoch - 1, 0).astype(jnp.float32)))
+
+    return schedule
+
+
+def decay_mask(params: Mapping[str, Any]) -> Any:
+    """True where the reference applies weight decay: not 1-D, not a bias or scaling, and not
+    pos_embed / cls_token / dist_token. Prompts (2-D) are decayed, as in the reference."""
+
+    def decays(path: tuple[str, ...], value: Any) -> bool:
+        name = path[-1]
+        return value.ndim > 1 and name not in ("bias", "scaling") and name not in NO_DECAY_NAMES
+
+    flat = traverse_util.flatten_dict(dict(params))
+    return traverse_util.unflatten_dict({k: decays(k, v) for k, v in flat.items()})
+
+
+def adamw(
+    schedule: optax.Schedule,
+    weight_decay: float = 1e-4,
+    grad_clip: float | None = None,
+) -> Callable[[Any], optax.GradientTransformation]:
+    """torch.optim.AdamW's update (betas 0.9/0.999, eps 1e-8, decoupled decay scaled by the lr),
+    with the decay mask derived from the parameters it is initialised on."""
+    tx = optax.adamw(
+        schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay, mask=decay_mask
+    )
+    if grad_clip:
+        tx = optax.chain(optax.clip_by_global_norm(grad_clip), tx)
+    return tx
+
+
+def split(params: Mapping[str, Any], mask: Mapping[str, Any]) -> tuple[dict, dict]:
+    """(trainable, frozen) subtrees of `params` by a boolean `mask` of the same structure."""
+    flat = traverse_util.flatten_dict(dict(params))
+    flat_mask = traverse_util.flatten_dict(dict(mask))
+    trainable = {k: v for k, v in flat.items() if flat_mask[k]}
+    frozen = {k: v for k, v in flat.items() if not flat_mask[k]}
+    return traverse_util.unflatten_dict(trainable), traverse_util.unflatten_dict(frozen)
+
+
+def merge(trainable: Mapping[str, Any], frozen: Mapping[str, Any]) -> dict:
+    """Inverse of `split`."""
+    flat = traverse_util.flatten_dict(dict(frozen))
+    flat.update(traverse_util.flatten_dict(dict(trainable)))
+    return traverse_util.unflatten_dict(flat)
+
+
+@flax.struct.dataclass
+class TrainState:
+    """What changes during training; the frozen backbone lives outside it."""
+
+    step: jax.Array
+    params: Any  # the trainable subtree
+    opt_state: Any
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0):
+    """Mean cross-entropy, torch's `F.cross_entropy(label_smoothing=...)`."""
+    num_classes = logits.shape[-1]
+    targets = jax.nn.one_hot(labels, num_classes)
+    if label_smoothing:
+        targets = targets * (1 - label_smoothing) + label_smoothing / num_classes
+    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets).mean()
+
+
+def make_train_step(
+    module: flax.linen.Module,
+    tx: optax.GradientTransformation,
+    label_smoothing: float = 0.0,
+    rng: jax.Array | None = None,
+) -> Callable:
+    """train_step(state, frozen, images, labels) -> (state, metrics).
+
+    Dropout/drop-path randomness is `fold_in(rng, step)`, so a resumed run draws the same masks.
+    """
+    rng = jax.random.key(0) if rng is None else rng
+
+    def train_step(state: TrainState, frozen: Any, images: jax.Array, labels: jax.Array):
+        step_rng = jax.random.fold_in(rng, state.step)
+
+        def loss_fn(trainable):
+            variables = {"params": merge(trainable, frozen)}
+            logits = module.apply(variables, images, train=True, rngs={"dropout": step_rng})
+            loss = cross_entropy(logits, labels, label_smoothing)
+            return loss, logits
+
+        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": loss,
+            "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
+        }
+        return TrainState(state.step + 1, params, opt_state), metrics
+
+    return train_step
+
+
+def param_count(tree: Any) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(tree))
