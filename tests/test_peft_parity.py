@@ -1,0 +1,341 @@
+"""Parity of the Flax Adapter / LoRA / VPT models with the reference package adapter-plus 0.1.0.
+
+Reference models are built directly (`adapter_plus.VisionTransformerAdapter`), every adapter,
+LoRA, prompt and head parameter is set to random non-zero values, and the model is converted
+with `from_timm`. In eval mode (the configs keep non-zero dropout and drop path, so eval must
+switch them off on both sides):
+
+- logits: max |jax - torch| <= 1e-4 * (1 + max |torch|);
+- gradients of the mean cross-entropy w.r.t. every trainable parameter (the reference's
+  trainable set; ours from `trainable_mask`, keys mapped through `timm_key`):
+  max |jax - torch| <= 1e-4 * max |torch|, per tensor, with max |torch| floored at 1e-2 of the
+  largest gradient (see `_check`).
+
+The reference runs in float64 on the same (float32) parameter values, so the errors are our
+float32 rounding alone.
+
+JAX runs op by op (no jit): each case has its own architecture, and compiling each one costs
+far more than running it. Run with `-s` to print the worst errors per variant.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import defaultdict
+from collections.abc import Iterator
+
+import adapter_plus
+import jax
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from adapter_plus_jax.convert import (
+    abstract_params,
+    from_timm,
+    peft_specs_from_timm,
+    timm_key,
+    to_adapter_plus,
+    vit_config_from_timm,
+)
+from adapter_plus_jax.model import VisionTransformer
+from adapter_plus_jax.peft import trainable_count, trainable_mask
+
+TOL = 1e-4
+TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=5)
+BLOCKS = {"block": adapter_plus.AdapterBlock, "res_post": adapter_plus.AdapterResPostBlock}
+
+# Worst (logits, gradient) error per variant, printed at the end of the module.
+_WORST: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report() -> Iterator[None]:
+    yield
+    print("\nworst relative errors per variant (logits, gradients):")
+    for variant, (logits, grads) in sorted(_WORST.items()):
+        print(f"  {variant:10s} logits {logits:.2e}  grads {grads:.2e}")
+
+
+def _adapter_cfg(config: str = "post", **overrides) -> OmegaConf:
+    cfg = dict(
+        config=config,
+        dim=4,
+        act_layer=True,
+        norm_layer=False,
+        bias=True,
+        init="houlsby",
+        scaling="channel",
+        attn_adapter=config == "houlsby",
+        dropout=0.1,
+        drop_path=0.1,
+    )
+    return OmegaConf.create({**cfg, **overrides})
+
+
+def _lora_cfg(location: str = "qk", **overrides) -> OmegaConf:
+    cfg = dict(
+        config="attention",
+        location=location,
+        dim=4,
+        act_layer=False,
+        norm_layer=False,
+        bias=False,
+        init="lora",
+        scaling=1.0,
+        dropout=0.1,
+        pre_dropout=True,
+        drop_path=0.1,
+    )
+    return OmegaConf.create({**cfg, **overrides})
+
+
+def _prompt_cfg(num_tokens: int) -> OmegaConf:
+    return OmegaConf.create(dict(num_tokens=num_tokens, dropout=0.1))
+
+
+def _reference(block: str = "block", seed: int = 0, **kwargs) -> torch.nn.Module:
+    """A tiny adapter-plus model (eval mode) with random non-zero PEFT, head and norm params."""
+    torch.manual_seed(seed)
+    kwargs = {**TINY, "drop_path_rate": 0.1, "drop_rate": 0.1, **kwargs}
+    model = adapter_plus.VisionTransformerAdapter(block_fn=BLOCKS[block], **kwargs).eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if name.endswith("scaling"):
+                p.copy_(1.0 + 0.5 * noise)
+            elif _reference_trains(name):
+                p.copy_(0.2 * noise)
+            elif p.ndim == 1:  # LayerNorm and bias vectors off their trivial init
+                p.add_(0.1 * noise)
+    return model
+
+
+def _reference_trains(name: str) -> bool:
+    """The reference's trainable set (spec 8.4): the head, every Adapter module (LoRA branches
+    are Adapters under `attn.adapters`) and the prompt tokens."""
+    return name.startswith("head.") or "adapter" in name or name.endswith(".prompt")
+
+
+def _reference_trainable_names(model: torch.nn.Module) -> set[str]:
+    """Freeze all, then unfreeze as the reference's training script does."""
+    model.requires_grad_(False)
+    model.head.requires_grad_(True)
+    for m in model.modules():
+        if isinstance(m, adapter_plus.Adapter):
+            m.requires_grad_(True)
+    for name, p in model.named_parameters():
+        if name.endswith(".prompt"):
+            p.requires_grad_(True)
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names == {n for n, _ in model.named_parameters() if _reference_trains(n)}
+    return names
+
+
+def _inputs(model: torch.nn.Module, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 3, *model.patch_embed.img_size, generator=gen)
+    return x, torch.randint(0, TINY["num_classes"], (batch,), generator=gen)
+
+
+def _check(model: torch.nn.Module, variant: str) -> None:
+    """Compare eval logits and cross-entropy gradients of the reference and the converted model."""
+    x, labels = _inputs(model)
+    trainable = _reference_trainable_names(model)
+    # The reference runs in float64, so that only our float32 rounding counts against us.
+    logits_ref = model.double()(x.double())
+    torch.nn.functional.cross_entropy(logits_ref, labels).backward()
+    grads_ref = {n: p.grad.numpy() for n, p in model.named_parameters() if p.requires_grad}
+    logits_ref = logits_ref.detach().numpy()
+
+    module, variables = from_timm(model)  # float32 parameters, the same values
+    params = variables["params"]
+    mask = trainable_mask(params)
+    flat_mask = jax.tree_util.tree_flatten_with_path(mask)[0]
+    ours = {timm_key(tuple(k.key for k in path)) for path, on in flat_mask if on}
+    assert ours == trainable
+
+    logits, vjp = jax.vjp(
+        lambda p: module.apply({"params": p}, x.permute(0, 2, 3, 1).numpy()), params
+    )
+    # d mean-CE / d logits = (softmax - onehot) / batch
+    dlogits = (jax.nn.softmax(logits) - jax.nn.one_hot(labels.numpy(), logits.shape[-1])) / len(x)
+    (grads,) = vjp(dlogits)
+    grads = {k: v.numpy() for k, v in to_adapter_plus(grads).items()}
+
+    logits_err = float(
+        np.abs(np.asarray(logits) - logits_ref).max() / (1 + np.abs(logits_ref).max())
+    )
+    assert logits_err <= TOL, logits_err
+    assert set(grads) == trainable
+    # A gradient far below the largest one is a sum that cancels (a bias on k shifts all logits
+    # of a query equally, which softmax ignores: zero up to rounding; a learned scalar scaling
+    # sums over every token and channel), so float32 rounding is measured at 1e-2 of the largest.
+    floor = 1e-2 * max(np.abs(g).max() for g in grads_ref.values())
+    grad_errs = {
+        k: float(np.abs(grads[k] - g).max() / max(np.abs(g).max(), floor))
+        for k, g in grads_ref.items()
+    }
+    worst = max(grad_errs, key=grad_errs.get)
+    assert grad_errs[worst] <= TOL, (worst, grad_errs[worst])
+    record = _WORST[variant]
+    record[0], record[1] = max(record[0], logits_err), max(record[1], grad_errs[worst])
+
+
+# ----------------------------------------------------------------------------------------------
+# Adapters: every position x scaling x norm x bias (72 cases), each on a Block or a ResPostBlock
+# model, alternating so that every position and every adapter variant runs on both block types
+# half of the time. (Both blocks for every case would double the runtime for no new code path:
+# the variants change only the Adapter, the block type only the wiring around it.)
+
+POSITIONS = ("post", "pre", "parallel", "intermediate", "houlsby", "pfeiffer")
+VARIANTS = list(itertools.product((0.5, "learned", "channel"), (False, True), (False, True)))
+ADAPTER_CASES = [
+    (position, list(BLOCKS)[(i + j) % 2], *variant)
+    for i, position in enumerate(POSITIONS)
+    for j, variant in enumerate(VARIANTS)
+]
+
+
+@pytest.mark.parametrize(
+    ("position", "block", "scaling", "norm", "bias"),
+    ADAPTER_CASES,
+    ids=[f"{p}-{b}-{s}-norm{int(n)}-bias{int(c)}" for p, b, s, n, c in ADAPTER_CASES],
+)
+def test_adapter_parity(position: str, block: str, scaling, norm: bool, bias: bool) -> None:
+    cfg = _adapter_cfg(position, scaling=scaling, norm_layer=norm, bias=bias)
+    _check(_reference(block, adapter_config=cfg), position)
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA on several location sets; the settings rotate over the cases.
+
+LORA_CASES = [
+    # (location, block, scaling, bias, qkv_bias, act and norm in the branch)
+    ("q", "block", 1.0, False, True, False),
+    ("qk", "block", "learned", True, True, False),
+    ("qkvo", "block", "channel", True, False, False),  # q/k/v branches drop their bias here
+    ("v", "block", 0.5, True, True, True),
+    ("o", "block", "channel", True, False, False),  # ... but the 'o' branch keeps it
+    ("q", "res_post", "channel", True, True, True),
+    ("qk", "res_post", 1.0, False, True, False),
+    ("qkvo", "res_post", 0.5, True, True, True),
+    ("v", "res_post", "learned", False, False, False),
+    ("o", "res_post", 1.0, True, True, True),
+]
+
+
+@pytest.mark.parametrize(
+    ("location", "block", "scaling", "bias", "qkv_bias", "nonlinear"),
+    LORA_CASES,
+    ids=[
+        f"{c[0]}-{c[1]}-{c[2]}-bias{int(c[3])}-qkvbias{int(c[4])}-nl{int(c[5])}" for c in LORA_CASES
+    ],
+)
+def test_lora_parity(
+    location: str, block: str, scaling, bias: bool, qkv_bias: bool, nonlinear: bool
+) -> None:
+    cfg = _lora_cfg(location, scaling=scaling, bias=bias, act_layer=nonlinear, norm_layer=nonlinear)
+    # qk_norm=True: the reference's LoRAAttention has no q/k norm whatever the flag says.
+    model = _reference(block, lora_config=cfg, qkv_bias=qkv_bias, qk_norm=True)
+    assert not hasattr(model.blocks[0].attn, "q_norm")
+    _check(model, "lora")
+
+
+# ----------------------------------------------------------------------------------------------
+# VPT, and all three together.
+
+
+# Image sizes that give every VPT case 1 + T + patches = 67 tokens: JAX compiles each op once
+# per shape, so shared shapes save most of the compile time.
+VPT_IMG_SIZE = {1: (40, 104), 10: (56, 64), 50: (32, 32)}
+
+
+@pytest.mark.parametrize("block", BLOCKS)
+@pytest.mark.parametrize("num_tokens", [1, 10, 50])
+def test_vpt_parity(num_tokens: int, block: str) -> None:
+    prompt = _prompt_cfg(num_tokens)
+    _check(_reference(block, prompt_config=prompt, img_size=VPT_IMG_SIZE[num_tokens]), "vpt")
+
+
+@pytest.mark.parametrize("global_pool", ["avg", "max"])
+def test_vpt_pooling_parity(global_pool: str) -> None:
+    """timm pools everything after the class token, so the reference pools the prompts too."""
+    model = _reference(prompt_config=_prompt_cfg(50), global_pool=global_pool, fc_norm=True)
+    _check(model, "vpt")
+
+
+def _combined(seed: int = 0, **kwargs) -> torch.nn.Module:
+    return _reference(
+        adapter_config=_adapter_cfg("houlsby", norm_layer=True),
+        lora_config=_lora_cfg("qkvo", bias=True, scaling="channel"),
+        prompt_config=_prompt_cfg(50),
+        seed=seed,
+        **kwargs,
+    )
+
+
+def test_adapter_lora_vpt_parity() -> None:
+    _check(_combined(init_values=0.1), "combined")  # with LayerScale
+
+
+def test_round_trip_through_to_adapter_plus() -> None:
+    """adapter-plus -> from_timm -> to_adapter_plus -> a fresh reference model with the same
+    backbone (strict=False) gives the identical model."""
+    model = _combined(seed=0)
+    _, variables = from_timm(model)
+    exported = to_adapter_plus(variables["params"])
+    assert set(exported) == _reference_trainable_names(model)
+
+    fresh = _combined(seed=3)
+    backbone = {k: v for k, v in model.state_dict().items() if k not in exported}
+    fresh.load_state_dict(backbone, strict=False)
+    x, _ = _inputs(model)
+    with torch.no_grad():
+        assert not torch.equal(fresh(x), model(x))  # the PEFT params still differ
+        result = fresh.load_state_dict(exported, strict=False)
+        assert result.unexpected_keys == []
+        assert set(result.missing_keys) == set(backbone)
+        assert torch.equal(fresh(x), model(x))
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(value, model.state_dict()[key]), key
+
+
+# ----------------------------------------------------------------------------------------------
+# Trainable parameter counts on ViT-B/16 with a 47-class head.
+
+
+def _counts(monkeypatch: pytest.MonkeyPatch, **peft) -> tuple[int, int]:
+    """(reference trainable count, trainable_mask count) for ViT-B/16 with 47 classes, without
+    materializing either model's weights."""
+    linspace = torch.linspace
+    # timm reads its drop-path rates with .item(), which meta tensors cannot do.
+    monkeypatch.setattr(torch, "linspace", lambda *a, **k: linspace(*a, **k, device="cpu"))
+    with torch.device("meta"):
+        model = adapter_plus.VisionTransformerAdapter(num_classes=47, **peft)
+    trainable = _reference_trainable_names(model)
+    n_ref = sum(p.numel() for n, p in model.named_parameters() if n in trainable)
+    module = VisionTransformer(vit_config_from_timm(model), *peft_specs_from_timm(model))
+    return n_ref, trainable_count(abstract_params(module))
+
+
+@pytest.mark.parametrize(
+    ("peft", "expected"),
+    [
+        # 12 (1537 r + 1536) + 769 C, spec 8.5
+        ({"adapter_config": _adapter_cfg(dim=8)}, 202_127),
+        # 12 blocks x 2 branches x (768 * 8 * 2) + head
+        ({"lora_config": _lora_cfg("qk", dim=8)}, 12 * 2 * 2 * 768 * 8 + 769 * 47),
+        # 12 blocks x 10 x 768 + head
+        ({"prompt_config": _prompt_cfg(10)}, 12 * 10 * 768 + 769 * 47),
+    ],
+    ids=["adapter_plus_r8", "lora_r8_qk", "vpt_10"],
+)
+def test_trainable_counts_vit_b16(
+    peft: dict, expected: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    n_ref, n_ours = _counts(monkeypatch, **peft)
+    print(f"\ntrainable: reference {n_ref:,}, trainable_mask {n_ours:,}")
+    assert n_ref == n_ours == expected
