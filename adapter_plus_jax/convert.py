@@ -131,12 +131,13 @@ def abstract_params(module: VisionTransformer) -> dict:
 
 
 def _to_numpy(value: Any) -> np.ndarray:
+    """A numpy copy: JAX may alias a numpy buffer on CPU, and torch may later change the
+    tensor in place (an optimizer step), which must not reach the converted parameters."""
     if hasattr(value, "detach"):  # torch tensor
         value = value.detach().cpu()
-        if not value.dtype.is_floating_point:
-            return value.numpy()
-        return value.float().numpy()
-    return np.asarray(value)
+        value = value.float() if value.dtype.is_floating_point else value
+        return value.numpy().copy()
+    return np.array(value)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -347,11 +348,13 @@ def peft_specs_from_timm(
         lora = LoRASpec(**{k: v for k, v in _fields(lcfg, LoRASpec).items() if k != "init"})
     pcfg = getattr(block0, "prompt_config", None)
     if pcfg:
-        if model.cls_token is None or getattr(model, "num_reg_tokens", 0):
+        class_token, reg_tokens = model.cls_token is not None, getattr(model, "num_reg_tokens", 0)
+        if not class_token or reg_tokens:
             raise _unsupported(
-                "adapter-plus prompts",
-                "on a model without exactly one class token",
-                "The reference writes prompts at position 1, which is not defined for such models.",
+                "prompt_config",
+                f"set on a model with class_token={class_token}, reg_tokens={reg_tokens}",
+                "The reference writes prompts at position 1, right after exactly one class token "
+                "and no register tokens; other token layouts are not supported.",
             )
         prompt = PromptSpec(num_tokens=int(pcfg.num_tokens), dropout=float(pcfg.dropout))
     return adapter, lora, prompt
@@ -381,6 +384,7 @@ def to_adapter_plus(
     out = {}
     for path, value in flat.items():
         if re.search(include, "/".join(path)):
-            array = np.ascontiguousarray(_flax_to_torch(path[-1], np.asarray(value, np.float32)))
+            # A fresh C-ordered copy: torch wants a writable array.
+            array = np.array(_flax_to_torch(path[-1], np.asarray(value, np.float32)), order="C")
             out[timm_key(path)] = torch.from_numpy(array)
     return out

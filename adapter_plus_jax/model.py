@@ -359,6 +359,7 @@ class VisionTransformer(nn.Module):
       adapter, lora, prompt: PEFT specs (see `peft.py`); None for a plain ViT.
       dtype: compute dtype of the matmuls (e.g. jnp.bfloat16); parameters stay float32,
         LayerNorm, softmax and the residual stream run in float32.
+      remat: recompute block activations in the backward pass (saves memory, costs time).
     """
 
     config: ViTConfig
@@ -366,6 +367,7 @@ class VisionTransformer(nn.Module):
     lora: LoRASpec | None = None
     prompt: PromptSpec | None = None
     dtype: Any = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False, pre_logits: bool = False):
@@ -380,13 +382,15 @@ class VisionTransformer(nn.Module):
                 "this size (load_pretrained(..., img_size=...) resamples position embeddings)."
             )
         x = self._embed(images.astype(self.dtype), train)
+        # remat recomputes each block's activations in the backward pass instead of storing them.
+        block_cls = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
         for i in range(cfg.depth):
             # Stochastic depth rises linearly over depth, as in timm.
             rate = float(np.linspace(0.0, cfg.drop_path_rate, cfg.depth)[i])
             prompt = self.prompt if self.prompt and (self.prompt.deep or i == 0) else None
-            x = Block(cfg, rate, self.adapter, self.lora, prompt, self.dtype, name=f"blocks_{i}")(
-                x, train
-            )
+            x = block_cls(
+                cfg, rate, self.adapter, self.lora, prompt, self.dtype, name=f"blocks_{i}"
+            )(x, train)
         norm = functools.partial(nn.LayerNorm, epsilon=cfg.norm_eps)
         if cfg.final_norm and not cfg.fc_norm:
             x = norm(name="norm")(x)
@@ -454,9 +458,9 @@ class VisionTransformer(nn.Module):
             return x[:, 0]
         if not pool:
             return x
-        # Prompts count as prefix tokens here: pooling averages the patch tokens only.
-        n_prefix = cfg.num_prefix_tokens + (self.prompt.num_tokens if self.prompt else 0)
-        patches = x[:, n_prefix:]
+        # Prompts are pooled with the patch tokens, as in the reference (timm's pool skips only
+        # its own prefix tokens).
+        patches = x[:, cfg.num_prefix_tokens :]
         if pool == "avg":
             return patches.mean(axis=1)
         if pool == "max":
