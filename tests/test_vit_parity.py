@@ -189,3 +189,13 @@ def test_unsupported_architectures_name_the_part(name: str, kwargs: dict, match:
     model = timm.create_model(name, pretrained=False, **kwargs)
     with pytest.raises(ConversionError, match=match):
         from_timm(model)
+
+
+def test_converted_parameters_do_not_follow_later_torch_updates() -> None:
+    """JAX may alias numpy buffers on CPU; an in-place torch update must not leak through."""
+    model = _tiny()
+    _, variables = from_timm(model)
+    before = np.array(variables["params"]["head"]["bias"])
+    with torch.no_grad():
+        model.head.bias.add_(1.0)
+    np.testing.assert_array_equal(variables["params"]["head"]["bias"], before)
