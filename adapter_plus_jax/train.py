@@ -104,13 +104,22 @@ class TrainState:
     opt_state: Any
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0):
-    """Mean cross-entropy, torch's `F.cross_entropy(label_smoothing=...)`."""
+def cross_entropy(
+    logits: jax.Array,
+    labels: jax.Array,
+    label_smoothing: float = 0.0,
+    mask: jax.Array | None = None,
+) -> jax.Array:
+    """Mean cross-entropy (torch's `F.cross_entropy(label_smoothing=...)`) over the examples
+    where `mask` is True (padding in a last partial batch does not count)."""
     num_classes = logits.shape[-1]
     targets = jax.nn.one_hot(labels, num_classes)
     if label_smoothing:
         targets = targets * (1 - label_smoothing) + label_smoothing / num_classes
-    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets).mean()
+    losses = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+    if mask is None:
+        return losses.mean()
+    return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1)
 
 
 def make_train_step(
@@ -119,28 +128,36 @@ def make_train_step(
     label_smoothing: float = 0.0,
     rng: jax.Array | None = None,
 ) -> Callable:
-    """train_step(state, frozen, images, labels) -> (state, metrics).
+    """train_step(state, frozen, images, labels, mask=None) -> (state, metrics).
 
     Dropout/drop-path randomness is `fold_in(rng, step)`, so a resumed run draws the same masks.
     """
     rng = jax.random.key(0) if rng is None else rng
 
-    def train_step(state: TrainState, frozen: Any, images: jax.Array, labels: jax.Array):
+    def train_step(
+        state: TrainState,
+        frozen: Any,
+        images: jax.Array,
+        labels: jax.Array,
+        mask: jax.Array | None = None,
+    ):
         step_rng = jax.random.fold_in(rng, state.step)
 
         def loss_fn(trainable):
             variables = {"params": merge(trainable, frozen)}
             logits = module.apply(variables, images, train=True, rngs={"dropout": step_rng})
-            loss = cross_entropy(logits, labels, label_smoothing)
+            loss = cross_entropy(logits, labels, label_smoothing, mask)
             return loss, logits
 
         (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {
-            "loss": loss,
-            "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
-        }
+        correct = jnp.argmax(logits, -1) == labels
+        if mask is None:
+            accuracy = jnp.mean(correct)
+        else:
+            accuracy = jnp.sum(correct & mask) / jnp.maximum(jnp.sum(mask), 1)
+        metrics = {"loss": loss, "accuracy": accuracy}
         return TrainState(state.step + 1, params, opt_state), metrics
 
     return train_step

@@ -1,0 +1,635 @@
+"""tf.data input pipelines for VTAB-1k, the batching shared with FGVC, and dataset preparation.
+
+VTAB-1k preprocessing (../shared/vtab1k-spec.md section 4), identical for train and test:
+
+    TFDS decode (uint8) -> task image/label transform -> resize to 224x224 with the TF1
+    `tf.compat.v1.image.resize` bilinear (legacy grid, align_corners=False) -> /255 ->
+    (x - mean) / std with the mean/std of the ported model's pretrained config -> NHWC float32.
+
+tf.data does everything up to the resize; the two elementwise steps run on the devices, as one
+jitted function over each global batch, in the reference's order ((x / 255 - mean) / std in
+float32, so the values are the same): on the host they were memory passes over every 602 KB
+float image and halved the pipeline's throughput.
+
+The small splits (train800, val200, train800val200) are cached as decoded uint8 images, before
+the resize, so that every epoch after the first one only resizes; the big test sets are
+streamed.
+
+Batches are dicts of global `jax.Array`s, sharded over the 'data' axis of a 1-D mesh of all
+devices: 'image' (B, 224, 224, 3) float32, 'label' (B,) int32 and 'mask' (B,) bool.
+
+- Training (`TrainLoader`): a full shuffle per epoch whose seed is derived from (seed, epoch),
+  so an epoch can be replayed or resumed from its number alone. Every process walks the same
+  shuffled order and keeps its own rows of each global batch, so the global batches do not
+  depend on the number of processes. With `drop_remainder` (VTAB, like the reference's
+  drop_last) an epoch has N // B steps; without it (FGVC) the last batch is padded and masked.
+- Evaluation (`EvalLoader`): each process reads its own slice of the split
+  (`tfds.even_splits`), pads the last batch and marks real examples in 'mask', so that every
+  example counts exactly once; all processes yield the same number of batches.
+
+CLI: `python -m adapter_plus_jax.data prepare --tasks all --data-dir DIR` downloads and
+prepares the TFDS datasets (see `prepare`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import math
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from adapter_plus_jax.vtab import SPLIT_NAMES, TASKS, TaskSpec, get_task
+
+log = logging.getLogger(__name__)
+
+IMAGE_SIZE = 224
+GLOBAL_BATCH = 64
+DATA_AXIS = "data"
+CACHED_SPLITS = ("train800", "val200", "train800val200")
+
+Example = Mapping[str, tf.Tensor]
+# (example, per-example stateless seed of shape [2]) -> (float32 HxWx3 image in [0, 255], label)
+TrainPreprocess = Callable[[Example, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]
+EvalPreprocess = Callable[[Example], tuple[tf.Tensor, tf.Tensor]]
+
+
+class TFDSVersionError(RuntimeError):
+    """The TFDS builder does not resolve to the version the spec (and the paper) used."""
+
+
+class ManualDownloadError(RuntimeError):
+    """Files that TFDS cannot fetch by itself are missing; the message says which, and where."""
+
+
+def _hide_gpus_from_tf() -> None:
+    """Keep TF off the accelerators (as the reference does) so it never claims GPU memory that
+    JAX needs; the input pipeline runs on the host CPU only."""
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError:  # TF's devices are already initialised; nothing can be changed then
+        log.warning("TensorFlow was initialised before adapter_plus_jax.data; it may use GPUs")
+
+
+_hide_gpus_from_tf()
+
+
+# ----------------------------------------------------------------------------------------------
+# Devices.
+
+
+def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A 1-D mesh with axis 'data' over `devices` (default: all), ordered by process so that
+    each process owns one contiguous block of every global batch."""
+    devices = jax.devices() if devices is None else devices
+    ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
+    return Mesh(np.array(ordered), (DATA_AXIS,))
+
+
+def _process_rows(sharding: NamedSharding, global_batch: int) -> tuple[int, int]:
+    """The rows [lo, hi) of a global batch that live on this process's devices."""
+    slices = sorted(
+        (idx[0].start or 0, idx[0].stop if idx[0].stop is not None else global_batch)
+        for idx in sharding.addressable_devices_indices_map((global_batch,)).values()
+    )
+    lo, hi = slices[0][0], slices[-1][1]
+    covered = sum(stop - start for start, stop in dict.fromkeys(slices))
+    if covered != hi - lo:
+        raise ValueError("this process's devices do not hold one contiguous block of the batch")
+    return lo, hi
+
+
+def normalize(images: jax.Array, mean: Sequence[float], std: Sequence[float]) -> jax.Array:
+    """[0, 255] float images (..., 3) -> (images / 255 - mean) / std per channel, float32, with
+    IEEE divisions like the reference's.
+
+    XLA turns a division by a broadcast value into a multiplication by its reciprocal, which
+    is off by an ulp; hiding the broadcast divisors behind an optimisation barrier keeps true
+    divisions (the tests check the result against numpy bit for bit).
+    """
+    images = images.astype(jnp.float32)
+    scale, std = jax.lax.optimization_barrier(
+        (
+            jnp.full(images.shape, 255.0, jnp.float32),
+            jnp.broadcast_to(jnp.asarray(std, jnp.float32), images.shape),
+        )
+    )
+    return (images / scale - jnp.asarray(mean, jnp.float32)) / std
+
+
+class _Batcher:
+    """Turns host-local numpy batches into global jax arrays sharded over the 'data' axis, and
+    normalises the images there."""
+
+    def __init__(
+        self,
+        global_batch: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        mesh: Mesh | None,
+    ) -> None:
+        mesh = data_mesh() if mesh is None else mesh
+        if mesh.axis_names != (DATA_AXIS,):
+            raise ValueError(f"expected a 1-D mesh with axis {DATA_AXIS!r}, got {mesh.axis_names}")
+        num_devices = mesh.devices.size
+        if global_batch <= 0 or global_batch % num_devices:
+            raise ValueError(
+                f"the global batch size ({global_batch}) must be a positive multiple of the "
+                f"number of devices ({num_devices})"
+            )
+        self.global_batch = global_batch
+        self.sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+        self.rows = _process_rows(self.sharding, global_batch)
+        self.local_batch = self.rows[1] - self.rows[0]
+        self._normalize = jax.jit(
+            lambda x: normalize(x, tuple(mean), tuple(std)), out_shardings=self.sharding
+        )
+
+    def to_global(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+        arrays = {
+            k: jax.make_array_from_process_local_data(
+                self.sharding, v, (self.global_batch, *v.shape[1:])
+            )
+            for k, v in batch.items()
+        }
+        arrays["image"] = self._normalize(arrays["image"])
+        return arrays
+
+    def iterate(self, ds: tf.data.Dataset) -> Iterator[dict[str, jax.Array]]:
+        for batch in ds.as_numpy_iterator():
+            yield self.to_global(batch)
+
+
+def _padding(element_spec: Mapping[str, tf.TensorSpec], count: int) -> tf.data.Dataset:
+    """`count` all-zero examples (mask False) shaped like `element_spec`."""
+    zeros = {k: tf.zeros(s.shape, s.dtype) for k, s in element_spec.items()}
+    return tf.data.Dataset.from_tensors(zeros).repeat(count)
+
+
+def _with_mask(image: tf.Tensor, label: tf.Tensor) -> dict[str, tf.Tensor]:
+    return {
+        "image": image,
+        "label": tf.cast(label, tf.int32),  # jax's default integer width
+        "mask": tf.constant(True),
+    }
+
+
+def _epoch_seeds(seed: int, epoch: int) -> tuple[int, int]:
+    """(shuffle seed, augmentation seed) of one epoch, a pure function of (seed, epoch)."""
+    shuffle_seed, aug_seed = np.random.SeedSequence([seed, epoch]).generate_state(2)
+    return int(shuffle_seed) >> 1, int(aug_seed) >> 1  # < 2**31: valid int32/int64 seeds
+
+
+def _options() -> tf.data.Options:
+    options = tf.data.Options()
+    # Same seed, same batches (the default, stated because the resume guarantee rests on it).
+    # Intra-op threads stay on: they copy the examples into a batch in parallel, which measured
+    # faster than the usual max_intra_op_parallelism=1.
+    options.deterministic = True
+    return options
+
+
+class TrainLoader:
+    """Training batches of any run of epochs, reproducible from (seed, epoch).
+
+    Args:
+      examples: the split's raw examples in a fixed order (no augmentation, no resizing yet).
+      num_examples: their number N.
+      preprocess: (example, stateless seed [2]) -> (float32 HxWx3 image in [0, 255], label).
+        The seed is unique per (run seed, epoch, position in the epoch), so augmentations are
+        reproducible and independent of the number of processes.
+      mean, std: per-channel normalisation, applied on the devices after /255.
+      global_batch: batch size summed over all devices.
+      seed: the run's seed.
+      drop_remainder: drop the last incomplete global batch (VTAB: the reference's drop_last);
+        if False it is padded and masked.
+      cache: keep `examples` in memory once the first epoch has read them.
+      mesh: 1-D 'data' mesh (default: all devices).
+    """
+
+    def __init__(
+        self,
+        examples: tf.data.Dataset,
+        num_examples: int,
+        preprocess: TrainPreprocess,
+        *,
+        mean: Sequence[float],
+        std: Sequence[float],
+        global_batch: int,
+        seed: int,
+        drop_remainder: bool,
+        cache: bool,
+        mesh: Mesh | None = None,
+    ) -> None:
+        self._batcher = _Batcher(global_batch, mean, std, mesh)
+        self._examples = examples.cache() if cache else examples
+        self._preprocess = preprocess
+        self.num_examples = num_examples
+        self.seed = seed
+        if drop_remainder:
+            self.steps_per_epoch = num_examples // global_batch
+        else:
+            self.steps_per_epoch = math.ceil(num_examples / global_batch)
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{num_examples} examples do not fill one batch of {global_batch}")
+
+    @property
+    def global_batch(self) -> int:
+        return self._batcher.global_batch
+
+    def _num_local_real(self) -> int:
+        """How many real (unpadded) examples this process gets in one epoch."""
+        gb, (lo, hi) = self.global_batch, self._batcher.rows
+        full, rest = divmod(min(self.num_examples, self.steps_per_epoch * gb), gb)
+        return full * (hi - lo) + min(max(rest - lo, 0), hi - lo)
+
+    def _epoch(self, seeds: tf.Tensor) -> tf.data.Dataset:
+        """One epoch's local batches; seeds = (shuffle seed, augmentation seed)."""
+        gb, (lo, hi) = self.global_batch, self._batcher.rows
+        ds = self._examples.shuffle(
+            self.num_examples, seed=seeds[0], reshuffle_each_iteration=False
+        )
+        ds = ds.take(self.steps_per_epoch * gb).enumerate()
+        ds = ds.filter(lambda i, ex: (i % gb >= lo) & (i % gb < hi))
+        ds = ds.map(
+            lambda i, ex: _with_mask(*self._preprocess(ex, tf.stack([seeds[1], i]))),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
+        pad = self.steps_per_epoch * self._batcher.local_batch - self._num_local_real()
+        if pad:
+            ds = ds.concatenate(_padding(ds.element_spec, pad))
+        return ds.batch(self._batcher.local_batch, drop_remainder=True)
+
+    def dataset(self, first_epoch: int, num_epochs: int = 1) -> tf.data.Dataset:
+        """This process's batches of epochs first_epoch .. first_epoch + num_epochs - 1 as one
+        tf.data pipeline (traced once, prefetching across epoch boundaries); images are not
+        normalised yet."""
+        seeds = np.array(
+            [_epoch_seeds(self.seed, e) for e in range(first_epoch, first_epoch + num_epochs)],
+            np.int64,
+        )
+        ds = tf.data.Dataset.from_tensor_slices(seeds).flat_map(self._epoch)
+        return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
+
+    def epochs(self, first_epoch: int, num_epochs: int) -> Iterator[dict[str, jax.Array]]:
+        """The global batches of `num_epochs` epochs from `first_epoch` (0-based),
+        `steps_per_epoch` per epoch. The same (seed, epoch) always gives the same batches, so a
+        run resumes by asking for the epochs it has not done."""
+        return self._batcher.iterate(self.dataset(first_epoch, num_epochs))
+
+    def epoch(self, epoch: int) -> Iterator[dict[str, jax.Array]]:
+        """The global batches of one epoch."""
+        return self.epochs(epoch, 1)
+
+
+class EvalLoader:
+    """Evaluation batches over this process's slice of a split, padded and masked.
+
+    Args:
+      examples: this process's raw examples.
+      num_local: their number.
+      num_max_local: the largest slice over all processes (sets the common batch count).
+      preprocess: example -> (float32 HxWx3 image in [0, 255], label).
+      mean, std, global_batch, mesh: as in `TrainLoader`.
+      cache: cache the raw examples in memory (small splits only).
+    """
+
+    def __init__(
+        self,
+        examples: tf.data.Dataset,
+        num_local: int,
+        num_max_local: int,
+        preprocess: EvalPreprocess,
+        *,
+        mean: Sequence[float],
+        std: Sequence[float],
+        global_batch: int,
+        cache: bool,
+        mesh: Mesh | None = None,
+    ) -> None:
+        self._batcher = _Batcher(global_batch, mean, std, mesh)
+        self._examples = examples.cache() if cache else examples
+        self._preprocess = preprocess
+        self.num_local = num_local
+        self.num_batches = math.ceil(num_max_local / self._batcher.local_batch)
+
+    def dataset(self) -> tf.data.Dataset:
+        """This process's padded batches as a tf.data pipeline (images not normalised yet)."""
+        ds = self._examples.map(
+            lambda ex: _with_mask(*self._preprocess(ex)), num_parallel_calls=tf.data.AUTOTUNE
+        )
+        pad = self.num_batches * self._batcher.local_batch - self.num_local
+        if pad:
+            ds = ds.concatenate(_padding(ds.element_spec, pad))
+        ds = ds.batch(self._batcher.local_batch, drop_remainder=True)
+        return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[dict[str, jax.Array]]:
+        return self._batcher.iterate(self.dataset())
+
+
+# ----------------------------------------------------------------------------------------------
+# Preprocessing.
+
+
+def resize_bilinear_v1(image: tf.Tensor, size: int = IMAGE_SIZE) -> tf.Tensor:
+    """Resize HxWxC to size x size with TF1's bilinear resize (source coordinate = dst*in/out,
+    align_corners=False, half_pixel_centers=False, no antialias), float32 in the input's range.
+
+    This is what the reference runs; `tf.image.resize` (half-pixel centres) and
+    `jax.image.resize` give different pixels.
+    """
+    resized = tf.compat.v1.image.resize(
+        image, [size, size], method=tf.compat.v1.image.ResizeMethod.BILINEAR, align_corners=False
+    )
+    # TF1 returns the input unchanged (uint8) when it already has the target size.
+    return tf.cast(resized, tf.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# TFDS access.
+
+
+class _BuilderSpec(Protocol):
+    """What `tfds_builder` and `prepare` need from a VTAB `TaskSpec` or an FGVC spec."""
+
+    name: str
+    tfds_name: str
+    version: str
+    manual: str
+    manual_files: tuple[str, ...]
+    extras: tuple[str, ...]
+
+
+def tfds_builder(spec: _BuilderSpec, data_dir: str | Path | None = None):
+    """The TFDS builder of `spec`, refusing any version other than `spec.version`.
+
+    `data_dir` None means the TFDS default ($TFDS_DATA_DIR or ~/tensorflow_datasets).
+    """
+    hint = (
+        f"The experiments use {spec.tfds_name} at version {spec.version}, the version "
+        "tensorflow-datasets 4.9.6 resolves to (installed: "
+        f"{tfds.__version__}). Install tensorflow-datasets==4.9.6, or put data already prepared "
+        f"at {spec.version} into the data_dir."
+    )
+    try:
+        builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
+    except AssertionError as e:  # TFDS's way of saying that no version matches the pattern
+        raise TFDSVersionError(f"{spec.name}: {e}\n{hint}") from e
+    if str(builder.info.version) != spec.version:
+        raise TFDSVersionError(
+            f"{spec.name}: {spec.tfds_name} resolved to version {builder.info.version}.\n{hint}"
+        )
+    return builder
+
+
+def read_split(
+    builder,
+    split: Any,
+    image_fn: Callable[[Example], tf.Tensor],
+    label_fn: Callable[[Example], tf.Tensor],
+) -> tf.data.Dataset:
+    """`split` of `builder` in its stored order as {'image': uint8 HxWx3, 'label': int64}."""
+    ds = builder.as_dataset(
+        split=split,
+        shuffle_files=False,
+        read_config=tfds.ReadConfig(try_autocache=False),  # caching is ours to decide
+    )
+    return ds.map(
+        lambda ex: {"image": image_fn(ex), "label": label_fn(ex)},
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+
+
+def num_examples(ds: tf.data.Dataset) -> int:
+    """The size of a TFDS split's dataset (TFDS records it in the cardinality)."""
+    n = int(ds.cardinality())
+    if n < 0:
+        raise ValueError("the dataset's size is unknown; TFDS datasets always record it")
+    return n
+
+
+def process_split(
+    builder, split: str, process_index: int, process_count: int
+) -> tuple[Any, int, int]:
+    """This process's slice of `split`: (subsplit, its size, the largest size of any slice).
+
+    `tfds.even_splits` slices every '+'-part of the split separately and gives the first
+    processes the extra examples, so process 0 always holds the largest slice.
+    """
+    parts = tfds.even_splits(split, n=process_count)
+    size = num_examples(builder.as_dataset(split=parts[process_index]))
+    largest = num_examples(builder.as_dataset(split=parts[0]))
+    return parts[process_index], size, largest
+
+
+def vtab_splits(spec: TaskSpec, builder) -> dict[str, str]:
+    """The task's split strings for the prepared builder's `train` size, as the reference
+    computes them (the standard size when the builder has no split info, e.g. when mocked)."""
+    if spec.train_percent is None or "train" not in builder.info.splits:
+        return spec.splits
+    n = builder.info.splits["train"].num_examples
+    if n != spec.num_train:
+        log.warning(
+            "%s: the train split has %d examples, not the standard %d; the 1k subsets differ "
+            "from the paper's",
+            spec.name,
+            n,
+            spec.num_train,
+        )
+    return spec.split_strings(n)
+
+
+def _vtab_split(task: str | TaskSpec, split: str, data_dir: str | Path | None):
+    spec = get_task(task)
+    if split not in SPLIT_NAMES:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLIT_NAMES}")
+    builder = tfds_builder(spec, data_dir)
+    return spec, builder, vtab_splits(spec, builder)[split]
+
+
+def vtab_train_loader(
+    task: str | TaskSpec,
+    split: str = "train800val200",
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    seed: int,
+    global_batch: int = GLOBAL_BATCH,
+    data_dir: str | Path | None = None,
+    mesh: Mesh | None = None,
+) -> TrainLoader:
+    """Training batches of a VTAB-1k task (shuffled per epoch, last partial batch dropped).
+
+    `mean`/`std` are the ported model's `pretrained_cfg['mean'/'std']`.
+    """
+    spec, builder, split_str = _vtab_split(task, split, data_dir)
+    examples = read_split(builder, split_str, spec.image_fn, spec.label_fn)
+    return TrainLoader(
+        examples,
+        num_examples(examples),
+        lambda ex, _: (resize_bilinear_v1(ex["image"]), ex["label"]),
+        mean=mean,
+        std=std,
+        global_batch=global_batch,
+        seed=seed,
+        drop_remainder=True,
+        cache=split in CACHED_SPLITS,
+        mesh=mesh,
+    )
+
+
+def vtab_eval_loader(
+    task: str | TaskSpec,
+    split: str = "test",
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    global_batch: int = GLOBAL_BATCH,
+    data_dir: str | Path | None = None,
+    mesh: Mesh | None = None,
+) -> EvalLoader:
+    """Evaluation batches of a VTAB-1k task over this process's slice of `split`, with 'mask'
+    marking the real examples of the padded last batch."""
+    spec, builder, split_str = _vtab_split(task, split, data_dir)
+    sub, size, largest = process_split(builder, split_str, jax.process_index(), jax.process_count())
+    return EvalLoader(
+        read_split(builder, sub, spec.image_fn, spec.label_fn),
+        size,
+        largest,
+        lambda ex: (resize_bilinear_v1(ex["image"]), ex["label"]),
+        mean=mean,
+        std=std,
+        global_batch=global_batch,
+        cache=split in CACHED_SPLITS,
+        mesh=mesh,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Download and prepare.
+
+_PIP_NAMES = {"cv2": "opencv-python-headless", "scipy": "scipy", "h5py": "h5py"}
+
+
+def manual_dir_for(builder, manual_dir: str | Path | None = None) -> Path:
+    """`manual_dir`, or TFDS's default `<data_dir>/downloads/manual`."""
+    if manual_dir is not None:
+        return Path(manual_dir)
+    return Path(builder.data_dir_root) / "downloads" / "manual"
+
+
+def _prepare_problem(spec: _BuilderSpec, manual_dir: Path) -> str | None:
+    """Why `spec` cannot be prepared now (missing manual files or pip extras), or None."""
+    missing = [f for f in spec.manual_files if not (manual_dir / f).exists()]
+    if missing:
+        return (
+            f"{spec.name}: missing in {manual_dir}: {', '.join(missing)}.\n  "
+            + spec.manual.replace("MANUAL_DIR", str(manual_dir))
+        )
+    modules = [m for m in spec.extras if importlib.util.find_spec(m) is None]
+    if modules:
+        packages = " ".join(_PIP_NAMES[m] for m in modules)
+        return f"{spec.name}: preparing it needs `pip install {packages}`"
+    return None
+
+
+def _resolve_targets(names: Iterable[str]) -> list[_BuilderSpec]:
+    """Task / FGVC names ('all' = the 19 VTAB tasks, 'fgvc' = the FGVC datasets TFDS has) ->
+    specs, one per TFDS builder."""
+    from adapter_plus_jax import fgvc  # fgvc imports this module
+
+    specs: dict[str, _BuilderSpec] = {}
+    for name in names:
+        if name == "all":
+            found = list(TASKS.values())
+        elif name == "fgvc":
+            found = [s for s in fgvc.FGVC.values() if s.tfds_name]
+        elif name in TASKS:
+            found = [TASKS[name]]
+        elif name in fgvc.FGVC and fgvc.FGVC[name].tfds_name:
+            found = [fgvc.FGVC[name]]
+        elif name in fgvc.FGVC:
+            raise ValueError(
+                f"{name} has no TFDS builder; see adapter_plus_jax.fgvc for its layout"
+            )
+        else:
+            known = ", ".join([*TASKS, *fgvc.FGVC])
+            raise ValueError(f"unknown dataset {name!r}; known: all, fgvc, {known}")
+        for spec in found:
+            specs.setdefault(spec.tfds_name, spec)
+    return list(specs.values())
+
+
+def prepare(
+    names: Iterable[str],
+    data_dir: str | Path | None = None,
+    manual_dir: str | Path | None = None,
+) -> None:
+    """Download and prepare the TFDS datasets of `names` into `data_dir` (None: TFDS default).
+
+    Prepared datasets are skipped. Datasets that need files TFDS cannot fetch (resisc45 and
+    retinopathy are manual; sun397 and cars196 have dead URLs) are prepared only when those
+    files are in `manual_dir` (default `<data_dir>/downloads/manual`); the others go on, and a
+    `ManualDownloadError` at the end says exactly which file to place where.
+    """
+    from tqdm import tqdm  # a TFDS dependency
+
+    problems = []
+    specs = _resolve_targets(names)
+    bar = tqdm(specs, desc="datasets", unit="dataset")
+    for spec in bar:
+        bar.set_postfix_str(spec.tfds_name)
+        builder = tfds_builder(spec, data_dir)
+        if builder.is_prepared():
+            continue
+        mdir = manual_dir_for(builder, manual_dir)
+        problem = _prepare_problem(spec, mdir)
+        if problem:
+            problems.append(problem)
+            continue
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=str(mdir))
+        )
+    if problems:
+        raise ManualDownloadError("\n".join(problems))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m adapter_plus_jax.data",
+        description="Download and prepare the TFDS datasets of VTAB-1k and FGVC.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    prep = sub.add_parser("prepare", help="download and prepare TFDS datasets")
+    prep.add_argument(
+        "--tasks",
+        nargs="+",
+        default=["all"],
+        help="VTAB task or FGVC names, 'all' (VTAB-1k) or 'fgvc'; commas also separate",
+    )
+    prep.add_argument("--data-dir", default=None, help="TFDS data_dir (default: TFDS's)")
+    prep.add_argument("--manual-dir", default=None, help="default: DATA_DIR/downloads/manual")
+    args = parser.parse_args(argv)
+    names = [n for arg in args.tasks for n in arg.split(",") if n]
+    try:
+        prepare(names, args.data_dir, args.manual_dir)
+    except (ManualDownloadError, TFDSVersionError, ValueError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""A small real-image dataset that needs no network: scikit-learn's bundled handwritten digits
+(1,797 8x8 grey images, 10 classes), written as a local TFDS dataset.
+
+The images are upscaled to 32x32 RGB (nearest neighbour) when the dataset is prepared. The
+split is fixed: a seeded permutation, the first 1,000 for training and the remaining 797 for
+testing, like VTAB-1k's 1,000 training images.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+NAME = "sklearn_digits"
+NUM_TRAIN = 1000
+
+
+class SklearnDigits(tfds.core.GeneratorBasedBuilder):
+    """scikit-learn's digits as a TFDS dataset with 'train' and 'test' splits."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "32x32 RGB, 1000 train / 797 test."}
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(shape=(32, 32, 3)),
+                    "label": tfds.features.ClassLabel(num_classes=10),
+                }
+            ),
+            supervised_keys=("image", "label"),
+        )
+
+    def _split_generators(self, dl_manager):
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        order = np.random.default_rng(0).permutation(len(digits.target))
+        # 0..16 grey levels -> 0..255, 8x8 -> 32x32, grey -> RGB.
+        images = np.round(digits.images[order] * (255.0 / 16.0)).astype(np.uint8)
+        images = np.repeat(np.repeat(images, 4, axis=1), 4, axis=2)
+        images = np.repeat(images[..., None], 3, axis=-1)
+        labels = digits.target[order]
+        return {
+            "train": self._generate_examples(images[:NUM_TRAIN], labels[:NUM_TRAIN]),
+            "test": self._generate_examples(images[NUM_TRAIN:], labels[NUM_TRAIN:]),
+        }
+
+    def _generate_examples(self, images: np.ndarray, labels: np.ndarray):
+        for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+            yield i, {"image": image, "label": int(label)}
+
+
+def prepare(data_dir: str | Path | None = None) -> tfds.core.DatasetBuilder:
+    """Write the dataset under `data_dir` (None: TFDS's default) once; return its builder."""
+    builder = SklearnDigits(data_dir=None if data_dir is None else str(data_dir))
+    builder.download_and_prepare()
+    return builder

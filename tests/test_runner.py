@@ -1,0 +1,221 @@
+"""main.py and the training loop: resuming after kill -9, data parallelism, what is trained and
+computed, and bad input failing before any compute.
+
+Runs use configs/demo.py (scikit-learn digits written as a local TFDS dataset, random-init
+timm backbone), shrunk further with overrides so that each run takes seconds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from adapter_plus_jax import peft, runner, train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "--config.model.timm_kwargs.depth=1",
+    "--config.model.timm_kwargs.patch_size=8",
+    "--config.checkpoint_every_epochs=1",
+]
+
+
+def _load_config(name: str, arg: str | None = None):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def _main(workdir: Path, *args: str, env_extra: dict | None = None) -> subprocess.Popen:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "HF_HUB_OFFLINE": "1", **(env_extra or {})}
+    cmd = [sys.executable, str(ROOT / "main.py"), f"--workdir={workdir}", *args]
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def _final_state(workdir: Path) -> dict:
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    path = workdir / "checkpoints" / str(steps[-1]) / "state"
+    return ocp.PyTreeCheckpointer().restore(path)
+
+
+def test_kill_9_then_rerun_resumes_to_the_same_parameters(tmp_path: Path) -> None:
+    args = ["--config=configs/demo.py:epochs=12", *TINY]
+    uninterrupted = _main(tmp_path / "a", *args)
+
+    killed = _main(tmp_path / "b", *args)
+    ckpts = tmp_path / "b" / "checkpoints"
+    deadline = time.time() + 240
+    while not list(ckpts.glob("*/commit_success.txt")):  # the first finished checkpoint
+        assert killed.poll() is None and time.time() < deadline, killed.stdout.read()
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert not (tmp_path / "b" / "results.json").exists()  # it really died mid-run
+
+    resumed = _main(tmp_path / "b", *args)
+    out_resumed, _ = resumed.communicate(timeout=300)
+    out_full, _ = uninterrupted.communicate(timeout=300)
+    assert resumed.returncode == 0, out_resumed
+    assert uninterrupted.returncode == 0, out_full
+    assert "Resumed from" in out_resumed
+    a, b = _final_state(tmp_path / "a"), _final_state(tmp_path / "b")
+    assert int(a["step"]) == int(b["step"]) == 12 * 20
+    jax.tree.map(np.testing.assert_array_equal, a["params"], b["params"])
+    results = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert (
+        results["test_accuracy"]
+        == json.loads((tmp_path / "a" / "results.json").read_text())["test_accuracy"]
+    )
+    assert {"trainable_params", "train_time_s", "train_images_per_s"} <= set(results)
+    assert (tmp_path / "a" / "metrics.jsonl").read_text().count("\n") >= 12
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--config=configs/vtab.py:no_such_task"], "Unknown VTAB-1k task 'no_such_task'"),
+        (["--config=configs/vtab.py:dtd,method=adapterplus"], "Unknown method 'adapterplus'"),
+        (["--config=configs/demo.py", "--config.no_such_key=1"], "no_such_key"),
+    ],
+    ids=["unknown_task", "unknown_method", "unknown_config_key"],
+)
+def test_bad_command_line_fails_with_a_clear_message(tmp_path, args, message) -> None:
+    out, _ = _main(tmp_path / "w", *args).communicate(timeout=120)
+    assert message in out
+    assert not (tmp_path / "w").exists()
+
+
+def test_missing_weights_offline_fails_before_compute(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = _load_config("demo")
+    config.model.pretrained = True
+    config.model.weights_dir = str(tmp_path / "weights")
+    with pytest.raises(runner.SetupError, match="port_weights.py --model vit_tiny_patch16_224"):
+        runner.run(config, tmp_path / "w")
+    assert not (tmp_path / "w").exists() and not (tmp_path / "weights").exists()
+
+
+def test_data_dir_without_the_dataset_fails_before_compute(tmp_path: Path) -> None:
+    config = _load_config("vtab", "dtd")
+    config.data_dir = str(tmp_path / "empty")
+    with pytest.raises(runner.SetupError, match="dtd.* is not prepared in .*empty"):
+        runner.run(config, tmp_path / "w")
+    assert not (tmp_path / "w").exists()
+
+
+def test_eight_devices_train_like_one_and_reject_indivisible_batches(tmp_path: Path) -> None:
+    script = textwrap.dedent(
+        """
+        import jax, jax.numpy as jnp, numpy as np
+        from jax.sharding import NamedSharding, PartitionSpec as P
+        from adapter_plus_jax import peft, runner, train
+        from adapter_plus_jax.data import data_mesh
+        from adapter_plus_jax.model import VisionTransformer, ViTConfig
+        assert jax.device_count() == 8
+        cfg = ViTConfig(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                        mlp_dim=64, num_classes=4)
+        module = VisionTransformer(cfg, adapter=peft.AdapterSpec(dim=4, scaling="channel"))
+        x = jnp.zeros((1, 16, 16, 3))
+        # numpy, so that each run's device_put makes fresh arrays (the step donates them).
+        params = jax.tree.map(np.asarray, module.init(jax.random.key(0), x)["params"])
+        rng = np.random.default_rng(0)
+        data = [(rng.normal(size=(16, 16, 16, 3)).astype(np.float32),
+                 rng.integers(0, 4, 16).astype(np.int32)) for _ in range(4)]
+
+        def run(mesh):
+            trainable, frozen = train.split(params, peft.trainable_mask(params))
+            tx = train.adamw(train.reference_lr(1e-2, 2, warmup_epochs=1, epochs=2))
+            state = train.TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable))
+            state, frozen = runner.replicate(state, mesh), runner.replicate(frozen, mesh)
+            step = jax.jit(train.make_train_step(module, tx), donate_argnums=0)
+            shard = NamedSharding(mesh, P("data"))
+            for images, labels in data:
+                batch = jax.device_put(images, shard), jax.device_put(labels, shard)
+                state, _ = step(state, frozen, *batch)
+            return jax.tree.map(np.asarray, state.params)
+
+        many, one = run(data_mesh()), run(data_mesh(jax.devices()[:1]))
+        err = max(np.abs(a - b).max() for a, b in zip(jax.tree.leaves(many),
+                                                       jax.tree.leaves(one)))
+        print("max difference", err)
+        assert err <= 1e-5, err
+        try:
+            runner.check_batch(12)
+        except runner.SetupError as e:
+            print("rejected:", e)
+        """
+    )
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "PYTHONPATH": str(ROOT),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "rejected: batch_size=12 is not divisible by the 8 devices" in done.stdout
+
+
+def _train_step_costs(train_mode: str) -> tuple[float, float, int, int]:
+    """(train-step FLOPs, forward FLOPs, optimizer-state size, trainable size) for ViT-B/16
+    Adapter+ r=8 with a 47-class head, from XLA's compiled cost analysis (batch 1)."""
+    from adapter_plus_jax.model import VisionTransformer, ViTConfig
+
+    module = VisionTransformer(
+        ViTConfig(num_classes=47), adapter=peft.AdapterSpec(dim=8, scaling="channel")
+    )
+    images = jnp.zeros((1, 224, 224, 3))
+    params = jax.eval_shape(module.init, jax.random.key(0), images)["params"]
+    trainable, frozen = train.split(params, peft.trainable_mask(params, train_mode))
+    tx = train.adamw(train.reference_lr(1e-3, 15))
+    opt_state = jax.eval_shape(tx.init, trainable)
+    state = train.TrainState(jax.ShapeDtypeStruct((), jnp.int32), trainable, opt_state)
+    labels = jax.ShapeDtypeStruct((1,), jnp.int32)
+    step = jax.jit(train.make_train_step(module, tx)).lower(state, frozen, images, labels)
+    forward = jax.jit(lambda p, x: module.apply({"params": p}, x)).lower(params, images)
+    flops = [c.compile().cost_analysis()["flops"] for c in (step, forward)]
+    return flops[0], flops[1], train.param_count(opt_state), train.param_count(trainable)
+
+
+def test_adapter_training_costs_at_most_2_2_forwards_and_2x_state() -> None:
+    step, forward, opt_size, n_trainable = _train_step_costs("peft")
+    assert n_trainable == 202_127  # ../shared/paper-numbers.md, r=8, 47 classes
+    assert 2 * n_trainable <= opt_size <= 2 * n_trainable + 16  # Adam's mu and nu (+ counts)
+    print(f"Adapter+ train step / forward FLOPs: {step / forward:.3f}")
+    assert step / forward <= 2.2
+    step_ft, forward_ft, _, _ = _train_step_costs("finetune")
+    print(f"full fine-tuning train step / forward FLOPs: {step_ft / forward_ft:.3f}")
+    assert step_ft / forward_ft >= 2.8  # the measure sees weight gradients when they exist
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
+    config = _load_config("demo", "epochs=4")
+    config.model.timm_kwargs.depth = 1
+    config.model.timm_kwargs.patch_size = 8
+    config.checkpoint_every_epochs = 1
+    # Epochs 0 and 1 run at lr 1e-3 (the warmup start), epoch 2 at 1e30: it diverges there.
+    config.lr, config.lr_start_factor, config.warmup_epochs = 1e30, 1e33, 1
+    with pytest.raises(FloatingPointError, match="last good checkpoint"):
+        runner.run(config, tmp_path)
+    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [20, 40]
+    state = _final_state(tmp_path)
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
+    assert not (tmp_path / "results.json").exists()
