@@ -17,7 +17,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from flax import traverse_util
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -130,10 +129,6 @@ def evaluate(eval_step, params, batches) -> float:
     return correct / max(count, 1)
 
 
-def is_finite(x: Any) -> bool:
-    return bool(np.all(np.isfinite(np.asarray(x))))
-
-
 def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
     return jax.device_put(tree, NamedSharding(mesh, P()))
 
@@ -142,14 +137,6 @@ def write_json_atomic(path: Path, value: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(value, indent=2, sort_keys=True))
     os.replace(tmp, path)
-
-
-def steps_per_epoch(num_train: int, batch_size: int) -> int:
-    """The reference drops the last partial batch (drop_last=True)."""
-    steps = num_train // batch_size
-    if steps == 0:
-        raise SetupError(f"batch_size={batch_size} exceeds the {num_train} training examples.")
-    return steps
 
 
 def lr_schedule(config: ml_collections.ConfigDict, steps: int):
@@ -161,13 +148,6 @@ def lr_schedule(config: ml_collections.ConfigDict, steps: int):
         start_factor=config.lr_start_factor,
         min_factor=config.lr_min_factor,
     )
-
-
-def summary_count(params: dict, mask: dict) -> tuple[int, int]:
-    flat = traverse_util.flatten_dict(params)
-    flat_mask = traverse_util.flatten_dict(mask)
-    trainable = sum(int(v.size) for k, v in flat.items() if flat_mask[k])
-    return trainable, sum(int(v.size) for v in flat.values())
 
 
 def make_loaders(config: ml_collections.ConfigDict, image_size: int, mean, std, mesh):
@@ -365,7 +345,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, eval_only: bool 
 
     mask = peft.trainable_mask(params, config.train_mode)
     trainable, frozen = train.split(params, mask)
-    n_trainable, n_total = summary_count(params, mask)
+    n_trainable, n_total = train.param_count(trainable), train.param_count(params)
     steps = train_loader.steps_per_epoch
     tx = train.adamw(lr_schedule(config, steps), config.weight_decay, config.grad_clip)
     state = train.TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable))

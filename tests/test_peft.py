@@ -16,6 +16,7 @@ from flax import traverse_util
 from flax.core import FrozenDict, freeze
 from omegaconf import OmegaConf
 
+from adapter_plus_jax import peft
 from adapter_plus_jax.convert import ConversionError, abstract_params, from_timm
 from adapter_plus_jax.model import VisionTransformer, ViTConfig
 from adapter_plus_jax.peft import (
@@ -328,3 +329,21 @@ def test_merge_lora_refuses_nonlinear_branches() -> None:
 def test_merge_lora_without_lora_is_a_no_op() -> None:
     module, variables = VisionTransformer(TINY), {"params": {}}
     assert merge_lora(module, variables) == (module, variables)
+
+
+@pytest.mark.parametrize("name", sorted(peft.presets()))
+def test_every_preset_builds_a_model_that_runs(name: str) -> None:
+    specs = {
+        "adapter": peft.AdapterSpec.from_config,
+        "lora": peft.LoRASpec.from_config,
+        "prompt": peft.PromptSpec.from_config,
+    }
+    kwargs = {key: specs[key](cfg) for key, cfg in peft.presets()[name].items()}
+    cfg = ViTConfig(
+        img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_dim=64, num_classes=3
+    )
+    module = VisionTransformer(cfg, **kwargs)
+    x = np.ones((2, 16, 16, 3), np.float32)
+    variables = module.init(jax.random.key(0), x)
+    assert module.apply(variables, x).shape == (2, 3)
+    assert peft.trainable_count(variables["params"]) > 3 * 32 + 3  # more than the head
