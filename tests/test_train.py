@@ -109,3 +109,54 @@ def test_split_and_merge_round_trip() -> None:
     trainable, frozen = train.split(params, mask)
     assert trainable == {"a": {"x": params["a"]["x"]}}
     assert jax.tree.structure(train.merge(trainable, frozen)) == jax.tree.structure(params)
+
+
+def test_label_smoothing_and_mask_match_torch() -> None:
+    rng = np.random.default_rng(0)
+    logits, labels = rng.normal(size=(6, 5)).astype(np.float32), rng.integers(0, 5, 6)
+    expected = torch.nn.functional.cross_entropy(
+        torch.from_numpy(logits), torch.from_numpy(labels), label_smoothing=0.1
+    )
+    got = train.cross_entropy(jnp.asarray(logits), jnp.asarray(labels), label_smoothing=0.1)
+    assert float(got) == pytest.approx(expected.item(), rel=1e-6)
+    # Padding rows (mask False) do not count: the loss of the first 4 rows alone.
+    mask = jnp.asarray([True] * 4 + [False] * 2)
+    first4 = torch.nn.functional.cross_entropy(
+        torch.from_numpy(logits[:4]), torch.from_numpy(labels[:4])
+    )
+    masked = train.cross_entropy(jnp.asarray(logits), jnp.asarray(labels), mask=mask)
+    assert float(masked) == pytest.approx(first4.item(), rel=1e-6)
+
+
+def test_remat_changes_memory_not_gradients() -> None:
+    from adapter_plus_jax import peft
+    from adapter_plus_jax.model import VisionTransformer, ViTConfig
+
+    cfg = ViTConfig(
+        img_size=16,
+        patch_size=8,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        mlp_dim=64,
+        num_classes=3,
+        drop_path_rate=0.2,
+    )
+    module = VisionTransformer(
+        cfg, adapter=peft.AdapterSpec(dim=4, scaling="channel", drop_path=0.1)
+    )
+    x = np.random.default_rng(0).normal(size=(4, 16, 16, 3)).astype(np.float32)
+    params = module.init(jax.random.key(0), x)["params"]
+
+    def grads(m):
+        def loss(p):
+            out = m.apply({"params": p}, x, train=True, rngs={"dropout": jax.random.key(1)})
+            return train.cross_entropy(out, jnp.arange(4) % 3)
+
+        return jax.jit(jax.grad(loss))(params)
+
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+        grads(module),
+        grads(module.clone(remat=True)),
+    )
