@@ -1,0 +1,563 @@
+"""Training-step throughput and peak memory: our jitted JAX step against the reference.
+
+Both sides train the same model on the same batch in one process, with the same weights:
+
+- ours: `VisionTransformer` with Adapter+ (converted from the reference model), the jitted
+  `train.make_train_step` (AdamW on the trainable subtree, `donate_argnums=0`, as runner.py);
+  on CPUs also the same step compiled with XLA's Eigen dots instead of YNNPACK (`EIGEN_DOTS`);
+- reference: adapter-plus `VisionTransformerAdapter` on timm, torch.optim.AdamW, only adapters
+  and head trainable; with `--torch-compile` also the same under `torch.compile`.
+
+Adapter+ everywhere: post position, channel scaling, r=8, no norm, bias, houlsby init, drop path
+0.1 on the adapters and stochastic depth 0.1 in the ViT. `--dtype bfloat16` runs torch under
+bf16 autocast and our model with bfloat16 compute (parameters float32 in both).
+
+Measurements are interleaved: every round times `--steps` steps of each peer in turn, the order
+reversed every round, so that other load on the machine hits all peers alike. Images/s is
+batch / median step time. Also measured:
+
+- inference images/s of our LoRA model (r=8 on q, k) with and without `peft.merge_lora`;
+- a big float32 matmul in torch and in jax (GFLOP/s); the better one is this machine's peak, and
+  each training step's model FLOP/s (forward + input gradients, ~70 GFLOP per image for
+  ViT-B/16, counted analytically) is reported as a fraction of it;
+- peak memory of a step: on CPU the host RSS rise over the step (sampled every 2 ms, after
+  `malloc_trim` so that freed heap is not counted as reuse); on GPU the device peak
+  (torch.cuda.max_memory_allocated, jax `peak_bytes_in_use`; both include weights and state).
+
+Usage:
+    python benchmarks/train_step.py --model-size base --batch 8 --dtype float32 --out DIR
+    python benchmarks/train_step.py --dtype bfloat16 --torch-compile --out DIR
+
+Writes DIR/train_step_<size>_<dtype>.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import ctypes
+import dataclasses
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+# jax must not grab most of a GPU that torch shares in this process.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+import adapter_plus  # noqa: E402  (imports timm/torch before anything loads TensorFlow)
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import psutil  # noqa: E402
+import torch  # noqa: E402
+from flax.traverse_util import flatten_dict, unflatten_dict  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from adapter_plus_jax import peft, runner, train  # noqa: E402
+from adapter_plus_jax.convert import from_timm  # noqa: E402
+from adapter_plus_jax.model import VisionTransformer  # noqa: E402
+
+SIZES = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}  # width, heads; depth 12
+DEPTH, PATCH, IMAGE = 12, 16, 224
+NO_DECAY = {"pos_embed", "cls_token", "dist_token"}  # timm's no_weight_decay()
+OURS, OURS_EIGEN = "ours (jax)", "ours (jax, Eigen dots)"
+COMPILED = "reference (torch.compile)"
+# XLA:CPU sends float32 dots to YNNPACK by default; its Eigen dots ran this model's matmuls
+# faster on the CPUs tried. An empty list turns the YNNPACK fusions off: a prototype of the
+# `compiler_options` proposed for runner.py's jits, measured as a peer of its own on CPUs.
+EIGEN_DOTS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+# ----------------------------------------------------------------------------------------------
+# Models.
+
+
+def reference_model(size: str, classes: int) -> torch.nn.Module:
+    """The adapter-plus model with the Adapter+ config, frozen as the reference trains it."""
+    width, heads = SIZES[size]
+    adapter = OmegaConf.create(dict(peft.adapter_config(drop_path=0.1)))
+    torch.manual_seed(0)
+    model = adapter_plus.VisionTransformerAdapter(
+        img_size=IMAGE,
+        patch_size=PATCH,
+        embed_dim=width,
+        depth=DEPTH,
+        num_heads=heads,
+        num_classes=classes,
+        drop_path_rate=0.1,
+        adapter_config=adapter,
+    )
+    for name, p in model.named_parameters():
+        p.requires_grad = "adapter" in name or "head" in name
+    return model
+
+
+def torch_adamw(model: torch.nn.Module) -> torch.optim.AdamW:
+    """The reference's parameter groups: no decay for 1-D tensors, biases and scalings."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            skip = p.ndim <= 1 or name.endswith((".bias", ".scaling")) or name in NO_DECAY
+            (no_decay if skip else decay).append(p)
+    groups = [{"params": decay, "weight_decay": 1e-4}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
+
+
+def model_gflop_per_image(size: str, classes: int) -> float:
+    """Forward + input-gradient GFLOP of one image (2 FLOP per multiply-add, backward = 2x the
+    forward's matmuls without weight gradients): ~70 for ViT-B/16 at 224."""
+    width, _ = SIZES[size]
+    tokens = (IMAGE // PATCH) ** 2 + 1
+    per_block = tokens * 12 * width**2 + 2 * tokens**2 * width  # qkv+proj+mlp, q@k and a@v
+    patch = (tokens - 1) * 3 * PATCH**2 * width
+    forward_macs = DEPTH * per_block + patch + width * classes
+    return 2 * 2 * forward_macs / 1e9
+
+
+# ----------------------------------------------------------------------------------------------
+# Peers: each runs one complete, synchronised step per call.
+
+
+@dataclasses.dataclass
+class Peer:
+    name: str
+    step: Callable[[], None]
+    setup_s: float = 0.0  # compile / first-step time
+    info: dict = dataclasses.field(default_factory=dict)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def torch_train_peer(
+    name: str,
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    bf16: bool,
+    threads: int,
+) -> Peer:
+    opt = torch_adamw(model)
+    model.train()
+    device = x.device.type
+
+    def step() -> None:
+        torch.set_num_threads(threads)  # process-wide; each torch peer sets its own
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        sync()
+
+    return Peer(name, step)
+
+
+def jax_train_peer(
+    name: str,
+    module: VisionTransformer,
+    params: dict,
+    x: jax.Array,
+    y: jax.Array,
+    compiler_options: dict[str, str] | None = None,
+) -> Peer:
+    """Our step exactly as runner.py builds it (AOT-compiled here, to time compilation)."""
+    trainable, frozen = train.split(params, peft.trainable_mask(params))
+    trainable = jax.tree.map(jnp.copy, trainable)  # the step donates them; `params` lives on
+    tx = train.adamw(train.reference_lr(1e-3, 10), 1e-4)
+    state = train.TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable))
+    start = time.perf_counter()
+    jitted = jax.jit(train.make_train_step(module, tx), donate_argnums=0)
+    compiled = jitted.lower(state, frozen, x, y).compile(compiler_options=compiler_options)
+    compile_s = time.perf_counter() - start
+    info = {"xla_flops_per_image": compiled.cost_analysis()["flops"] / x.shape[0]}
+    memory = compiled.memory_analysis()
+    if memory is not None:
+        info["xla_temp_mib"] = memory.temp_size_in_bytes / 2**20
+    holder = {"state": state}
+
+    def step() -> None:
+        holder["state"], _ = compiled(holder["state"], frozen, x, y)
+        jax.block_until_ready(holder["state"])
+
+    return Peer(name, step, compile_s, info)
+
+
+def jax_eval_peer(name: str, module: VisionTransformer, params: dict, x: jax.Array) -> Peer:
+    start = time.perf_counter()
+    compiled = (
+        jax.jit(lambda p, images: module.apply({"params": p}, images)).lower(params, x).compile()
+    )
+    compile_s = time.perf_counter() - start
+
+    def step() -> None:
+        compiled(params, x).block_until_ready()
+
+    return Peer(name, step, compile_s)
+
+
+# ----------------------------------------------------------------------------------------------
+# Measuring.
+
+
+_LIBC = ctypes.CDLL("libc.so.6") if platform.system() == "Linux" else None
+
+
+class RssPeak:
+    """Peak host RSS while active, sampled by a thread (ru_maxrss cannot be reset)."""
+
+    def __init__(self, interval_s: float = 0.002):
+        self.interval_s, self.proc, self.peak = interval_s, psutil.Process(), 0
+        self._stop = threading.Event()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(self.interval_s)
+
+    @contextlib.contextmanager
+    def rise(self) -> Iterator[dict]:
+        """Yields a dict whose 'bytes' is set to peak RSS minus RSS at entry, on exit."""
+        gc.collect()
+        if _LIBC is not None:
+            _LIBC.malloc_trim(0)  # give freed heap back, so the step's own rise is visible
+        base = self.peak = self.proc.memory_info().rss
+        self._stop.clear()
+        thread = threading.Thread(target=self._run, daemon=True)
+        out: dict = {}
+        thread.start()
+        try:
+            yield out
+        finally:
+            self._stop.set()
+            thread.join()
+            out["bytes"] = max(self.peak, self.proc.memory_info().rss) - base
+
+
+def device_peak_mib(peer: Peer) -> float | None:
+    """Device memory peak in MiB (GPU only): torch's since reset, jax's since start."""
+    if peer.name.startswith("ours"):
+        stats = jax.devices()[0].memory_stats() or {}
+        peak = stats.get("peak_bytes_in_use")
+        return None if peak is None else peak / 2**20
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return None
+
+
+def interleaved(peers: list[Peer], rounds: int, steps: int) -> dict[str, list[tuple[float, float]]]:
+    """Per-peer (wall, process CPU) seconds of each step over `rounds` rounds of `steps` steps.
+
+    CPU seconds (all threads, user + system) barely depend on other processes' load, unlike
+    wall time; they include the spin-waiting of idle worker threads, which is real cost too.
+    """
+    times: dict[str, list[tuple[float, float]]] = {p.name: [] for p in peers}
+    for r in range(rounds):
+        for peer in peers if r % 2 == 0 else peers[::-1]:
+            for _ in range(steps):
+                start, cpu = time.perf_counter(), time.process_time()
+                peer.step()
+                times[peer.name].append((time.perf_counter() - start, time.process_time() - cpu))
+        line = ", ".join(
+            f"{p.name} {statistics.median(w for w, _ in times[p.name]):.3f} s" for p in peers
+        )
+        print(f"  round {r + 1}/{rounds}: median step {line}", flush=True)
+    return times
+
+
+def peak_memory_mib(peers: list[Peer], passes: int = 2) -> dict[str, float]:
+    """Peak memory of one step per peer, the largest of `passes` alternating passes. Apart from
+    the timed steps: the RSS sampler thread takes the GIL, which would slow eager torch."""
+    rss = None if torch.cuda.is_available() else RssPeak()
+    memory = {p.name: 0.0 for p in peers}
+    for r in range(passes):
+        for peer in peers if r % 2 == 0 else peers[::-1]:
+            if rss is None:
+                torch.cuda.reset_peak_memory_stats()
+                peer.step()
+                value = device_peak_mib(peer) or 0.0
+            else:
+                with rss.rise() as grown:
+                    peer.step()
+                value = grown["bytes"] / 2**20
+            memory[peer.name] = max(memory[peer.name], value)
+    return memory
+
+
+def matmul_gflops(n: int, dtype: str, repeats: int, rounds: int) -> dict[str, float]:
+    """Best-of-rounds median GFLOP/s of an n x n matmul in torch and in jax, interleaved."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rng = np.random.default_rng(0)
+    a_np, b_np = (rng.standard_normal((n, n), np.float32) for _ in range(2))
+    ta, tb = (torch.from_numpy(m).to(device, getattr(torch, dtype)) for m in (a_np, b_np))
+    ja, jb = (jnp.asarray(m, dtype) for m in (a_np, b_np))
+    jdot = jax.jit(jnp.dot)
+    jdot(ja, jb).block_until_ready()
+
+    def run_torch() -> None:
+        torch.mm(ta, tb)
+        sync()
+
+    fns = {"torch": run_torch, "jax": lambda: jdot(ja, jb).block_until_ready()}
+    best = {k: 0.0 for k in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            fn()
+            samples = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                fn()
+                samples.append(time.perf_counter() - start)
+            best[name] = max(best[name], 2 * n**3 / statistics.median(samples) / 1e9)
+    return best
+
+
+# ----------------------------------------------------------------------------------------------
+# Main.
+
+
+def warm_up(peer: Peer, steps: int) -> str | None:
+    """Runs `steps` untimed steps; returns why it failed (for optional peers) or None."""
+    start = time.perf_counter()
+    try:
+        for _ in range(steps):
+            peer.step()
+    except Exception as e:  # torch.compile fails in many ways on CPUs (compiler, inductor)
+        traceback.print_exc()
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
+    peer.setup_s += time.perf_counter() - start
+    return None
+
+
+def summarise(times: list[tuple[float, float]], batch: int) -> dict:
+    wall = [w for w, _ in times]
+    med = statistics.median(wall)
+    q = statistics.quantiles(wall, n=4) if len(wall) > 1 else [med, med, med]
+    cpu = statistics.median(c for _, c in times)
+    return {
+        "median_step_s": med,
+        "images_per_s": batch / med,
+        "images_per_s_iqr": [batch / q[2], batch / q[0]],
+        "median_step_cpu_s": cpu,
+        "images_per_cpu_s": batch / cpu,
+        "steps": len(times),
+    }
+
+
+def markdown(results: dict) -> str:
+    a = results["args"]
+    peak = results["matmul_gflops"]
+    lines = [
+        f"# Training step: ViT-{a['model_size']}/16 224, Adapter+ r=8, batch {a['batch']}, "
+        f"{a['classes']} classes, {a['dtype']}",
+        "",
+        f"Device: {results['device']}; torch {results['versions']['torch']} "
+        f"(default {results['torch_threads']} threads), jax {results['versions']['jax']}; "
+        f"load average {results['load_before']:.1f} before, {results['load_after']:.1f} after"
+        + (f"; XLA_FLAGS={results['xla_flags']}" if results["xla_flags"] else "")
+        + ". "
+        f"{a['rounds']} interleaved rounds x {a['steps']} steps after {a['warmup']} warmup "
+        "steps; images/s = batch / median step time (interquartile range in brackets).",
+        "",
+        f"Matmul peak ({a['matmul_n']}^2 float32): torch {peak['torch']:.0f} GFLOP/s, jax "
+        f"{peak['jax']:.0f} GFLOP/s; peak = {results['peak_gflops']:.0f} GFLOP/s. Model FLOPs "
+        f"per image (forward + input gradients): {results['gflop_per_image']:.1f} GFLOP.",
+    ]
+    if "matmul_gflops_run_dtype" in results:
+        p16 = results["matmul_gflops_run_dtype"]
+        lines[-1] += f" {a['dtype']} matmul: torch {p16['torch']:.0f}, jax {p16['jax']:.0f}."
+    memory_label = "peak RSS rise (MiB)" if results["device_kind"] == "cpu" else "device peak (MiB)"
+    lines += [
+        "",
+        f"| Train step | images/s | vs ref.* | of peak | images/CPU-s | vs ref.* | {memory_label} "
+        "| setup (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    # The fastest eager reference: the conservative baseline for "as fast as the reference".
+    eager = [
+        r for n, r in results["train"].items() if n.startswith("reference (torch,") and "steps" in r
+    ]
+    ref = max((r["images_per_s"] for r in eager), default=None)
+    ref_cpu = max((r["images_per_cpu_s"] for r in eager), default=None)
+    for name, r in results["train"].items():
+        if "skipped" in r:
+            lines.append(f"| {name} | skipped: {r['skipped']} | | | | | | |")
+            continue
+        lo, hi = r["images_per_s_iqr"]
+        lines.append(
+            f"| {name} | {r['images_per_s']:.2f} [{lo:.2f}-{hi:.2f}] | "
+            f"{r['images_per_s'] / ref:.2f}x | {r['fraction_of_peak']:.1%} | "
+            f"{r['images_per_cpu_s']:.2f} | {r['images_per_cpu_s'] / ref_cpu:.2f}x | "
+            f"{r['memory_mib']:.0f} | {r['setup_s']:.1f} |"
+        )
+    lines += [
+        "",
+        "\\* vs the fastest eager reference peer. Of peak: model FLOP/s over the matmul peak. "
+        "images/CPU-s: per second of process CPU time (all threads), which other processes' load "
+        "hardly changes.",
+        "",
+        "| Inference (ours, LoRA r=8 q,k) | images/s | vs unmerged | images/CPU-s |",
+        "|---|---|---|---|",
+    ]
+    base = results["inference"]["lora (unmerged)"]["images_per_s"]
+    for name, r in results["inference"].items():
+        lo, hi = r["images_per_s_iqr"]
+        lines.append(
+            f"| {name} | {r['images_per_s']:.2f} [{lo:.2f}-{hi:.2f}] | "
+            f"{r['images_per_s'] / base:.2f}x | {r['images_per_cpu_s']:.2f} |"
+        )
+    info = results["train"].get(OURS, {}).get("info", {})
+    if info:
+        note = f"XLA's own count for our step: {info['xla_flops_per_image'] / 1e9:.1f} GFLOP/image"
+        if "xla_temp_mib" in info:
+            note += f"; XLA temp buffer {info['xla_temp_mib']:.0f} MiB"
+        lines += ["", note + "."]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model-size", choices=sorted(SIZES), default="base")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--classes", type=int, default=47)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per peer")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per peer and round")
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument(
+        "--torch-threads",
+        type=lambda v: [int(n) for n in v.split(",")],
+        default=None,
+        help="comma-separated torch thread counts, one eager reference peer each (default: "
+        "torch's default). Under foreign load 1 thread can beat 2: OpenMP's static split waits "
+        "for the preempted thread at every op",
+    )
+    p.add_argument("--torch-compile", action="store_true", help="add torch.compile as a peer")
+    p.add_argument("--matmul-n", type=int, default=2048)
+    p.add_argument("--out", type=Path, default=None, help="write the .md and .json here")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    a = parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    bf16 = a.dtype == "bfloat16"
+    results: dict = {
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
+        "device_kind": device,
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)),  # e.g. under taskset
+        "torch_threads": torch.get_num_threads(),
+        "versions": {"torch": torch.__version__, "jax": jax.__version__},
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "load_before": os.getloadavg()[0],  # other users' load skews everything; say how much
+    }
+    results["device"] = (
+        torch.cuda.get_device_name()
+        if device == "cuda"
+        else f"CPU, {results['cpus_usable']} of {os.cpu_count()} cores ({platform.machine()})"
+    )
+    print(f"== {results['device']}", flush=True)
+
+    print("== matmul peak", flush=True)
+    results["matmul_gflops"] = matmul_gflops(a.matmul_n, "float32", 5, 3)
+    if bf16:
+        results["matmul_gflops_run_dtype"] = matmul_gflops(a.matmul_n, "bfloat16", 5, 3)
+    results["peak_gflops"] = max(results["matmul_gflops"].values())
+    print(f"  {results['matmul_gflops']}", flush=True)
+
+    print(f"== building ViT-{a.model_size}/16 with Adapter+ ({a.dtype})", flush=True)
+    rng = np.random.default_rng(0)
+    x_np = rng.standard_normal((a.batch, IMAGE, IMAGE, 3), np.float32)
+    y_np = rng.integers(0, a.classes, a.batch)
+    tx = torch.from_numpy(x_np.transpose(0, 3, 1, 2).copy()).to(device)  # NCHW for torch
+    ty = torch.from_numpy(y_np).to(device)
+    jx, jy = jnp.asarray(x_np), jnp.asarray(y_np, jnp.int32)
+
+    model = reference_model(a.model_size, a.classes)
+    module, variables = from_timm(model, dtype=jnp.dtype(a.dtype))
+    # timm stores the rates as float32 (0.10000000149); runner.py sets the config's 0.1.
+    module = module.clone(config=module.config.replace(drop_path_rate=0.1))
+    params = variables["params"]
+    model = model.to(device)
+    threads = a.torch_threads or [torch.get_num_threads()]
+    peers = [
+        torch_train_peer(f"reference (torch, {n} thread{'s' * (n > 1)})", model, tx, ty, bf16, n)
+        for n in threads
+    ]
+    print("== compiling our step", flush=True)
+    peers.append(jax_train_peer(OURS, module, params, jx, jy))
+    if device == "cpu":
+        peers.append(jax_train_peer(OURS_EIGEN, module, params, jx, jy, EIGEN_DOTS))
+    if a.torch_compile:
+        compiled = torch.compile(copy.deepcopy(model))
+        peers.append(torch_train_peer(COMPILED, compiled, tx, ty, bf16, threads[0]))
+
+    results["gflop_per_image"] = model_gflop_per_image(a.model_size, a.classes)
+    results["train"] = {}
+    print(f"== warmup: {a.warmup} steps per peer", flush=True)
+    for peer in list(peers):
+        why = warm_up(peer, a.warmup)
+        print(f"  {peer.name}: {'ok' if why is None else why} ({peer.setup_s:.1f} s)", flush=True)
+        if why is not None:
+            results["train"][peer.name] = {"skipped": why}
+            peers.remove(peer)
+
+    print(f"== timing: {a.rounds} rounds x {a.steps} steps", flush=True)
+    times = interleaved(peers, a.rounds, a.steps)
+    print("== peak memory of a step", flush=True)
+    memory = peak_memory_mib(peers)
+    for peer in peers:
+        r = summarise(times[peer.name], a.batch)
+        r["fraction_of_peak"] = (
+            r["images_per_s"] * results["gflop_per_image"] / results["peak_gflops"]
+        )
+        r["memory_mib"] = memory[peer.name]
+        r["setup_s"] = peer.setup_s
+        r["info"] = peer.info
+        results["train"][peer.name] = r
+    del peers
+    gc.collect()
+
+    print("== inference: LoRA r=8 on q, k, unmerged and merged", flush=True)
+    lora = VisionTransformer(
+        module.config, lora=peft.LoRASpec.from_config(peft.lora_config()), dtype=module.dtype
+    )
+    backbone = {k: v for k, v in flatten_dict(params).items() if "adapter" not in k}
+    lora_params = runner.init_params(lora, unflatten_dict(backbone), jax.random.key(0))
+    merged, merged_vars = peft.merge_lora(lora, {"params": lora_params})
+    eval_peers = [
+        jax_eval_peer("lora (unmerged)", lora, lora_params, jx),
+        jax_eval_peer("lora merged (merge_lora)", merged, merged_vars["params"], jx),
+    ]
+    for peer in eval_peers:
+        warm_up(peer, a.warmup)
+    times = interleaved(eval_peers, a.rounds, a.steps)
+    results["inference"] = {p.name: summarise(times[p.name], a.batch) for p in eval_peers}
+
+    results["load_after"] = os.getloadavg()[0]
+    text = markdown(results)
+    print(text)
+    if a.out:
+        a.out.mkdir(parents=True, exist_ok=True)
+        stem = a.out / f"train_step_{a.model_size}_{a.dtype}"
+        stem.with_suffix(".md").write_text(text)
+        stem.with_suffix(".json").write_text(json.dumps(results, indent=2))
+        print(f"wrote {stem}.md and .json")
+    return results
+
+
+if __name__ == "__main__":
+    main()
