@@ -72,10 +72,16 @@ DEPTH, PATCH, IMAGE = 12, 16, 224
 NO_DECAY = {"pos_embed", "cls_token", "dist_token"}  # timm's no_weight_decay()
 OURS, OURS_EIGEN = "ours (jax)", "ours (jax, Eigen dots)"
 COMPILED = "reference (torch.compile)"
-# XLA:CPU sends float32 dots to YNNPACK by default; its Eigen dots ran this model's matmuls
-# faster on the CPUs tried. An empty list turns the YNNPACK fusions off: a prototype of the
-# `compiler_options` proposed for runner.py's jits, measured as a peer of its own on CPUs.
-EIGEN_DOTS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+# XLA:CPU hands single dots, reductions and the patch convolution to YNNPACK by default; its
+# Eigen dots ran this model's matmuls faster on the CPUs tried. This list is the default without
+# LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT (as XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=
+# -individual_dot): a prototype of the `compiler_options` proposed for runner.py's jits, measured
+# as a peer of its own on CPUs.
+EIGEN_DOTS = {
+    "xla_cpu_experimental_ynn_fusion_type": (
+        "LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
+    )
+}
 
 
 # ----------------------------------------------------------------------------------------------
