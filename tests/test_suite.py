@@ -100,6 +100,23 @@ def test_vtab_groups_and_paper_numbers() -> None:
     assert fgvc.paper[0].average == 90.7
 
 
+def test_fgvc_report_is_one_mean_beside_the_paper(tmp_path: Path) -> None:
+    fgvc = suite.benchmark("fgvc")
+    accuracy = {"cub": 0.9, "nabirds": 0.8, "oxfordflower": 0.99, "stanforddogs": 0.9}
+    runs = {
+        t: {18: {"test_accuracy": a, "trainable_params": 10**5, "method": "adapter_plus"}}
+        for t, a in accuracy.items()
+    }
+    s = suite.summarize(fgvc, runs, seeds=[18])
+    assert s.average == pytest.approx(89.75) and s.missing == [("stanfordcars", 18)]
+    text = suite.markdown(s, "adapter_plus", [18], "plot.png")
+    assert "| Method | #Params (M) | Mean |" in text
+    assert "| **ours: adapter_plus** | 0.10 | 89.8* |" in text
+    assert "| paper: Adapter+ (r per dataset) | – | 90.7 |" in text
+    suite.plot(s, "adapter_plus", tmp_path / "plot.png")  # the paper as a line: no params given
+    assert (tmp_path / "plot.png").stat().st_size > 0
+
+
 @pytest.mark.parametrize("count", [1, 2, 3, 5, 7, 57, 60])
 def test_shards_cover_every_run_exactly_once(count: int) -> None:
     tasks, seeds = [f"t{i}" for i in range(19)], [18, 45, 25]
