@@ -256,7 +256,8 @@ def _branch_inits(init: str, fan_in: int):
 def activation(name: str):
     """The MLP activations timm's ViTs use."""
     if name == "gelu":
-        return lambda x: jax.nn.gelu(x, approximate=False)
+        # torch's formula; jax.nn.gelu's erfc form costs XLA:CPU twice the time.
+        return lambda x: 0.5 * x * (1.0 + jax.lax.erf(x * np.float32(0.5**0.5)).astype(x.dtype))
     if name == "gelu_tanh":
         return lambda x: jax.nn.gelu(x, approximate=True)
     if name == "quick_gelu":

@@ -370,9 +370,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, eval_only: bool 
         flush=True,
     )
     schedule = lr_schedule(config, steps)
+    options = train.compiler_options(module.dtype)
     train_step = jax.jit(
         train.make_train_step(module, tx, config.label_smoothing, jax.random.fold_in(rng, 2)),
         donate_argnums=0,
+        compiler_options=options,
     )
     logger = Logger(workdir)
     train_start, images_seen = time.perf_counter(), 0
@@ -418,7 +420,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, eval_only: bool 
     bar.close()
     train_time = time.perf_counter() - train_start
 
-    eval_step = jax.jit(make_eval_step(module))
+    eval_step = jax.jit(make_eval_step(module), compiler_options=options)
     eval_start = time.perf_counter()
     accuracy = evaluate(eval_step, train.merge(state.params, frozen), eval_loader)
     results = {

@@ -3,8 +3,9 @@
 Both sides train the same model on the same batch in one process, with the same weights:
 
 - ours: `VisionTransformer` with Adapter+ (converted from the reference model), the jitted
-  `train.make_train_step` (AdamW on the trainable subtree, `donate_argnums=0`, as runner.py);
-  on CPUs also the same step compiled with XLA's Eigen dots instead of YNNPACK (`EIGEN_DOTS`);
+  `train.make_train_step` (AdamW on the trainable subtree, `donate_argnums=0` and
+  `train.compiler_options`, as runner.py); on CPUs in float32 also the same step with XLA's
+  default options (YNNPACK dots), to show what those options are worth;
 - reference: adapter-plus `VisionTransformerAdapter` on timm, torch.optim.AdamW, only adapters
   and head trainable; with `--torch-compile` also the same under `torch.compile`.
 
@@ -70,18 +71,8 @@ from adapter_plus_jax.model import VisionTransformer  # noqa: E402
 SIZES = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}  # width, heads; depth 12
 DEPTH, PATCH, IMAGE = 12, 16, 224
 NO_DECAY = {"pos_embed", "cls_token", "dist_token"}  # timm's no_weight_decay()
-OURS, OURS_EIGEN = "ours (jax)", "ours (jax, Eigen dots)"
+OURS, OURS_DEFAULT = "ours (jax)", "ours (jax, XLA default options)"
 COMPILED = "reference (torch.compile)"
-# XLA:CPU hands single dots, reductions and the patch convolution to YNNPACK by default; its
-# Eigen dots ran this model's matmuls faster on the CPUs tried. This list is the default without
-# LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT (as XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=
-# -individual_dot): a prototype of the `compiler_options` proposed for runner.py's jits, measured
-# as a peer of its own on CPUs.
-EIGEN_DOTS = {
-    "xla_cpu_experimental_ynn_fusion_type": (
-        "LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
-    )
-}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -203,9 +194,8 @@ def jax_train_peer(
 
 def jax_eval_peer(name: str, module: VisionTransformer, params: dict, x: jax.Array) -> Peer:
     start = time.perf_counter()
-    compiled = (
-        jax.jit(lambda p, images: module.apply({"params": p}, images)).lower(params, x).compile()
-    )
+    jitted = jax.jit(lambda p, images: module.apply({"params": p}, images))
+    compiled = jitted.lower(params, x).compile(train.compiler_options(module.dtype))
     compile_s = time.perf_counter() - start
 
     def step() -> None:
@@ -504,9 +494,10 @@ def main(argv: list[str] | None = None) -> dict:
         for n in threads
     ]
     print("== compiling our step", flush=True)
-    peers.append(jax_train_peer(OURS, module, params, jx, jy))
-    if device == "cpu":
-        peers.append(jax_train_peer(OURS_EIGEN, module, params, jx, jy, EIGEN_DOTS))
+    options = train.compiler_options(module.dtype)
+    peers.append(jax_train_peer(OURS, module, params, jx, jy, options))
+    if options is not None:
+        peers.append(jax_train_peer(OURS_DEFAULT, module, params, jx, jy))
     if a.torch_compile:
         compiled = torch.compile(copy.deepcopy(model))
         peers.append(torch_train_peer(COMPILED, compiled, tx, ty, bf16, threads[0]))
