@@ -478,6 +478,8 @@ def plot(summary: Summary, method: str, path: Path) -> None:
     for p in summary.bench.paper:
         series.setdefault(p.series or p.method, []).append(p)
     markers = iter("osD^vP")
+    # Labelled series sit close together: label them above and below their points in turn.
+    offsets = iter([(0, 5), (0, -10)] * 3)
     for name, points in series.items():
         if points[0].params_m is None:  # only an average: a reference line
             ax.axhline(points[0].average, color="tab:blue", ls="--", lw=1, label=f"paper: {name}")
@@ -485,14 +487,16 @@ def plot(summary: Summary, method: str, path: Path) -> None:
         points = sorted(points, key=lambda p: p.params_m)
         x, y = [p.params_m for p in points], [p.average for p in points]
         ax.plot(x, y, marker=next(markers), ms=5, lw=1, label=f"paper: {name}")
+        offset = next(offsets) if any(p.point for p in points) else None
         for p in points:
             if p.point:
                 ax.annotate(
                     p.point,
                     (p.params_m, p.average),
                     fontsize=6,
-                    xytext=(3, 3),
+                    xytext=offset,
                     textcoords="offset points",
+                    ha="center",
                 )
     if summary.average is not None and summary.params_m is not None:
         label = f"ours: {method}" + ("" if summary.complete else " (partial)")
