@@ -154,7 +154,10 @@ def _f32_dot(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
     its last dimension (they reject the transposed left operand that autodiff's products need).
     The barriers keep XLA from folding that transpose back into the dot, and from fusing the dot
     into an element-wise consumer (a path without bfloat16 x bfloat16 -> float32 support).
+    Other backends get the plain einsum (cuBLAS and TPUs take every layout).
     """
+    if jax.default_backend() != "cpu":
+        return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
     inputs, out = spec.split("->")
     sa, sb = inputs.split(",")
     batch = [i for i in sa if i in sb and i in out]
