@@ -461,6 +461,66 @@ def _vtab_split(task: str | TaskSpec, split: str, data_dir: str | Path | None):
     return spec, builder, vtab_splits(spec, builder)[split]
 
 
+def tfds_train_loader(
+    builder,
+    split: str,
+    image_fn: Callable[[Example], tf.Tensor],
+    label_fn: Callable[[Example], tf.Tensor],
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    seed: int,
+    global_batch: int = GLOBAL_BATCH,
+    cache: bool,
+    image_size: int = IMAGE_SIZE,
+    mesh: Mesh | None = None,
+) -> TrainLoader:
+    """Training batches of a TFDS split, resized as VTAB (TF1 bilinear, no augmentation),
+    shuffled per epoch, last partial batch dropped."""
+    examples = read_split(builder, split, image_fn, label_fn)
+    return TrainLoader(
+        examples,
+        num_examples(examples),
+        lambda ex, _: (resize_bilinear_v1(ex["image"], image_size), ex["label"]),
+        mean=mean,
+        std=std,
+        global_batch=global_batch,
+        seed=seed,
+        drop_remainder=True,
+        cache=cache,
+        mesh=mesh,
+    )
+
+
+def tfds_eval_loader(
+    builder,
+    split: str,
+    image_fn: Callable[[Example], tf.Tensor],
+    label_fn: Callable[[Example], tf.Tensor],
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    global_batch: int = GLOBAL_BATCH,
+    cache: bool,
+    image_size: int = IMAGE_SIZE,
+    mesh: Mesh | None = None,
+) -> EvalLoader:
+    """Evaluation batches over this process's slice of a TFDS split, resized as VTAB, with
+    'mask' marking the real examples of the padded last batch."""
+    sub, size, largest = process_split(builder, split, jax.process_index(), jax.process_count())
+    return EvalLoader(
+        read_split(builder, sub, image_fn, label_fn),
+        size,
+        largest,
+        lambda ex: (resize_bilinear_v1(ex["image"], image_size), ex["label"]),
+        mean=mean,
+        std=std,
+        global_batch=global_batch,
+        cache=cache,
+        mesh=mesh,
+    )
+
+
 def vtab_train_loader(
     task: str | TaskSpec,
     split: str = "train800val200",
@@ -469,6 +529,7 @@ def vtab_train_loader(
     std: Sequence[float],
     seed: int,
     global_batch: int = GLOBAL_BATCH,
+    image_size: int = IMAGE_SIZE,
     data_dir: str | Path | None = None,
     mesh: Mesh | None = None,
 ) -> TrainLoader:
@@ -477,17 +538,17 @@ def vtab_train_loader(
     `mean`/`std` are the ported model's `pretrained_cfg['mean'/'std']`.
     """
     spec, builder, split_str = _vtab_split(task, split, data_dir)
-    examples = read_split(builder, split_str, spec.image_fn, spec.label_fn)
-    return TrainLoader(
-        examples,
-        num_examples(examples),
-        lambda ex, _: (resize_bilinear_v1(ex["image"]), ex["label"]),
+    return tfds_train_loader(
+        builder,
+        split_str,
+        spec.image_fn,
+        spec.label_fn,
         mean=mean,
         std=std,
-        global_batch=global_batch,
         seed=seed,
-        drop_remainder=True,
+        global_batch=global_batch,
         cache=split in CACHED_SPLITS,
+        image_size=image_size,
         mesh=mesh,
     )
 
@@ -499,22 +560,23 @@ def vtab_eval_loader(
     mean: Sequence[float],
     std: Sequence[float],
     global_batch: int = GLOBAL_BATCH,
+    image_size: int = IMAGE_SIZE,
     data_dir: str | Path | None = None,
     mesh: Mesh | None = None,
 ) -> EvalLoader:
     """Evaluation batches of a VTAB-1k task over this process's slice of `split`, with 'mask'
     marking the real examples of the padded last batch."""
     spec, builder, split_str = _vtab_split(task, split, data_dir)
-    sub, size, largest = process_split(builder, split_str, jax.process_index(), jax.process_count())
-    return EvalLoader(
-        read_split(builder, sub, spec.image_fn, spec.label_fn),
-        size,
-        largest,
-        lambda ex: (resize_bilinear_v1(ex["image"]), ex["label"]),
+    return tfds_eval_loader(
+        builder,
+        split_str,
+        spec.image_fn,
+        spec.label_fn,
         mean=mean,
         std=std,
         global_batch=global_batch,
         cache=split in CACHED_SPLITS,
+        image_size=image_size,
         mesh=mesh,
     )
 

@@ -170,7 +170,7 @@ def _f32_dot(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def _einsum_f32_acc_fwd(spec: str, a: jax.Array, b: jax.Array) -> tuple[jax.Array, tuple]:
-    return einsum_f32_acc(spec, a, b), (a, b)
+    return _f32_dot(spec, a, b).astype(a.dtype), (a, b)
 
 
 def _einsum_f32_acc_bwd(spec: str, res: tuple, g: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -184,11 +184,15 @@ def _einsum_f32_acc_bwd(spec: str, res: tuple, g: jax.Array) -> tuple[jax.Array,
 einsum_f32_acc.defvjp(_einsum_f32_acc_fwd, _einsum_f32_acc_bwd)
 
 
+def _low_precision(dtype: Any) -> bool:
+    return jnp.dtype(dtype).itemsize < 4
+
+
 def _einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
-    """jnp.einsum in float32; `einsum_f32_acc` for low-precision operands."""
-    if a.dtype == jnp.float32:
-        return jnp.einsum(spec, a, b)
-    return einsum_f32_acc(spec, a, b)
+    """`einsum_f32_acc` for low-precision operands, jnp.einsum otherwise."""
+    if _low_precision(a.dtype):
+        return einsum_f32_acc(spec, a, b)
+    return jnp.einsum(spec, a, b)
 
 
 def _dot_general_f32_acc(lhs, rhs, dimension_numbers, precision=None, **_) -> jax.Array:
@@ -202,14 +206,13 @@ def _dot_general_f32_acc(lhs, rhs, dimension_numbers, precision=None, **_) -> ja
 
 def _dense(features: int, name: str, dtype: Any, use_bias: bool = True) -> nn.Dense:
     # timm's init for Linear layers: trunc_normal(std=.02) (cut at +-2 absolute), zero bias.
-    low_precision = jnp.dtype(dtype).itemsize < 4
     return nn.Dense(
         features,
         use_bias=use_bias,
         dtype=dtype,
         name=name,
         kernel_init=trunc_normal(0.02, cutoff=100.0),
-        dot_general=_dot_general_f32_acc if low_precision else jax.lax.dot_general,
+        dot_general=_dot_general_f32_acc if _low_precision(dtype) else jax.lax.dot_general,
     )
 
 

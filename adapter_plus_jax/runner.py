@@ -154,80 +154,45 @@ def make_loaders(config: ml_collections.ConfigDict, image_size: int, mean, std, 
     """(train loader, eval loader) of the configured dataset."""
     from adapter_plus_jax import data
 
-    common = dict(mean=mean, std=std, data_dir=config.data_dir, mesh=mesh)
-    if config.dataset == "vtab":
-        train_loader = data.vtab_train_loader(
-            config.task,
-            config.train_split,
-            seed=config.seed,
-            global_batch=config.batch_size,
-            **common,
-        )
-        eval_loader = data.vtab_eval_loader(
-            config.task, config.eval_split, global_batch=config.eval_batch_size, **common
-        )
-        return train_loader, eval_loader
+    common = dict(mean=mean, std=std, mesh=mesh)
+    train_args = dict(seed=config.seed, global_batch=config.batch_size)
     if config.dataset == "fgvc":
         from adapter_plus_jax import fgvc
 
-        common["root"] = config.fgvc_root
-        train_loader = fgvc.fgvc_train_loader(
-            config.task,
-            config.train_split,
-            seed=config.seed,
-            global_batch=config.batch_size,
-            **common,
+        fgvc_args = dict(common, data_dir=config.data_dir, root=config.fgvc_root)
+        return (
+            fgvc.fgvc_train_loader(config.task, config.train_split, **train_args, **fgvc_args),
+            fgvc.fgvc_eval_loader(
+                config.task, config.eval_split, global_batch=config.eval_batch_size, **fgvc_args
+            ),
         )
-        eval_loader = fgvc.fgvc_eval_loader(
-            config.task, config.eval_split, global_batch=config.eval_batch_size, **common
+    common["image_size"] = image_size
+    if config.dataset == "vtab":
+        vtab_args = dict(common, data_dir=config.data_dir)
+        return (
+            data.vtab_train_loader(config.task, config.train_split, **train_args, **vtab_args),
+            data.vtab_eval_loader(
+                config.task, config.eval_split, global_batch=config.eval_batch_size, **vtab_args
+            ),
         )
-        return train_loader, eval_loader
     # 'tfds' / 'demo': a TFDS dataset with 'image' and 'label', resized like VTAB.
     import tensorflow_datasets as tfds
 
     builder = tfds.builder(config.tfds_name, data_dir=config.data_dir)
-
-    def image(ex):
-        return ex["image"]
-
-    def label(ex):
-        return ex["label"]
-
-    def resize(ex):
-        return data.resize_bilinear_v1(ex["image"], image_size), ex["label"]
-
-    def train_resize(ex, seed):
-        del seed  # no augmentation
-        return resize(ex)
-
-    examples = data.read_split(builder, config.train_split, image, label)
-    train_loader = data.TrainLoader(
-        examples,
-        data.num_examples(examples),
-        train_resize,
-        global_batch=config.batch_size,
-        seed=config.seed,
-        drop_remainder=True,
-        cache=True,
-        mean=mean,
-        std=std,
-        mesh=mesh,
+    fields = (lambda ex: ex["image"], lambda ex: ex["label"])
+    return (
+        data.tfds_train_loader(
+            builder, config.train_split, *fields, cache=True, **train_args, **common
+        ),
+        data.tfds_eval_loader(
+            builder,
+            config.eval_split,
+            *fields,
+            cache=False,
+            global_batch=config.eval_batch_size,
+            **common,
+        ),
     )
-    sub, size, largest = data.process_split(
-        builder, config.eval_split, jax.process_index(), jax.process_count()
-    )
-    eval_loader = data.EvalLoader(
-        data.read_split(builder, sub, image, label),
-        size,
-        largest,
-        resize,
-        mean=mean,
-        std=std,
-        global_batch=config.eval_batch_size,
-        cache=False,
-        mesh=mesh,
-    )
-    return train_loader, eval_loader
 
 
 def num_classes_of(config: ml_collections.ConfigDict) -> int:
@@ -388,10 +353,15 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, eval_only: bool 
     )
     # One pipeline over all remaining epochs, so prefetching runs across epoch boundaries.
     batches = train_loader.epochs(start_epoch, epochs - start_epoch) if epochs else iter(())
-    for batch in batches:
+    # Steps are counted on the host, and the loop waits for the step before the one it has
+    # just dispatched: the host prepares the next batch while the device computes, and no more
+    # than two steps (and their batches) are in flight.
+    previous = None
+    for step, batch in enumerate(batches, start=start_epoch * steps + 1):
         state, metrics = train_step(state, frozen, batch["image"], batch["label"], batch["mask"])
+        jax.block_until_ready(previous)
+        previous = metrics
         images_seen += config.batch_size
-        step = int(state.step)
         epoch, end_of_epoch = (step - 1) // steps, step % steps == 0
         if step % config.log_every_steps == 0 or end_of_epoch:
             values = {k: float(v) for k, v in metrics.items()}
@@ -417,6 +387,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, eval_only: bool 
         ):
             meta = {"epoch": epoch + 1, "config": config.to_dict()}
             ckpt.save(step, state, json.loads(json.dumps(meta, default=str)))
+    jax.block_until_ready(state)
     bar.close()
     train_time = time.perf_counter() - train_start
 

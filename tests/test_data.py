@@ -476,9 +476,9 @@ def tiny(tmp_path_factory) -> tuple[Path, dict[int, np.ndarray]]:
     return root / "tfds", images
 
 
-def normalized(image: np.ndarray) -> np.ndarray:
+def normalized(image: np.ndarray, size: int = 224) -> np.ndarray:
     """What the pipeline must output for one image: TF1 resize, /255, (x - 0.5)/0.5."""
-    resized = tf.compat.v1.image.resize(image, [224, 224]).numpy().astype(np.float32)
+    resized = tf.compat.v1.image.resize(image, [size, size]).numpy().astype(np.float32)
     return (resized / np.float32(255.0) - np.float32(0.5)) / np.float32(0.5)
 
 
@@ -518,6 +518,17 @@ def test_eval_exact_pixels_each_example_once(tiny):
     for image, label in zip(x[mask], y[mask], strict=True):
         np.testing.assert_array_equal(image, normalized(images[label]))
     assert not y[~mask].any()
+
+
+def test_other_image_size(tiny):
+    """A model built for another input size gets its size from both loaders."""
+    data_dir, images = tiny
+    kw = dict(mean=HALF, std=HALF, global_batch=8, data_dir=data_dir, image_size=96)
+    train_batch = next(iter(data.vtab_train_loader(TINY, "val200", seed=0, **kw).epoch(0)))
+    x, y, mask = collect([next(iter(data.vtab_eval_loader(TINY, "test", **kw)))])
+    assert train_batch["image"].shape == x.shape == (8, 96, 96, 3) and mask.all()
+    for image, label in zip(x, y, strict=True):
+        np.testing.assert_array_equal(image, normalized(images[label], 96))
 
 
 def test_train_epochs(tiny):
