@@ -8,6 +8,7 @@ testing, like VTAB-1k's 1,000 training images.
 
 from __future__ import annotations
 
+import fcntl
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +57,16 @@ class SklearnDigits(tfds.core.GeneratorBasedBuilder):
 
 
 def prepare(data_dir: str | Path | None = None) -> tfds.core.DatasetBuilder:
-    """Write the dataset under `data_dir` (None: TFDS's default) once; return its builder."""
-    builder = SklearnDigits(data_dir=None if data_dir is None else str(data_dir))
-    builder.download_and_prepare()
+    """Write the dataset under `data_dir` (None: TFDS's default) once; return its builder.
+
+    Processes that start at the same time (two runs, a suite's shards) take turns through a
+    lock file: TFDS's final rename fails for the second writer of the same dataset.
+    """
+    data_dir = None if data_dir is None else str(data_dir)
+    root = Path(SklearnDigits(data_dir=data_dir).data_dir_root)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f".{NAME}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        builder = SklearnDigits(data_dir=data_dir)  # sees what an earlier holder wrote
+        builder.download_and_prepare()
     return builder
