@@ -33,6 +33,7 @@ from adapter_plus_jax.peft import (
     prompt_init,
     trunc_normal,
 )
+from adapter_plus_jax.precision import Dense, einsum
 
 GLOBAL_POOLS = ("", "token", "avg", "max", "avgmax", "map")
 BLOCK_TYPES = ("pre_norm", "res_post")  # timm `Block` and `ResPostBlock`
@@ -127,92 +128,14 @@ class ViTConfig:
         return cls(**d)
 
 
-def _swap(spec: str) -> tuple[str, str]:
-    """The einsum specs of the two input gradients of 'a,b->c': 'c,b->a' and 'a,c->b'."""
-    inputs, out = spec.split("->")
-    a, b = inputs.split(",")
-    return f"{out},{b}->{a}", f"{a},{out}->{b}"
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def einsum_f32_acc(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
-    """Two-operand einsum accumulated in float32 and rounded to `a`'s dtype, as torch autocast.
-
-    For bfloat16 compute: XLA:CPU sends bfloat16 dots with a float32 result to its AMX /
-    AVX512-BF16 kernels, 3-4x faster than the same dots with a bfloat16 result. The custom VJP
-    keeps the backward dots in that form (autodiff would make them float32 x float32). `spec`
-    has no ellipsis, and every index of `a` and of `b` appears in the other operand or in the
-    output.
-    """
-    return _f32_dot(spec, a, b).astype(a.dtype)
-
-
-def _f32_dot(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
-    """jnp.einsum(spec, a, b) with a float32 result, in the form XLA:CPU's fast kernels take.
-
-    `a` is laid out [batch, free, contracted] first, so that the dot's left operand contracts
-    its last dimension (they reject the transposed left operand that autodiff's products need).
-    The barriers keep XLA from folding that transpose back into the dot, and from fusing the dot
-    into an element-wise consumer (a path without bfloat16 x bfloat16 -> float32 support).
-    Other backends get the plain einsum (cuBLAS and TPUs take every layout).
-    """
-    if jax.default_backend() != "cpu":
-        return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
-    inputs, out = spec.split("->")
-    sa, sb = inputs.split(",")
-    batch = [i for i in sa if i in sb and i in out]
-    free = [i for i in sa if i not in sb]
-    order = "".join(batch + free + [i for i in sa if i in sb and i not in out])
-    if order != sa:
-        a = jax.lax.optimization_barrier(jnp.einsum(f"{sa}->{order}", a))
-    y = jnp.einsum(f"{order},{sb}->{out}", a, b, preferred_element_type=jnp.float32)
-    return jax.lax.optimization_barrier(y)
-
-
-def _einsum_f32_acc_fwd(spec: str, a: jax.Array, b: jax.Array) -> tuple[jax.Array, tuple]:
-    return _f32_dot(spec, a, b).astype(a.dtype), (a, b)
-
-
-def _einsum_f32_acc_bwd(spec: str, res: tuple, g: jax.Array) -> tuple[jax.Array, jax.Array]:
-    a, b = res
-    spec_a, spec_b = _swap(spec)
-    da = _f32_dot(spec_a, g.astype(b.dtype), b)
-    db = _f32_dot(spec_b, a, g.astype(a.dtype))
-    return da.astype(a.dtype), db.astype(b.dtype)
-
-
-einsum_f32_acc.defvjp(_einsum_f32_acc_fwd, _einsum_f32_acc_bwd)
-
-
-def _low_precision(dtype: Any) -> bool:
-    return jnp.dtype(dtype).itemsize < 4
-
-
-def _einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
-    """`einsum_f32_acc` for low-precision operands, jnp.einsum otherwise."""
-    if _low_precision(a.dtype):
-        return einsum_f32_acc(spec, a, b)
-    return jnp.einsum(spec, a, b)
-
-
-def _dot_general_f32_acc(lhs, rhs, dimension_numbers, precision=None, **_) -> jax.Array:
-    """`nn.Dense`'s dot_general for low-precision compute: `einsum_f32_acc`."""
-    contracting = ((lhs.ndim - 1,), (0,))
-    if tuple(map(tuple, dimension_numbers[0])) != contracting or any(dimension_numbers[1]):
-        raise ValueError(f"Expected a plain [..., k] @ [k, n] product, got {dimension_numbers}.")
-    y = einsum_f32_acc("mk,kn->mn", lhs.reshape(-1, lhs.shape[-1]), rhs)
-    return y.reshape(*lhs.shape[:-1], rhs.shape[-1])
-
-
-def _dense(features: int, name: str, dtype: Any, use_bias: bool = True) -> nn.Dense:
+def _dense(features: int, name: str, dtype: Any, use_bias: bool = True) -> Dense:
     # timm's init for Linear layers: trunc_normal(std=.02) (cut at +-2 absolute), zero bias.
-    return nn.Dense(
+    return Dense(
         features,
         use_bias=use_bias,
         dtype=dtype,
         name=name,
         kernel_init=trunc_normal(0.02, cutoff=100.0),
-        dot_general=_dot_general_f32_acc if _low_precision(dtype) else jax.lax.dot_general,
     )
 
 
@@ -236,10 +159,10 @@ class Mlp(nn.Module):
 def _attend(q: jax.Array, k: jax.Array, v: jax.Array, drop: nn.Module, train: bool) -> jax.Array:
     """softmax(q k^T / sqrt(d)) v on [batch, tokens, heads, head_dim]; the softmax in float32."""
     scale = q.shape[-1] ** -0.5
-    logits = _einsum("bqhd,bkhd->bhqk", q * scale, k)
+    logits = einsum("bqhd,bkhd->bhqk", q * scale, k)
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
     weights = drop(weights, deterministic=not train)
-    return _einsum("bhqk,bkhd->bqhd", weights, v)
+    return einsum("bhqk,bkhd->bqhd", weights, v)
 
 
 class Attention(nn.Module):
@@ -478,13 +401,7 @@ class VisionTransformer(nn.Module):
         x = nn.Dropout(cfg.drop_rate)(x, deterministic=not train)
         if pre_logits or cfg.num_classes == 0:
             return x
-        head = nn.Dense(
-            cfg.num_classes,
-            dtype=self.dtype,
-            name="head",
-            kernel_init=trunc_normal(0.02, cutoff=100.0),
-        )
-        return head(x).astype(jnp.float32)
+        return _dense(cfg.num_classes, "head", self.dtype)(x).astype(jnp.float32)
 
     def _embed(self, images: jax.Array, train: bool) -> jax.Array:
         """Patchify, add position embeddings, prepend class/register tokens (and prompt slots)."""

@@ -31,6 +31,8 @@ import numpy as np
 from flax import linen as nn
 from flax.core import FrozenDict, freeze, unfreeze
 
+from adapter_plus_jax.precision import Dense
+
 if TYPE_CHECKING:
     from adapter_plus_jax.model import VisionTransformer
 
@@ -253,16 +255,25 @@ def _branch_inits(init: str, fan_in: int):
 # Modules.
 
 
+def _gelu(x: jax.Array) -> jax.Array:
+    # torch's formula; jax.nn.gelu's erfc form costs XLA:CPU twice the time.
+    return 0.5 * x * (1.0 + jax.lax.erf(x * np.float32(0.5**0.5)))
+
+
+_ACTIVATIONS = {
+    "gelu": _gelu,
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+}
+
+
 def activation(name: str):
-    """The MLP activations timm's ViTs use."""
-    if name == "gelu":
-        # torch's formula; jax.nn.gelu's erfc form costs XLA:CPU twice the time.
-        return lambda x: 0.5 * x * (1.0 + jax.lax.erf(x * np.float32(0.5**0.5)).astype(x.dtype))
-    if name == "gelu_tanh":
-        return lambda x: jax.nn.gelu(x, approximate=True)
-    if name == "quick_gelu":
-        return lambda x: x * jax.nn.sigmoid(1.702 * x)
-    raise ValueError(f"Unknown activation {name!r}; expected gelu, gelu_tanh or quick_gelu.")
+    """The MLP activations timm's ViTs use. Low-precision inputs are computed in float32 and
+    rounded once, as torch's kernels do (op by op in bfloat16, each step would round)."""
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"Unknown activation {name!r}; expected one of {sorted(_ACTIVATIONS)}.")
+    fn = _ACTIVATIONS[name]
+    return lambda x: fn(x.astype(jnp.promote_types(x.dtype, jnp.float32))).astype(x.dtype)
 
 
 class DropPath(nn.Module):
@@ -304,7 +315,7 @@ class Adapter(nn.Module):
         y = x
         if s.pre_dropout:
             y = nn.Dropout(s.dropout)(y, deterministic=not train)
-        y = nn.Dense(
+        y = Dense(
             s.dim,
             use_bias=bias,
             kernel_init=down_init,
@@ -316,7 +327,7 @@ class Adapter(nn.Module):
             y = activation(self.act)(y)
         if not s.pre_dropout:
             y = nn.Dropout(s.dropout)(y, deterministic=not train)
-        y = nn.Dense(features, use_bias=bias, kernel_init=up_init, dtype=self.dtype, name="up")(y)
+        y = Dense(features, use_bias=bias, kernel_init=up_init, dtype=self.dtype, name="up")(y)
         y = DropPath(s.drop_path)(y, train)
         if s.scaling == "learned":
             y = y * self.param("scaling", nn.initializers.ones, (1,))

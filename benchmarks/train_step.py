@@ -299,7 +299,7 @@ def matmul_gflops(n: int, dtype: str, repeats: int, rounds: int) -> dict[str, fl
     a_np, b_np = (rng.standard_normal((n, n), np.float32) for _ in range(2))
     ta, tb = (torch.from_numpy(m).to(device, getattr(torch, dtype)) for m in (a_np, b_np))
     ja, jb = (jnp.asarray(m, dtype) for m in (a_np, b_np))
-    # As our model's products (model.einsum_f32_acc) and torch: accumulated in float32.
+    # As our model's products (precision.einsum_f32_acc) and torch: accumulated in float32.
     jdot = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(a.dtype))
     jdot(ja, jb).block_until_ready()
 

@@ -1,0 +1,119 @@
+"""Low-precision compute as torch autocast does it: bfloat16 operands, products accumulated in
+float32, and the backend-specific form that makes those products fast.
+
+`Dense` and `einsum` are what the model and the PEFT modules use for every product. In float32
+they are plain `nn.Dense` / `jnp.einsum` arithmetic. In bfloat16 (or float16):
+
+- products take bfloat16 operands and accumulate in float32 (`einsum_f32`), and a custom VJP
+  keeps the backward products in that form (autodiff would make them float32 x float32);
+- `Dense` adds its bias to the float32 accumulator and rounds once, as torch's addmm does, so
+  that a trainable bias's gradient is summed in float32 (summed in bfloat16, an adapter bias's
+  gradient over 800 tokens was 5.7x less accurate than the reference's).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+
+def low_precision(dtype: Any) -> bool:
+    """True for 16-bit compute dtypes (bfloat16, float16)."""
+    return jnp.dtype(dtype).itemsize < 4
+
+
+def _swap(spec: str) -> tuple[str, str]:
+    """The einsum specs of the two input gradients of 'a,b->c': 'c,b->a' and 'a,c->b'."""
+    inputs, out = spec.split("->")
+    a, b = inputs.split(",")
+    return f"{out},{b}->{a}", f"{a},{out}->{b}"
+
+
+def _f32_dot(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """jnp.einsum(spec, a, b) with a float32 result, in the form XLA:CPU's fast kernels take.
+
+    XLA:CPU sends bfloat16 dots with a float32 result to its AMX / AVX512-BF16 kernels, 3-4x
+    faster than the same dots with a bfloat16 result. They need the left operand laid out
+    [batch, free, contracted] (they reject the transposed left operand that autodiff's products
+    have); the barriers keep XLA from folding that transpose back into the dot, and from fusing
+    the dot into an element-wise consumer (a path without bfloat16 x bfloat16 -> float32
+    support). Other backends get the plain einsum (cuBLAS and TPUs take every layout).
+    """
+    if jax.default_backend() != "cpu":
+        return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+    inputs, out = spec.split("->")
+    sa, sb = inputs.split(",")
+    batch = [i for i in sa if i in sb and i in out]
+    free = [i for i in sa if i not in sb]
+    order = "".join(batch + free + [i for i in sa if i in sb and i not in out])
+    if order != sa:
+        a = jax.lax.optimization_barrier(jnp.einsum(f"{sa}->{order}", a))
+    y = jnp.einsum(f"{order},{sb}->{out}", a, b, preferred_element_type=jnp.float32)
+    return jax.lax.optimization_barrier(y)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def einsum_f32(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """Two-operand einsum of low-precision operands, accumulated in and returned as float32.
+
+    `spec` has no ellipsis, and every index of `a` and of `b` appears in the other operand or in
+    the output. The gradients are products of the same kind, returned in the operands' dtypes.
+    """
+    return _f32_dot(spec, a, b)
+
+
+def _einsum_f32_fwd(spec: str, a: jax.Array, b: jax.Array) -> tuple[jax.Array, tuple]:
+    return _f32_dot(spec, a, b), (a, b)
+
+
+def _einsum_f32_bwd(spec: str, res: tuple, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    a, b = res
+    spec_a, spec_b = _swap(spec)
+    da = _f32_dot(spec_a, g.astype(b.dtype), b)
+    db = _f32_dot(spec_b, a, g.astype(a.dtype))
+    return da.astype(a.dtype), db.astype(b.dtype)
+
+
+einsum_f32.defvjp(_einsum_f32_fwd, _einsum_f32_bwd)
+
+
+def einsum_f32_acc(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """`einsum_f32` rounded to `a`'s dtype: torch autocast's matmul."""
+    return einsum_f32(spec, a, b).astype(a.dtype)
+
+
+def einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """`einsum_f32_acc` for low-precision operands, jnp.einsum otherwise."""
+    if low_precision(a.dtype):
+        return einsum_f32_acc(spec, a, b)
+    return jnp.einsum(spec, a, b)
+
+
+class Dense(nn.Module):
+    """`nn.Dense` (the same parameters, and in float32 the same arithmetic) whose low-precision
+    product accumulates in float32 with the bias, rounded once to `dtype`."""
+
+    features: int
+    use_bias: bool = True
+    dtype: Any = jnp.float32
+    kernel_init: Callable = nn.initializers.lecun_normal()
+    bias_init: Callable = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features))
+        bias = self.param("bias", self.bias_init, (self.features,)) if self.use_bias else None
+        if not low_precision(self.dtype):
+            x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+            y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+            return y if bias is None else y + bias.astype(self.dtype)
+        flat = x.reshape(-1, x.shape[-1]).astype(self.dtype)
+        y = einsum_f32("mk,kn->mn", flat, kernel.astype(self.dtype))
+        if bias is not None:
+            y = y + bias
+        return y.astype(self.dtype).reshape(*x.shape[:-1], self.features)
