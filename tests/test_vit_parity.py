@@ -1,20 +1,29 @@
 """Parity of the Flax ViT with timm's VisionTransformer: random weights, float32, eval mode.
 
-Tolerance (issue 2): max |jax - torch| <= 1e-4 * (1 + max |torch|), for logits and for the
-pre-logit features.
+timm runs in float64 on the same (float32) weights, so that the error is our float32 rounding
+alone. Tolerance: max |jax - timm| <= 4e-6 * max |timm|, for logits and for the pre-logit
+features. Measured worst case: 1.2e-6 (dinov2_registers), a 3.3x margin. The input images are
+N(0, 0.25^2): with the residual stream's variance nearer to LayerNorm's eps, the planted bugs of
+tests/mutants.py cost at least 2.5e-5 in every case they touch (LayerNorm eps 10x too large in
+the blocks, least in clip_quickgelu; tanh-GELU for erf-GELU 4.2e-5, in no_pool_all_tokens). At
+unit-scale inputs the eps bug cost only 3.6e-6 in no_class_token_avg.
 """
 
 from __future__ import annotations
 
+import adapter_plus
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import timm
 import torch
+from flax import linen as nn
+from omegaconf import OmegaConf
 from timm.models.vision_transformer import ResPostBlock, VisionTransformer
 
-from adapter_plus_jax import ConversionError, from_timm
+from adapter_plus_jax import ConversionError, from_timm, peft
+from adapter_plus_jax.peft import DropPath
 
 # (id, timm name, create_model kwargs): together they cover every option of ViTConfig.
 MATRIX = [
@@ -48,20 +57,27 @@ def _randomize_vectors(model: torch.nn.Module, seed: int = 0) -> None:
                 p.add_(0.1 * torch.randn(p.shape, generator=gen))
 
 
+TOL = 4e-6
+
+
 def _compare(model: torch.nn.Module, module, variables, batch: int = 2) -> tuple[float, float]:
-    """Relative errors of logits and pre-logit features (normalised by 1 + max |torch|)."""
+    """Relative errors max |jax - timm| / max |timm| of logits and pre-logit features, timm in
+    float64 (the model is converted to float64 and back)."""
     h, w = module.config.img_size
-    x = torch.randn(batch, 3, h, w, generator=torch.Generator().manual_seed(1))
+    x = 0.25 * torch.randn(batch, 3, h, w, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        ref_logits = model(x).numpy()
-        ref_feats = model.forward_head(model.forward_features(x), pre_logits=True).numpy()
+        model.double()
+        ref_logits = model(x.double()).numpy()
+        feats64 = model.forward_features(x.double())
+        ref_feats = model.forward_head(feats64, pre_logits=True).numpy()
+        model.float()
     x_nhwc = x.permute(0, 2, 3, 1).numpy()
     logits = np.asarray(module.apply(variables, x_nhwc))
     feats = np.asarray(module.apply(variables, x_nhwc, pre_logits=True))
     assert logits.shape == ref_logits.shape and feats.shape == ref_feats.shape
 
     def rel(a, b):
-        return float(np.abs(a - b).max() / (1.0 + np.abs(b).max()))
+        return float(np.abs(a - b).max() / np.abs(b).max())
 
     return rel(logits, ref_logits), rel(feats, ref_feats)
 
@@ -73,8 +89,9 @@ def test_matches_timm(name: str, kwargs: dict) -> None:
     _randomize_vectors(model)
     module, variables = from_timm(model)
     err_logits, err_feats = _compare(model, module, variables)
-    assert err_logits <= 1e-4, err_logits
-    assert err_feats <= 1e-4, err_feats
+    print(f"\n{name} {kwargs}: logits {err_logits:.1e}, features {err_feats:.1e}")
+    assert err_logits <= TOL, err_logits
+    assert err_feats <= TOL, err_feats
 
 
 def test_res_post_block_model() -> None:
@@ -92,7 +109,7 @@ def test_res_post_block_model() -> None:
     _randomize_vectors(model)
     module, variables = from_timm(model)
     assert module.config.block == "res_post"
-    assert max(_compare(model, module, variables)) <= 1e-4
+    assert max(_compare(model, module, variables)) <= TOL
 
 
 def test_headless_backbone_with_new_head() -> None:
@@ -102,7 +119,7 @@ def test_headless_backbone_with_new_head() -> None:
     _randomize_vectors(model)
     module, variables = from_timm(model)
     assert module.config.num_classes == 0 and "head" not in variables["params"]
-    assert max(_compare(model, module, variables, batch=1)) <= 1e-4
+    assert max(_compare(model, module, variables, batch=1)) <= TOL
 
     model.reset_classifier(47)
     torch.nn.init.normal_(model.head.weight, std=0.02)
@@ -113,7 +130,7 @@ def test_headless_backbone_with_new_head() -> None:
         "bias": model.head.bias.detach().numpy(),
     }
     variables = {"params": {**variables["params"], "head": head}}
-    assert max(_compare(model, module, variables, batch=1)) <= 1e-4
+    assert max(_compare(model, module, variables, batch=1)) <= TOL
 
 
 def test_parameter_count_matches_timm() -> None:
@@ -145,14 +162,45 @@ def test_stochastic_depth_and_dropout_only_in_training() -> None:
         module.apply(variables, x, train=True)  # no rng given
 
 
+def _drop_path_rates(module, variables, images) -> dict[str, float]:
+    """The rate of every DropPath our model runs in training mode, by module path."""
+    rates = {}
+
+    def spy(call, args, kwargs, context):
+        if isinstance(context.module, DropPath) and context.method_name == "__call__":
+            rates["/".join(context.module.path)] = context.module.rate
+        return call(*args, **kwargs)
+
+    with nn.intercept_methods(spy):
+        module.apply(variables, images, train=True, rngs={"dropout": jax.random.key(0)})
+    return rates
+
+
 def test_stochastic_depth_is_linear_over_depth() -> None:
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, drop_path_rate=0.2)
-    module, _ = from_timm(model)
-    assert module.config.drop_path_rate == pytest.approx(0.2)
-    rates = [
-        b.drop_path1.drop_prob if hasattr(b.drop_path1, "drop_prob") else 0.0 for b in model.blocks
-    ]
-    np.testing.assert_allclose(rates, np.linspace(0, 0.2, 12), atol=1e-6)
+    """Our per-block drop-path rates equal timm's (rising linearly to drop_path_rate over the
+    depth), and the adapters' drop path is the same constant in every block, as in adapter-plus.
+    """
+    adapter = OmegaConf.create({**peft.adapter_config(dim=4).to_dict(), "drop_path": 0.1})
+    model = adapter_plus.VisionTransformerAdapter(
+        img_size=32, patch_size=8, embed_dim=64, depth=6, num_heads=2, num_classes=5,
+        drop_path_rate=0.2, adapter_config=adapter,
+    )  # fmt: skip
+    module, variables = from_timm(model)
+    rates = _drop_path_rates(module, variables, np.zeros((2, 32, 32, 3), np.float32))
+
+    def torch_rate(m: torch.nn.Module) -> float:
+        return getattr(m, "drop_prob", 0.0)  # timm uses Identity for a zero rate
+
+    expected = {}
+    for i, block in enumerate(model.blocks):
+        expected[f"blocks_{i}/DropPath_0"] = torch_rate(block.drop_path1)
+        expected[f"blocks_{i}/DropPath_1"] = torch_rate(block.drop_path2)
+        expected[f"blocks_{i}/adapter/DropPath_0"] = torch_rate(block.adapter.drop_path_a)
+    assert rates.keys() == expected.keys()
+    np.testing.assert_allclose([rates[k] for k in expected], list(expected.values()), atol=1e-7)
+    np.testing.assert_allclose(
+        [rates[f"blocks_{i}/DropPath_0"] for i in range(6)], np.linspace(0, 0.2, 6), atol=1e-7
+    )
 
 
 def test_bfloat16_compute_keeps_float32_params() -> None:
