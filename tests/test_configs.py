@@ -1,4 +1,9 @@
-"""Experiment configs: every task x method builds valid PEFT specs with the paper's settings."""
+"""Experiment configs against the paper's recipe, written out here as tables.
+
+The tables are typed in from the recipe (the paper's configs: base settings, per-task adapter
+ranks and prompt counts, class counts), not read from the code under test, so that a changed
+value in configs/, config.py, peft.py, vtab.py or fgvc.py fails here.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +14,73 @@ import pytest
 
 from adapter_plus_jax import config as cfglib
 from adapter_plus_jax import peft
+from adapter_plus_jax.fgvc import FGVC
 from adapter_plus_jax.vtab import TASKS
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+# The recipe's base settings, shared by every VTAB-1k and FGVC experiment.
+BASE = {
+    "model.name": "vit_base_patch16_224.orig_in21k",
+    "model.pretrained": True,
+    "model.drop_path_rate": 0.1,
+    "model.dtype": "bfloat16",  # Lightning's bf16-mixed
+    "batch_size": 64,
+    "epochs": 100,
+    "warmup_epochs": 10,
+    "lr": 1e-3,
+    "lr_start_factor": 100.0,
+    "lr_min_factor": 1000.0,
+    "weight_decay": 1e-4,
+    "label_smoothing": 0.0,
+    "grad_clip": None,
+    "seed": 18,
+    "train_mode": "peft",
+}
+
+# task -> (classes, r of dim1-4, r of dim1-8, r of dim1-32, VPT tokens)
+VTAB = {
+    "cifar100": (100, 1, 1, 1, 10),
+    "caltech101": (102, 4, 4, 4, 10),
+    "dtd": (47, 2, 2, 2, 10),
+    "flowers102": (102, 1, 1, 1, 1),
+    "pet": (37, 4, 8, 8, 1),
+    "svhn": (10, 4, 8, 16, 50),
+    "sun397": (397, 1, 1, 1, 5),
+    "camelyon": (2, 4, 8, 16, 100),
+    "eurosat": (10, 2, 2, 2, 100),
+    "resisc45": (45, 4, 8, 32, 10),
+    "retinopathy": (5, 2, 8, 32, 1),
+    "clevr_count": (8, 4, 4, 4, 100),
+    "clevr_distance": (6, 2, 8, 8, 200),
+    "dmlab": (6, 4, 8, 8, 100),
+    "kitti": (4, 4, 8, 8, 100),
+    "dsprites_position": (16, 4, 8, 32, 100),
+    "dsprites_orientation": (16, 4, 4, 4, 100),
+    "smallnorb_azimuth": (18, 4, 8, 32, 200),
+    "smallnorb_elevation": (9, 4, 8, 8, 200),
+}
+
+# dataset -> (classes, r of dim1-32, VPT tokens)
+FGVC_TABLE = {
+    "cub": (200, 2, 10),
+    "nabirds": (555, 2, 50),
+    "oxfordflower": (102, 1, 5),
+    "stanfordcars": (196, 32, 200),
+    "stanforddogs": (120, 1, 100),
+}
+
+# Adapter+ (the paper's adapter config), LoRA (its experiment: r=8 on q and k, dropout before
+# the branch; its `init: lora` never reaches the branches, which get the houlsby init) and VPT.
+ADAPTER_PLUS = dict(
+    config="post", act_layer=True, norm_layer=False, bias=True, init="houlsby",
+    scaling="channel", attn_adapter=False, dropout=0.0, drop_path=0.1,
+)  # fmt: skip
+LORA = dict(
+    location=("q", "k"), dim=8, act_layer=False, norm_layer=False, bias=False, init="houlsby",
+    scaling=1.0, dropout=0.1, pre_dropout=True, drop_path=0.0,
+)  # fmt: skip
+VPT = dict(dropout=0.1, deep=True)
 
 
 def _module(name: str):
@@ -21,44 +90,93 @@ def _module(name: str):
     return module
 
 
-@pytest.mark.parametrize("method", cfglib.METHODS)
+def _get(c, dotted: str):
+    for part in dotted.split("."):
+        c = c[part]
+    return c
+
+
+def _fields(spec, expected: dict) -> dict:
+    return {k: getattr(spec, k) for k in expected}
+
+
+def _check_method(c, method: str, dim: int, tokens: int) -> None:
+    """The method's PEFT settings and learning rate, as the recipe gives them."""
+    present = {k for k in ("adapter", "lora", "prompt") if c.get(k) is not None}
+    if method == "adapter_plus":
+        assert present == {"adapter"}
+        spec = peft.AdapterSpec.from_config(c.adapter)
+        assert _fields(spec, ADAPTER_PLUS) == ADAPTER_PLUS and spec.dim == dim
+    elif method == "lora":
+        assert present == {"lora"}
+        assert _fields(peft.LoRASpec.from_config(c.lora), LORA) == LORA
+    elif method == "vpt":
+        assert present == {"prompt"}
+        spec = peft.PromptSpec.from_config(c.prompt)
+        assert _fields(spec, VPT) == VPT and spec.num_tokens == tokens
+    else:
+        assert present == set()
+    expected_mode = {"linear": "linear", "finetune": "finetune"}.get(method, "peft")
+    assert c.train_mode == expected_mode
+    assert c.lr == (1e-4 if method == "finetune" else 1e-3)
+
+
+@pytest.mark.parametrize("method", ["adapter_plus", "lora", "vpt", "linear", "finetune"])
 def test_every_vtab_task_and_method(method: str) -> None:
     vtab = _module("vtab")
-    assert set(vtab.TASK_SETTINGS) == set(TASKS)
-    for task in TASKS:
+    assert set(TASKS) == set(VTAB)
+    for task, (classes, _, _, r, tokens) in VTAB.items():
+        assert TASKS[task].num_classes == classes, task
         c = vtab.get_config(f"{task},method={method}")
         assert (c.task, c.dataset, c.train_split, c.eval_split) == (
-            task,
-            "vtab",
-            "train800val200",
-            "test",
-        )
-        if method == "adapter_plus":
-            assert peft.AdapterSpec.from_config(c.adapter).dim == vtab.TASK_SETTINGS[task][2]
-        if method == "vpt":
-            assert peft.PromptSpec.from_config(c.prompt).num_tokens == vtab.TASK_SETTINGS[task][3]
-        if method == "lora":
-            assert peft.LoRASpec.from_config(c.lora).location == ("q", "k")
-        assert c.lr == (1e-4 if method == "finetune" else 1e-3)
+            task, "vtab", "train800val200", "test",
+        )  # fmt: skip
+        base = {k: v for k, v in BASE.items() if k not in ("lr", "train_mode")}
+        assert {k: _get(c, k) for k in base} == base, task
+        _check_method(c, method, r, tokens)
+
+
+@pytest.mark.parametrize(("dims", "column"), [("dim1-4", 1), ("dim1-8", 2), ("dim1-32", 3)])
+def test_vtab_per_task_ranks(dims: str, column: int) -> None:
+    vtab = _module("vtab")
+    for task, row in VTAB.items():
+        assert vtab.get_config(f"{task},dims={dims}").adapter.dim == row[column], task
+
+
+def test_base_recipe() -> None:
+    c = cfglib.base_config()
+    assert {k: _get(c, k) for k in BASE} == BASE
+    assert (c.train_split, c.eval_split) == ("train800val200", "test")
 
 
 def test_vtab_arguments() -> None:
     vtab = _module("vtab")
-    assert vtab.get_config("svhn,dims=dim1-4").adapter.dim == 4
     assert vtab.get_config("svhn,dim=8").adapter.dim == 8
     assert vtab.get_config("svhn,seed=45").seed == 45
-    assert vtab.get_config("dtd").adapter.drop_path == 0.1  # Adapter+ defaults
+    assert vtab.get_config("svhn,method=vpt,tokens=7").prompt.num_tokens == 7
     with pytest.raises(ValueError, match="Unknown config argument 'depth'"):
         vtab.get_config("dtd,depth=3")
     with pytest.raises(ValueError, match="Unknown dims"):
         vtab.get_config("dtd,dims=dim1-64")
 
 
-def test_fgvc_and_demo_configs() -> None:
+@pytest.mark.parametrize("method", ["adapter_plus", "lora", "vpt", "linear", "finetune"])
+def test_every_fgvc_dataset_and_method(method: str) -> None:
     fgvc = _module("fgvc")
-    assert fgvc.get_config("stanfordcars").adapter.dim == 32
-    assert fgvc.get_config("nabirds,method=vpt").prompt.num_tokens == 50
+    assert set(FGVC) == set(FGVC_TABLE)
+    for name, (classes, r, tokens) in FGVC_TABLE.items():
+        assert FGVC[name].num_classes == classes, name
+        c = fgvc.get_config(f"{name},method={method}")
+        assert (c.task, c.dataset, c.train_split, c.eval_split) == (
+            name, "fgvc", "trainval", "test",
+        )  # fmt: skip
+        base = {k: v for k, v in BASE.items() if k not in ("lr", "train_mode")}
+        assert {k: _get(c, k) for k in base} == base, name
+        _check_method(c, method, r, tokens)
+
+
+def test_fgvc_and_demo_configs() -> None:
     with pytest.raises(ValueError, match="Unknown FGVC dataset"):
-        fgvc.get_config("flowers")
+        _module("fgvc").get_config("flowers")
     demo = _module("demo").get_config()
     assert demo.dataset == "demo" and not demo.model.pretrained
