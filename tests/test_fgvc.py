@@ -4,6 +4,7 @@ source mocked, and the transforms against timm's / torchvision's (close, not pix
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -191,6 +192,35 @@ def test_train_image_is_seeded():
     assert a.shape == (224, 224, 3) and 0 <= a.min() and a.max() <= 255
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
+
+
+def test_train_augmentation_flips_and_interpolates_at_random():
+    """Each augmented image is its seeded crop resized bilinear or bicubic, flipped or not, and
+    over 400 seeds each of the four combinations comes up about a quarter of the time (timm's
+    RandomResizedCropAndInterpolation with interpolation='random', then a flip with p=0.5).
+    Bounds: 100 +- 5 binomial standard deviations (8.7)."""
+    height, width = 60, 90
+    image = tf.constant(np.random.default_rng(0).integers(0, 256, (height, width, 3), np.uint8))
+    combos = list(itertools.product(("bilinear", "bicubic"), (False, True)))
+
+    @tf.function
+    def augmented_and_candidates(seed):
+        crop_seed = tf.random.experimental.stateless_split(seed, 3)[0]
+        crop = fgvc.random_resized_crop_window(height, width, crop_seed)
+        candidates = []
+        for method, flip in combos:
+            candidate = fgvc.resized_crop(image, crop, method)
+            candidates.append(tf.image.flip_left_right(candidate) if flip else candidate)
+        return fgvc.train_image(image, seed), tf.stack(candidates)
+
+    counts = dict.fromkeys(combos, 0)
+    for s in range(400):
+        out, candidates = augmented_and_candidates(tf.constant([7, s], tf.int64))
+        matches = [c for c, cand in zip(combos, candidates.numpy(), strict=True)
+                   if np.array_equal(out.numpy(), cand)]  # fmt: skip
+        assert len(matches) == 1, (s, matches)
+        counts[matches[0]] += 1
+    assert all(abs(n - 100) <= 5 * 8.7 for n in counts.values()), counts
 
 
 def test_decode_rgb_handles_gray_and_png():

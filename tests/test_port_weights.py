@@ -161,48 +161,61 @@ def test_reads_training_checkpoint(model, tmp_path):
     assert all(torch.equal(read[k], v) for k, v in state.items())
 
 
-def npz_from_timm(model: torch.nn.Module, path: Path) -> None:
-    """Write a timm ViT's weights in the layout of Google's ViT .npz checkpoints."""
-    sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-    d, heads = model.embed_dim, model.blocks[0].attn.num_heads
+def google_npz(path: Path, num_classes: int = NUM_CLASSES, seed: int = 0) -> None:
+    """A random ViT-Ti/16 checkpoint in the layout of Google's ViT .npz files (the names and
+    shapes of google-research/vision_transformer's Flax model), written without timm."""
+    rng = np.random.default_rng(seed)
+    d, heads, mlp, depth, tokens = 192, 3, 768, 12, 197
+
+    def w(*shape) -> np.ndarray:
+        return (0.05 * rng.standard_normal(shape)).astype(np.float32)
+
+    def scale(n: int) -> np.ndarray:
+        return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
+
     arrays = {
-        "embedding/kernel": sd["patch_embed.proj.weight"].transpose(2, 3, 1, 0),
-        "embedding/bias": sd["patch_embed.proj.bias"],
-        "cls": sd["cls_token"],
-        "Transformer/posembed_input/pos_embedding": sd["pos_embed"],
-        "Transformer/encoder_norm/scale": sd["norm.weight"],
-        "Transformer/encoder_norm/bias": sd["norm.bias"],
-        "head/kernel": sd["head.weight"].T,
-        "head/bias": sd["head.bias"],
+        "embedding/kernel": w(16, 16, 3, d),
+        "embedding/bias": w(d),
+        "cls": w(1, 1, d),
+        "Transformer/posembed_input/pos_embedding": w(1, tokens, d),
+        "Transformer/encoder_norm/scale": scale(d),
+        "Transformer/encoder_norm/bias": w(d),
+        "head/kernel": w(d, num_classes),
+        "head/bias": w(num_classes),
     }
-    for i in range(len(model.blocks)):
-        b, t = f"blocks.{i}.", f"Transformer/encoderblock_{i}/"
-        mha = t + "MultiHeadDotProductAttention_1/"
-        qkv_w = np.split(sd[b + "attn.qkv.weight"], 3)
-        qkv_b = np.split(sd[b + "attn.qkv.bias"], 3)
-        for n, w, bias in zip(("query", "key", "value"), qkv_w, qkv_b, strict=True):
-            arrays[f"{mha}{n}/kernel"] = w.T.reshape(d, heads, -1)
-            arrays[f"{mha}{n}/bias"] = bias.reshape(heads, -1)
-        arrays[mha + "out/kernel"] = (
-            sd[b + "attn.proj.weight"].reshape(d, heads, -1).transpose(1, 2, 0)
-        )
-        arrays[mha + "out/bias"] = sd[b + "attn.proj.bias"]
-        for ln, norm in (("LayerNorm_0", "norm1"), ("LayerNorm_2", "norm2")):
-            arrays[f"{t}{ln}/scale"] = sd[f"{b}{norm}.weight"]
-            arrays[f"{t}{ln}/bias"] = sd[f"{b}{norm}.bias"]
-        for r in range(2):
-            arrays[f"{t}MlpBlock_3/Dense_{r}/kernel"] = sd[f"{b}mlp.fc{r + 1}.weight"].T
-            arrays[f"{t}MlpBlock_3/Dense_{r}/bias"] = sd[f"{b}mlp.fc{r + 1}.bias"]
+    for i in range(depth):
+        block = f"Transformer/encoderblock_{i}/"
+        mha = block + "MultiHeadDotProductAttention_1/"
+        for name in ("query", "key", "value"):
+            arrays[f"{mha}{name}/kernel"] = w(d, heads, d // heads)
+            arrays[f"{mha}{name}/bias"] = w(heads, d // heads)
+        arrays[mha + "out/kernel"] = w(heads, d // heads, d)
+        arrays[mha + "out/bias"] = w(d)
+        for norm in ("LayerNorm_0", "LayerNorm_2"):
+            arrays[f"{block}{norm}/scale"] = scale(d)
+            arrays[f"{block}{norm}/bias"] = w(d)
+        arrays[f"{block}MlpBlock_3/Dense_0/kernel"] = w(d, mlp)
+        arrays[f"{block}MlpBlock_3/Dense_0/bias"] = w(mlp)
+        arrays[f"{block}MlpBlock_3/Dense_1/kernel"] = w(mlp, d)
+        arrays[f"{block}MlpBlock_3/Dense_1/bias"] = w(d)
     np.savez(path, **arrays)
 
 
-def test_round_trip_npz(model, tmp_path, capsys):
+def test_round_trip_npz(tmp_path, capsys):
+    """A Google .npz checkpoint ported by port_weights.py computes what timm's own npz loader
+    (`_load_weights`, through pretrained_cfg's `file`) makes of the same file."""
     path = tmp_path / "vit.npz"
-    npz_from_timm(model, path)
+    google_npz(path)
     out = tmp_path / "out"
     code, _, err = run_main(["--model", NAME, "--checkpoint", path, "--out", out], capsys)
     assert code == 0, err
-    assert_close_to_torch(out, model)
+    overlay = dict(file=str(path), num_classes=NUM_CLASSES)
+    timm_model = timm.create_model(
+        NAME, pretrained=True, num_classes=NUM_CLASSES, pretrained_cfg_overlay=overlay
+    ).eval()
+    head = np.load(path)["head/bias"]
+    np.testing.assert_array_equal(timm_model.head.bias.detach().numpy(), head)  # timm read it
+    assert_close_to_torch(out, timm_model)
 
 
 def timm_at_size(ckpt: Path, img_size: int | tuple[int, int]) -> torch.nn.Module:
@@ -325,7 +338,7 @@ def test_truncated_checkpoint(model, tmp_path, capsys, suffix):
     elif suffix == ".pth":
         torch.save(model.state_dict(), path)
     else:
-        npz_from_timm(model, path)
+        google_npz(path)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     out = tmp_path / "out"

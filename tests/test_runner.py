@@ -219,3 +219,51 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> No
     state = _final_state(tmp_path)
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
     assert not (tmp_path / "results.json").exists()
+
+
+def test_pretrained_weights_reach_the_trained_model(tmp_path: Path, monkeypatch) -> None:
+    """Every backbone parameter of the model runner.run (main.py's loop) trains is the ported
+    file's value, when training starts and, frozen, when it has ended."""
+    import timm
+    from safetensors.numpy import load_file
+
+    from adapter_plus_jax.convert import from_timm
+    from adapter_plus_jax.pretrained import PARAMS_FILE, save_pretrained
+
+    config = _load_config("demo", "epochs=2")
+    kwargs = dict(config.model.timm_kwargs, depth=1)
+    torch_model = timm.create_model(config.model.name, pretrained=False, num_classes=0, **kwargs)
+    backbone, variables = from_timm(torch_model)
+    ported_dir = tmp_path / "weights" / config.model.name
+    save_pretrained(ported_dir, backbone.config, variables["params"], torch_model.pretrained_cfg)
+    ported = load_file(str(ported_dir / PARAMS_FILE))  # read back independently of our loader
+    config.model.pretrained = True
+    config.model.weights_dir = str(tmp_path / "weights")
+
+    seen = {}
+
+    def flat(params) -> dict[str, np.ndarray]:
+        paths = jax.tree_util.tree_flatten_with_path(params)[0]
+        return {"/".join(k.key for k in path): np.asarray(v) for path, v in paths}
+
+    def spy_split(params, mask):  # called once, on the initial parameters
+        seen.setdefault("start", flat(params))
+        return split(params, mask)
+
+    def spy_evaluate(step, params, batches):  # called with the trained parameters
+        seen["end"] = flat(params)
+        return evaluate(step, params, batches)
+
+    split, evaluate = train.split, runner.evaluate
+    monkeypatch.setattr(runner.train, "split", spy_split)
+    monkeypatch.setattr(runner, "evaluate", spy_evaluate)
+    runner.run(config, tmp_path / "w")
+
+    start, end = seen["start"], seen["end"]
+    assert ported.keys() < start.keys() and start.keys() == end.keys()
+    for key, value in ported.items():
+        np.testing.assert_array_equal(start[key], value, err_msg=f"{key} at the start")
+        np.testing.assert_array_equal(end[key], value, err_msg=f"{key} after training")
+    trained = [k for k in start if k not in ported]
+    assert any(k.startswith("head/") for k in trained) and any("adapter" in k for k in trained)
+    assert all(not np.array_equal(start[k], end[k]) for k in trained if k.endswith("kernel"))
