@@ -1,0 +1,395 @@
+"""Plant known bugs, one at a time, and show that the tests written for each one catch it.
+
+    python tests/mutants.py                  # every mutant (about 15 minutes on 2 cores)
+    python tests/mutants.py ln_eps gelu_tanh # some of them
+    python tests/mutants.py --list
+    python tests/mutants.py --baseline       # the same tests on the unchanged code: all pass
+
+Each mutant replaces text in one source file of a copy of the work tree (git's tracked and
+untracked, not ignored, files) and runs its tests there with pytest. It counts as caught when
+every selected test fails (a test that still passes would leave part of the bug unguarded).
+`tests/test_mutants.py`, part of the normal suite, checks that every mutant's text is still in
+the code and every named test still exists, so that this list cannot rot silently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutant:
+    name: str
+    bug: str
+    file: str
+    replacements: tuple[tuple[str, str], ...]
+    tests: tuple[str, ...]  # pytest node ids
+    select: str | None = None  # pytest -k expression over those tests
+
+    def apply(self, root: Path) -> None:
+        path = root / self.file
+        text = path.read_text()
+        for old, new in self.replacements:
+            if text.count(old) != 1:
+                raise ValueError(
+                    f"mutant {self.name}: {old!r} occurs {text.count(old)} times in {self.file}, "
+                    "expected once; update tests/mutants.py to the code"
+                )
+            text = text.replace(old, new)
+        path.write_text(text)
+
+
+def _one(file: str, old: str, new: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    return file, ((old, new),)
+
+
+VIT = "tests/test_vit_parity.py"
+PEFT = "tests/test_peft_parity.py"
+TRAJECTORY = "tests/test_train_parity.py::test_six_epochs_match_the_reference"
+LIGHTNING = "tests/test_train.py::test_schedule_matches_lightning_bolts"
+HOULSBY_INIT = (
+    f"{PEFT}::test_initialisation_matches_the_reference[adapter_houlsby]",
+    f"{PEFT}::test_initialisation_matches_the_reference[lora]",  # LoRA branches: houlsby
+)
+VIT_ALL = (f"{VIT}::test_matches_timm", f"{VIT}::test_res_post_block_model")
+
+MUTANTS = [
+    Mutant(
+        "drop_path_constant",
+        "every block drops its branches at drop_path_rate, not at linspace(0, rate, depth)[i]",
+        *_one(
+            "adapter_plus_jax/model.py",
+            "rate = float(np.linspace(0.0, cfg.drop_path_rate, cfg.depth)[i])",
+            "rate = cfg.drop_path_rate",
+        ),
+        tests=(f"{VIT}::test_stochastic_depth_is_linear_over_depth",),
+    ),
+    Mutant(
+        "pretrained_dropped",
+        "runner.init_params keeps only the head of the ported tree (a random backbone trains)",
+        *_one(
+            "adapter_plus_jax/runner.py",
+            "    fresh.update(given)\n",
+            '    fresh.update({k: v for k, v in given.items() if k[0] == "head"})\n',
+        ),
+        tests=("tests/test_runner.py::test_pretrained_weights_reach_the_trained_model",),
+    ),
+    Mutant(
+        "backbone_trained",
+        "runner trains every parameter whatever train_mode says",
+        *_one(
+            "adapter_plus_jax/runner.py",
+            "mask = peft.trainable_mask(params, config.train_mode)",
+            'mask = peft.trainable_mask(params, "finetune")',
+        ),
+        tests=("tests/test_runner.py::test_pretrained_weights_reach_the_trained_model",),
+    ),
+    Mutant(
+        "ln_eps",
+        "the blocks' LayerNorm eps 10x too large (1e-5 for timm's 1e-6)",
+        *_one(
+            "adapter_plus_jax/model.py",
+            "norm = functools.partial(nn.LayerNorm, epsilon=cfg.norm_eps)\n        if cfg.block",
+            "norm = functools.partial(nn.LayerNorm, epsilon=10 * cfg.norm_eps)\n"
+            "        if cfg.block",
+        ),
+        tests=VIT_ALL,
+    ),
+    Mutant(
+        "gelu_tanh",
+        "tanh-approximated GELU where timm uses the exact (erf) GELU",
+        *_one(
+            "adapter_plus_jax/peft.py",
+            '"gelu": _gelu,',
+            '"gelu": lambda x: jax.nn.gelu(x, approximate=True),',
+        ),
+        tests=VIT_ALL,
+        select="not quickgelu and not tanh_gelu",  # the cases that do not use erf-GELU
+    ),
+    Mutant(
+        "decay_all",
+        "weight decay on every trainable parameter (biases and scalings too)",
+        *_one(
+            "adapter_plus_jax/train.py",
+            'return value.ndim > 1 and name not in ("bias", "scaling") '
+            "and name not in NO_DECAY_NAMES",
+            "return True",
+        ),
+        tests=(TRAJECTORY, "tests/test_train.py::test_decay_mask_follows_the_reference_rule"),
+    ),
+    Mutant(
+        "decay_none",
+        "no weight decay at all",
+        *_one(
+            "adapter_plus_jax/train.py",
+            "weight_decay=weight_decay, mask=decay_mask",
+            "weight_decay=0.0, mask=decay_mask",
+        ),
+        tests=(TRAJECTORY,),
+    ),
+    Mutant(
+        "schedule_no_lag",
+        "epoch k runs at f(k) instead of f(k - 1) (the per-epoch scheduler's lag lost)",
+        *_one(
+            "adapter_plus_jax/train.py",
+            "return jnp.where(epoch == 0, s, f(jnp.maximum(epoch - 1, 0).astype(jnp.float32)))",
+            "return f(epoch.astype(jnp.float32))",
+        ),
+        tests=(
+            TRAJECTORY, LIGHTNING, "tests/test_train.py::test_schedule_matches_the_recipe_table"
+        ),
+    ),
+    Mutant(
+        "schedule_step_early",
+        "the lr changes one step before the epoch ends",
+        *_one(
+            "adapter_plus_jax/train.py",
+            "epoch = step // steps_per_epoch",
+            "epoch = (step + 1) // steps_per_epoch",
+        ),
+        tests=(TRAJECTORY, LIGHTNING),
+    ),
+    Mutant(
+        "vtab_rank",
+        "svhn's per-task Adapter+ rank (dim1-32) 8 instead of 16",
+        *_one("configs/vtab.py", '"svhn": (4, 8, 16, 50),', '"svhn": (4, 8, 8, 50),'),
+        tests=(
+            "tests/test_configs.py::test_every_vtab_task_and_method[adapter_plus]",
+            "tests/test_configs.py::test_vtab_per_task_ranks[dim1-32-3]",
+        ),
+    ),
+    Mutant(
+        "base_weight_decay",
+        "the base recipe's weight decay 1e-3 instead of 1e-4",
+        *_one("adapter_plus_jax/config.py", "c.weight_decay = 1e-4", "c.weight_decay = 1e-3"),
+        tests=(
+            "tests/test_configs.py::test_base_recipe",
+            "tests/test_configs.py::test_every_vtab_task_and_method",
+            "tests/test_configs.py::test_every_fgvc_dataset_and_method",
+        ),
+    ),
+    Mutant(
+        "houlsby_std",
+        "houlsby init with std 0.02 instead of 0.01",
+        *_one(
+            "adapter_plus_jax/peft.py",
+            "return trunc_normal(0.01), zeros, trunc_normal(0.01)",
+            "return trunc_normal(0.02), zeros, trunc_normal(0.02)",
+        ),
+        tests=HOULSBY_INIT,
+    ),
+    Mutant(
+        "houlsby_cutoff",
+        "houlsby init cut at 3 std instead of 2",
+        *_one(
+            "adapter_plus_jax/peft.py",
+            "return trunc_normal(0.01), zeros, trunc_normal(0.01)",
+            "return trunc_normal(0.01, 3.0), zeros, trunc_normal(0.01, 3.0)",
+        ),
+        tests=HOULSBY_INIT,
+    ),
+    Mutant(
+        "lora_init_bound",
+        "init='lora' draws U(+-sqrt(3/fan_in)) (Kaiming, a=0), not torch's U(+-1/sqrt(fan_in))",
+        *_one(
+            "adapter_plus_jax/peft.py",
+            "bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0",
+            "bound = math.sqrt(3.0 / fan_in) if fan_in > 0 else 0.0",
+        ),
+        tests=(f"{PEFT}::test_initialisation_matches_the_reference[adapter_lora]",),
+    ),
+    Mutant(
+        "vpt_init",
+        "prompts drawn with VPT's U(+-sqrt(6 / (3 p^2 + 768))) instead of the reference's + T",
+        *_one(
+            "adapter_plus_jax/peft.py",
+            "3 * patch_size[0] * patch_size[1] + num_tokens",
+            "3 * patch_size[0] * patch_size[1] + 768",
+        ),
+        tests=(f"{PEFT}::test_initialisation_matches_the_reference[vpt]",),
+    ),
+    Mutant(
+        "lora_dropout_after_down",
+        "LoRA's dropout after the down-projection instead of before it",
+        "adapter_plus_jax/peft.py",
+        (
+            ("        if s.pre_dropout:\n", "        if False:\n"),
+            ("        if not s.pre_dropout:\n", "        if True:\n"),
+        ),
+        tests=(f"{PEFT}::test_training_mode_parity[lora_pre_dropout]",),
+    ),
+    Mutant(
+        "adapter_dropout_before_act",
+        "the adapter's dropout before its activation instead of after it",
+        *_one(
+            "adapter_plus_jax/peft.py",
+            "        if s.act_layer:\n"
+            "            y = activation(self.act)(y)\n"
+            "        if not s.pre_dropout:\n"
+            "            y = nn.Dropout(s.dropout)(y, deterministic=not train)\n",
+            "        if not s.pre_dropout:\n"
+            "            y = nn.Dropout(s.dropout)(y, deterministic=not train)\n"
+            "        if s.act_layer:\n"
+            "            y = activation(self.act)(y)\n",
+        ),
+        tests=(f"{PEFT}::test_training_mode_parity",),
+        select="adapter_plus or houlsby or lora_post_dropout",
+    ),
+    Mutant(
+        "prompt_dropout_shared",
+        "one prompt-dropout mask shared by the whole batch instead of one per example",
+        *_one(
+            "adapter_plus_jax/model.py",
+            "        prompt = jnp.broadcast_to(prompt.astype(x.dtype), "
+            "(x.shape[0], t, x.shape[-1]))\n"
+            "        prompt = nn.Dropout(self.prompt.dropout)(prompt, deterministic=not train)\n",
+            "        prompt = nn.Dropout(self.prompt.dropout)(prompt, deterministic=not train)\n"
+            "        prompt = jnp.broadcast_to(prompt.astype(x.dtype), "
+            "(x.shape[0], t, x.shape[-1]))\n",
+        ),
+        tests=(
+            f"{PEFT}::test_training_mode_parity[vpt]",
+            f"{PEFT}::test_combined_training_mode_parity",
+        ),
+    ),
+    Mutant(
+        "bf16_bias_sum",
+        "bfloat16 Dense adds its bias after rounding, so a trainable bias's gradient sums in bf16",
+        *_one(
+            "adapter_plus_jax/precision.py",
+            "        if bias is not None:\n"
+            "            y = y + bias\n"
+            "        return y.astype(self.dtype).reshape(*x.shape[:-1], self.features)\n",
+            "        y = y.astype(self.dtype)\n"
+            "        if bias is not None:\n"
+            "            y = y + bias.astype(self.dtype)\n"
+            "        return y.reshape(*x.shape[:-1], self.features)\n",
+        ),
+        tests=(
+            "tests/test_mixed_precision.py::test_bfloat16_peft_matches_torch_autocast[adapter_plus]",
+        ),
+    ),
+    Mutant(
+        "merge_values",
+        "train.merge keeps the structure but zeroes the trainable values",
+        *_one(
+            "adapter_plus_jax/train.py",
+            "    flat.update(traverse_util.flatten_dict(dict(trainable)))\n",
+            "    flat.update({k: 0 * v for k, v in "
+            "traverse_util.flatten_dict(dict(trainable)).items()})\n",
+        ),
+        tests=("tests/test_train.py::test_split_and_merge_round_trip",),
+    ),
+    Mutant(
+        "npz_head_dropped",
+        "the porter builds a headless model for a Google .npz checkpoint that has a head",
+        *_one("port_weights.py", "num_classes = npz_num_classes(path)", "num_classes = 0"),
+        tests=("tests/test_port_weights.py::test_round_trip_npz",),
+    ),
+    Mutant(
+        "fgvc_no_flip",
+        "FGVC training images are never flipped",
+        *_one(
+            "adapter_plus_jax/fgvc.py",
+            "flip = tf.random.stateless_uniform([], flip_seed) < 0.5",
+            "flip = tf.random.stateless_uniform([], flip_seed) < 0.0",
+        ),
+        tests=("tests/test_fgvc.py::test_train_augmentation_flips_and_interpolates_at_random",),
+    ),
+    Mutant(
+        "fgvc_bilinear_only",
+        "FGVC training crops are always resized bilinear (never bicubic)",
+        *_one(
+            "adapter_plus_jax/fgvc.py",
+            "bicubic = tf.random.stateless_uniform([], interp_seed) < 0.5",
+            "bicubic = tf.random.stateless_uniform([], interp_seed) < 0.0",
+        ),
+        tests=("tests/test_fgvc.py::test_train_augmentation_flips_and_interpolates_at_random",),
+    ),
+]
+
+
+def work_tree_copy(dest: Path) -> Path:
+    """Copy git's tracked and untracked (not ignored) files of the work tree to `dest`."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT, check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    for rel in filter(None, listed.split("\0")):
+        src = ROOT / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    return dest
+
+
+def run_tests(root: Path, mutant: Mutant) -> tuple[int, int, int, float]:
+    """(returncode, passed, failed, seconds) of the mutant's tests run in `root`."""
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *mutant.tests]
+    if mutant.select:
+        cmd += ["-k", mutant.select]
+    start = time.perf_counter()
+    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
+    summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
+
+    def count(word: str) -> int:
+        m = re.search(rf"(\d+) {word}", summary)
+        return int(m.group(1)) if m else 0
+
+    return done.returncode, count("passed"), count("failed"), time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", help="mutants to run (default: all)")
+    parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    parser.add_argument(
+        "--baseline", action="store_true", help="run the tests on the unchanged code instead"
+    )
+    args = parser.parse_args(argv)
+    known = {m.name: m for m in MUTANTS}
+    if args.list:
+        for m in MUTANTS:
+            print(f"{m.name:28s} {m.bug}")
+        return 0
+    unknown = sorted(set(args.names) - set(known))
+    if unknown:
+        parser.error(f"unknown mutant(s) {unknown}; see --list")
+    chosen = [known[n] for n in args.names] or MUTANTS
+    ok, good = True, 0
+    for m in chosen:
+        with tempfile.TemporaryDirectory(prefix=f"mutant-{m.name}-") as tmp:
+            root = work_tree_copy(Path(tmp))
+            if not args.baseline:
+                m.apply(root)
+            code, passed, failed, seconds = run_tests(root, m)
+        if args.baseline:
+            verdict = "passes" if code == 0 and failed == 0 and passed else "FAILS"
+        elif code == 1 and failed and not passed:
+            verdict = "caught"
+        elif code == 1 and failed:
+            verdict = "PARTLY (some tests pass)"
+        elif code == 0:
+            verdict = "MISSED"
+        else:
+            verdict = f"ERROR (pytest exit {code})"
+        ok &= verdict in ("caught", "passes")
+        good += verdict in ("caught", "passes")
+        counts = f"{failed} failed, {passed} passed"
+        print(f"{m.name:28s} {verdict:10s} {counts} ({seconds:.0f} s)", flush=True)
+    print(f"\n{good} of {len(chosen)} as expected")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
