@@ -4,42 +4,70 @@
     python main.py --config configs/vtab.py:dtd,method=lora,seed=45 --workdir runs/dtd_lora
     python main.py --config configs/vtab.py:dtd --config.epochs=10 --workdir runs/dtd_short
     python main.py --config configs/vtab.py:dtd --workdir runs/dtd --eval_only
-    python main.py --config configs/demo.py --workdir runs/demo      # offline demo, ~3 min CPU
+    python main.py --config configs/demo.py --workdir runs/demo      # offline demo, ~1 min CPU
 
-Rerunning a command with the same --workdir resumes from its last checkpoint. On several hosts,
-start the same command on each with --distributed.
+`--config.KEY=VALUE` sets any field of the config (nested keys with dots; unknown keys are
+rejected). Rerunning a command with the same --workdir resumes from its last checkpoint. On
+several hosts, start the same command on each with --distributed.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
-
-from absl import app, flags
-from ml_collections import config_flags
-
-config_flags.DEFINE_config_file(
-    "config", None, "Config file, e.g. configs/vtab.py:dtd.", lock_config=True
-)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.json.")
-flags.DEFINE_bool("eval_only", False, "Evaluate the last checkpoint in --workdir; no training.")
-flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host runs).")
-flags.mark_flags_as_required(["config", "workdir"])
+from collections.abc import Sequence
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    """(the flags, the 'KEY=VALUE' config overrides given as --config.KEY=VALUE)."""
+    parser = argparse.ArgumentParser(
+        prog="main.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", required=True, help="config file[:argument], e.g. "
+                        "configs/vtab.py:dtd")  # fmt: skip
+    parser.add_argument("--workdir", required=True, help="checkpoints, metrics, results.json")
+    parser.add_argument(
+        "--eval_only", action="store_true", help="evaluate the last checkpoint in --workdir"
+    )
+    parser.add_argument(
+        "--distributed", action="store_true", help="jax.distributed.initialize() (multi-host)"
+    )
+    args, rest = parser.parse_known_args(argv)
+    overrides, i = [], 0
+    while i < len(rest):
+        item = rest[i]
+        if not item.startswith("--config."):
+            parser.error(f"unrecognized argument {item!r}")
+        key, sep, value = item.removeprefix("--config.").partition("=")
+        if not sep:  # --config.KEY VALUE
+            if i + 1 == len(rest):
+                parser.error(f"{item} needs a value")
+            value, i = rest[i + 1], i + 1
+        overrides.append(f"{key}={value}")
+        i += 1
+    return args, overrides
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args, overrides = parse_args(argv)
+    from adapter_plus_jax import config as cfglib
+
+    try:
+        config = cfglib.load_config(args.config)
+        cfglib.apply_overrides(config, overrides)
+    except ValueError as e:
+        sys.exit(f"main.py: error: {e}")
     import jax
 
-    if flags.FLAGS.distributed:
+    if args.distributed:
         jax.distributed.initialize()
     from adapter_plus_jax import runner
 
     try:
-        runner.run(flags.FLAGS.config, flags.FLAGS.workdir, eval_only=flags.FLAGS.eval_only)
+        runner.run(config, args.workdir, eval_only=args.eval_only)
     except (runner.SetupError, FloatingPointError) as e:
         sys.exit(f"main.py: error: {e}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main()

@@ -1,16 +1,47 @@
-"""adapter_plus_jax: Adapter+ (Steitz & Roth, CVPR 2024) for timm ViTs in JAX/Flax."""
+"""adapter_plus_jax: Adapter+ (Steitz & Roth, CVPR 2024) for timm ViTs in JAX/Flax.
+
+    import adapter_plus_jax as apj
+
+    module, variables = apj.create_model(
+        "ported/vit_b16_in21k", num_classes=47, adapter=apj.AdapterSpec(), rng=jax.random.key(0))
+    mask = apj.trainable_mask(variables["params"])            # adapters and head: True
+    x = apj.normalize(uint8_images, module.config.mean, module.config.std)
+    logits = module.apply(variables, x)
+
+Importing it needs neither torch nor TensorFlow: only converting live torch models
+(`from_timm`, `to_adapter_plus`) and porting timm weights need the `port` extra, and the
+experiment runner's data pipelines the `data` extra.
+"""
 
 from adapter_plus_jax.convert import ConversionError, from_timm, to_adapter_plus
+from adapter_plus_jax.errors import SetupError
+from adapter_plus_jax.factory import create_model
 from adapter_plus_jax.model import VisionTransformer, ViTConfig
-from adapter_plus_jax.peft import AdapterSpec, LoRASpec, PromptSpec
+from adapter_plus_jax.params import merge_lora, trainable_count, trainable_mask
+from adapter_plus_jax.peft import METHODS, AdapterSpec, LoRASpec, Method, PromptSpec
+from adapter_plus_jax.preprocess import normalize
+from adapter_plus_jax.pretrained import PretrainedError, load_pretrained, save_pretrained
+from adapter_plus_jax.train import decay_mask
 
 __all__ = [
+    "METHODS",
     "AdapterSpec",
     "ConversionError",
     "LoRASpec",
+    "Method",
+    "PretrainedError",
     "PromptSpec",
+    "SetupError",
     "ViTConfig",
     "VisionTransformer",
+    "create_model",
+    "decay_mask",
     "from_timm",
+    "load_pretrained",
+    "merge_lora",
+    "normalize",
+    "save_pretrained",
     "to_adapter_plus",
+    "trainable_count",
+    "trainable_mask",
 ]

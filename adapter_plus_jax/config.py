@@ -1,15 +1,54 @@
-"""Experiment configuration: the base ConfigDict, big_vision-style `file.py:arg` parsing, and the
-training methods (adapter_plus, lora, vpt, linear, finetune) as PEFT settings."""
+"""Experiment configuration: the base ConfigDict (the paper's recipe), the training methods as
+config entries, and the one parser of config arguments.
+
+Every way of setting a value goes through `parse_value`, typed by the value it replaces:
+
+- `configs/vtab.py:dtd,method=lora,seed=45`: the argument of a config file (`parse_arg`);
+- `--config.lr=3e-3` on main.py's command line and `--config-override lr=3e-3` in the suite
+  (`apply_overrides`).
+
+Config files (configs/*.py) ship inside the package (adapter_plus_jax/configs), so that an
+installed copy finds them without the repository (`load_config`).
+"""
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import importlib.util
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import ml_collections
 
 from adapter_plus_jax import peft
 
-METHODS = ("adapter_plus", "lora", "vpt", "linear", "finetune")
+CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
+# Keys under which a config may gain new entries: free-form keyword arguments.
+OPEN_KEYS = ("model.timm_kwargs",)
+
+
+def parse_value(text: str, like: Any = None) -> Any:
+    """`text` as a value of `like`'s type (bool: true/false/yes/no/1/0; int; float; str), or, when
+    `like` is None or a container, as a Python literal ('1e-3', "'qk'", "{'depth': 1}"), falling
+    back to the string itself. Raises ValueError when `text` is not a value of `like`'s type."""
+    if isinstance(like, bool):
+        lowered = text.lower()
+        if lowered not in ("true", "false", "yes", "no", "1", "0"):
+            raise ValueError(f"expected true or false, got {text!r}")
+        return lowered in ("true", "yes", "1")
+    if isinstance(like, (int, float, str)):
+        try:
+            return type(like)(text)
+        except ValueError:
+            raise ValueError(f"expected {type(like).__name__}, got {text!r}") from None
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
@@ -27,37 +66,70 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
             key, value = "task", item
         if key not in defaults:
             raise ValueError(f"Unknown config argument {key!r}; known: {sorted(defaults)}.")
-        default = defaults[key]
-        if isinstance(default, bool):
-            out[key] = value.lower() in ("1", "true", "yes")
-        elif default is None or isinstance(default, str):
-            out[key] = value
-        else:
-            out[key] = type(default)(value)
+        try:
+            out[key] = parse_value(value, "" if defaults[key] is None else defaults[key])
+        except ValueError as e:
+            raise ValueError(f"Config argument {key}={value}: {e}.") from None
     return out
 
 
-def method_settings(method: str, dim: int = 8, num_tokens: int = 10) -> dict[str, Any]:
-    """Adapter/LoRA/prompt configs and the trainable-parameter mode of a training method, with
-    the reference's learning rates (finetune uses 1e-4, spec 8.7)."""
-    if method not in METHODS:
-        raise ValueError(f"Unknown method {method!r}; expected one of {METHODS}.")
-    out: dict[str, Any] = dict(adapter=None, lora=None, prompt=None, train_mode="peft", lr=1e-3)
-    if method == "adapter_plus":
-        out["adapter"] = peft.adapter_config(dim=dim)
-    elif method == "lora":
-        out["lora"] = peft.lora_config(dim=dim)
-    elif method == "vpt":
-        out["prompt"] = peft.prompt_config(num_tokens=num_tokens)
-    elif method == "linear":
-        out["train_mode"] = "linear"
-    else:
-        out.update(train_mode="finetune", lr=1e-4)
-    return out
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
+    """Set 'a.b.c=value' overrides in place, each typed by the value it replaces. The key must
+    exist (so that a typo fails), except under OPEN_KEYS."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"Config override {item!r}: expected key=value.")
+        *parents, leaf = key.split(".")
+        node = config
+        for i, part in enumerate(parents):
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                where = ".".join(parents[: i + 1])
+                raise ValueError(f"Config override {item!r}: the config has no {where!r}.")
+            node = node[part]
+        open_key = ".".join(parents) in OPEN_KEYS
+        if not isinstance(node, ml_collections.ConfigDict) or (leaf not in node and not open_key):
+            known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+            raise ValueError(f"Config override {item!r}: unknown key {key!r}; known: {known}.")
+        current = node[leaf] if leaf in node else None
+        if current is None and leaf in node:  # a placeholder: typed, but without a value
+            current = _placeholder_type(node, leaf)
+        try:
+            value = parse_value(text, current)
+        except ValueError as e:
+            raise ValueError(f"Config override {item!r}: {e}.") from None
+        node[leaf] = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
+
+
+def _placeholder_type(node: ml_collections.ConfigDict, leaf: str) -> Any:
+    """A sample value of a placeholder's declared type (None when it has none to parse by)."""
+    kind = node.get_ref(leaf).get_type()
+    return {bool: False, int: 0, float: 0.0, str: ""}.get(kind)
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """`get_config(ARG)` of the config file in 'PATH.py[:ARG]'. PATH is a file, or one of the
+    packaged configs by name ('configs/vtab.py', 'vtab.py' or 'vtab')."""
+    path_text, _, arg = spec.partition(":")
+    path = Path(path_text)
+    if not path.is_file():
+        packaged = CONFIGS_DIR / (path.stem + ".py")
+        if not packaged.is_file():
+            names = sorted(p.stem for p in CONFIGS_DIR.glob("[!_]*.py"))
+            raise ValueError(f"No config file {path_text!r}; the packaged configs are {names}.")
+        path = packaged
+    module_spec = importlib.util.spec_from_file_location(f"config_{path.stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None)
+
+
+# ----------------------------------------------------------------------------------------------
+# The recipe and the methods.
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """Defaults shared by every experiment: the paper's recipe (spec section 8.1)."""
+    """Defaults shared by every experiment: the paper's recipe (docs/recipe.md, section 6)."""
     c = ml_collections.ConfigDict()
     # vtab | fgvc | tfds (any TFDS dataset with image and label) | demo (configs/demo.py)
     c.dataset = "vtab"
@@ -101,12 +173,21 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def spec_config(spec: Any) -> ml_collections.ConfigDict:
+    """A PEFT spec as a ConfigDict with the reference's field names (LoRA's location as 'qk')."""
+    fields = dataclasses.asdict(spec)
+    if "location" in fields:
+        fields["location"] = "".join(fields["location"])
+    # Not type-safe: `scaling` is a float or a string, and overrides may switch between them.
+    return ml_collections.ConfigDict(fields, type_safe=False)
+
+
 def apply_method(c: ml_collections.ConfigDict, method: str, dim: int, num_tokens: int) -> None:
-    """Fill `c` with a method's settings (in place)."""
-    settings = method_settings(method, dim, num_tokens)
-    c.method = method
-    c.train_mode = settings["train_mode"]
-    c.lr = settings["lr"]
+    """Fill `c` with a method of `peft.METHODS` (in place), with adapter/LoRA rank `dim` and
+    `num_tokens` prompts."""
+    m = peft.get_method(method).sized(dim=dim, num_tokens=num_tokens)
+    c.method, c.train_mode, c.lr = method, m.train_mode, m.lr
     for key in ("adapter", "lora", "prompt"):
-        if settings[key] is not None:
-            c[key] = settings[key]
+        spec = getattr(m, key)
+        if spec is not None:
+            c[key] = spec_config(spec)

@@ -19,6 +19,7 @@ import numpy as np
 from flax import traverse_util
 
 from adapter_plus_jax.model import VisionTransformer, ViTConfig
+from adapter_plus_jax.params import key_diff
 from adapter_plus_jax.peft import AdapterSpec, LoRASpec, PromptSpec
 
 
@@ -90,36 +91,24 @@ def params_from_state_dict(
     """Flax params for `module` filled from a timm state dict (torch tensors or numpy arrays).
 
     Raises ConversionError listing missing keys, unused keys (not in `ignore`) and shape
-    mismatches.
+    mismatches, in torch's names and layouts.
     """
     shapes = traverse_util.flatten_dict(abstract_params(module))
-    arrays = {k: _to_numpy(v) for k, v in state_dict.items()}
-    params, missing, bad_shape = {}, [], []
-    for path, abstract in shapes.items():
-        key = timm_key(path)
-        if key not in arrays:
-            missing.append(key)
-            continue
-        value = _torch_to_flax(path[-1], arrays[key])
-        if value.shape != abstract.shape:
-            bad_shape.append(
-                f"{key}: checkpoint {tuple(arrays[key].shape)}, model expects "
-                f"{tuple(_flax_to_torch(path[-1], np.empty(abstract.shape)).shape)}"
-            )
-            continue
-        params[path] = jnp.asarray(value, dtype=abstract.dtype)
-    used = {timm_key(p) for p in shapes}
-    unused = sorted(set(arrays) - used - set(ignore))
-    problems = []
-    if missing:
-        problems.append(f"missing from the checkpoint ({len(missing)}): {missing}")
-    if unused:
-        problems.append(f"in the checkpoint but not used by the model ({len(unused)}): {unused}")
-    if bad_shape:
-        problems.append(f"wrong shapes ({len(bad_shape)}): {bad_shape}")
+    ignored = set(ignore)
+    arrays = {k: _to_numpy(v) for k, v in state_dict.items() if k not in ignored}
+    expected = {
+        timm_key(path): _flax_to_torch(path[-1], np.empty(a.shape, np.bool_)).shape
+        for path, a in shapes.items()
+    }
+    problems = key_diff(expected, {k: v.shape for k, v in arrays.items()})
     if problems:
-        raise ConversionError("Checkpoint does not match the model; keys " + "; ".join(problems))
-    return traverse_util.unflatten_dict(params)
+        raise ConversionError(f"Checkpoint does not match the model: {problems}.")
+    return traverse_util.unflatten_dict(
+        {
+            path: jnp.asarray(_torch_to_flax(path[-1], arrays[timm_key(path)]), a.dtype)
+            for path, a in shapes.items()
+        }
+    )
 
 
 def abstract_params(module: VisionTransformer) -> dict:
@@ -231,6 +220,9 @@ def vit_config_from_timm(model: Any) -> ViTConfig:
     head = model.head
     if not isinstance(head, (nn.Linear, nn.Identity)):
         raise _unsupported("the head", _type_name(head))
+    # Models made by timm.create_model carry the normalisation of their weights.
+    data_cfg = getattr(model, "pretrained_cfg", None) or {}
+    half = (0.5,) * conv.in_channels
     cfg = ViTConfig(
         img_size=tuple(pe.img_size),
         patch_size=tuple(conv.kernel_size),
@@ -260,6 +252,8 @@ def vit_config_from_timm(model: Any) -> ViTConfig:
         proj_drop_rate=float(attn.proj_drop.p),
         attn_drop_rate=float(attn.attn_drop.p),
         drop_path_rate=max(drop_paths),
+        mean=tuple(data_cfg.get("mean", half)),
+        std=tuple(data_cfg.get("std", half)),
     )
     if cfg.global_pool == "map":
         _check_attn_pool(model.attn_pool, cfg)
@@ -349,12 +343,23 @@ def peft_specs_from_timm(
     pcfg = getattr(block0, "prompt_config", None)
     if pcfg:
         class_token, reg_tokens = model.cls_token is not None, getattr(model, "num_reg_tokens", 0)
-        if not class_token or reg_tokens:
+        if not class_token:
             raise _unsupported(
                 "prompt_config",
-                f"set on a model with class_token={class_token}, reg_tokens={reg_tokens}",
-                "The reference writes prompts at position 1, right after exactly one class token "
-                "and no register tokens; other token layouts are not supported.",
+                "set on a model with class_token=False",
+                "The reference writes prompts at position 1, right after the class token.",
+            )
+        # The reference puts the prompts between the class token and the registers, we after the
+        # registers. Attention, norms and MLPs do not depend on token order, so the class token
+        # and an attention pool see the same; an average pool or the token sequence would not.
+        if reg_tokens and model.global_pool not in ("token", "map"):
+            raise _unsupported(
+                "prompt_config",
+                f"set on a model with {reg_tokens} register tokens and global_pool="
+                f"{model.global_pool!r}",
+                "With registers, the reference's prompt layout (class token, prompts, registers) "
+                "differs from ours (class token, registers, prompts) in what an average pool or "
+                "the token sequence holds; only 'token' and 'map' pooling convert.",
             )
         prompt = PromptSpec(num_tokens=int(pcfg.num_tokens), dropout=float(pcfg.dropout))
     return adapter, lora, prompt

@@ -23,17 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from adapter_plus_jax.peft import (
-    Adapter,
-    AdapterSpec,
-    DropPath,
-    LoRASpec,
-    PromptSpec,
-    activation,
-    prompt_init,
-    trunc_normal,
-)
-from adapter_plus_jax.precision import Dense, einsum
+from adapter_plus_jax.layers import DropPath, LayerScale, Mlp, attend, dense, trunc_normal
+from adapter_plus_jax.peft import Adapter, AdapterSpec, LoRASpec, PromptSpec, prompt_init
 
 GLOBAL_POOLS = ("", "token", "avg", "max", "avgmax", "map")
 BLOCK_TYPES = ("pre_norm", "res_post")  # timm `Block` and `ResPostBlock`
@@ -76,6 +67,10 @@ class ViTConfig:
     proj_drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
+    # The input normalisation the weights expect, (x / 255 - mean) / std per channel (timm's
+    # pretrained_cfg); for `preprocess.normalize`. Most ViT checkpoints use 0.5.
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
 
     def __post_init__(self):
         for name in ("img_size", "patch_size"):
@@ -83,6 +78,8 @@ class ViTConfig:
             object.__setattr__(
                 self, name, (value, value) if isinstance(value, int) else tuple(value)
             )
+        for name in ("mean", "std"):
+            object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
         checks = [
             (self.global_pool in GLOBAL_POOLS, "global_pool", f"one of {GLOBAL_POOLS}"),
             (self.block in BLOCK_TYPES, "block", f"one of {BLOCK_TYPES}"),
@@ -98,6 +95,7 @@ class ViTConfig:
                 "img_size",
                 "a multiple of patch_size",
             ),
+            (len(self.mean) == len(self.std) == self.in_chans, "mean", "one value per channel"),
         ]
         for ok, field, expected in checks:
             if not ok:
@@ -128,43 +126,6 @@ class ViTConfig:
         return cls(**d)
 
 
-def _dense(features: int, name: str, dtype: Any, use_bias: bool = True) -> Dense:
-    # timm's init for Linear layers: trunc_normal(std=.02) (cut at +-2 absolute), zero bias.
-    return Dense(
-        features,
-        use_bias=use_bias,
-        dtype=dtype,
-        name=name,
-        kernel_init=trunc_normal(0.02, cutoff=100.0),
-    )
-
-
-class Mlp(nn.Module):
-    """timm `Mlp`: fc1, activation, dropout, fc2, dropout."""
-
-    hidden_dim: int
-    act: str = "gelu"
-    dropout: float = 0.0
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        out_dim = x.shape[-1]
-        x = activation(self.act)(_dense(self.hidden_dim, "fc1", self.dtype)(x))
-        x = nn.Dropout(self.dropout)(x, deterministic=not train)
-        x = _dense(out_dim, "fc2", self.dtype)(x)
-        return nn.Dropout(self.dropout)(x, deterministic=not train)
-
-
-def _attend(q: jax.Array, k: jax.Array, v: jax.Array, drop: nn.Module, train: bool) -> jax.Array:
-    """softmax(q k^T / sqrt(d)) v on [batch, tokens, heads, head_dim]; the softmax in float32."""
-    scale = q.shape[-1] ** -0.5
-    logits = einsum("bqhd,bkhd->bhqk", q * scale, k)
-    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-    weights = drop(weights, deterministic=not train)
-    return einsum("bhqk,bkhd->bqhd", weights, v)
-
-
 class Attention(nn.Module):
     """timm `Attention` (fused qkv, optional q/k LayerNorm), with optional LoRA branches.
 
@@ -186,7 +147,7 @@ class Attention(nn.Module):
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         b, n, c = x.shape
         heads = (self.num_heads, c // self.num_heads)
-        qkv = _dense(3 * c, "qkv", self.dtype, self.qkv_bias)(x).reshape(b, n, 3, *heads)
+        qkv = dense(3 * c, "qkv", self.dtype, self.qkv_bias)(x).reshape(b, n, 3, *heads)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         if self.lora is not None:
             branch = functools.partial(
@@ -203,22 +164,11 @@ class Attention(nn.Module):
         if self.qk_norm:
             q = nn.LayerNorm(epsilon=self.norm_eps, name="q_norm")(q)
             k = nn.LayerNorm(epsilon=self.norm_eps, name="k_norm")(k)
-        x = _attend(q, k, v, nn.Dropout(self.attn_drop), train).reshape(b, n, c)
-        x = _dense(c, "proj", self.dtype)(x)
+        x = attend(q, k, v, nn.Dropout(self.attn_drop), train).reshape(b, n, c)
+        x = dense(c, "proj", self.dtype)(x)
         if self.lora is not None and "o" in self.lora.location:
             x = x + branch(name="lora_o")(x, train=train)
         return nn.Dropout(self.proj_drop)(x, deterministic=not train)
-
-
-class LayerScale(nn.Module):
-    """timm `LayerScale`: a learned per-channel gain."""
-
-    init_values: float
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        gamma = self.param("gamma", nn.initializers.constant(self.init_values), (x.shape[-1],))
-        return x * gamma
 
 
 class Block(nn.Module):
@@ -342,10 +292,10 @@ class AttentionPool(nn.Module):
         b, n, c = x.shape
         heads = (self.num_heads, c // self.num_heads)
         latent = self.param("latent", trunc_normal(c**-0.5), (1, 1, c))
-        q = _dense(c, "q", self.dtype)(jnp.broadcast_to(latent, (b, 1, c))).reshape(b, 1, *heads)
-        kv = _dense(2 * c, "kv", self.dtype)(x).reshape(b, n, 2, *heads)
-        y = _attend(q, kv[:, :, 0], kv[:, :, 1], lambda w, deterministic: w, False)
-        y = _dense(c, "proj", self.dtype)(y.reshape(b, 1, c))
+        q = dense(c, "q", self.dtype)(jnp.broadcast_to(latent, (b, 1, c))).reshape(b, 1, *heads)
+        kv = dense(2 * c, "kv", self.dtype)(x).reshape(b, n, 2, *heads)
+        y = attend(q, kv[:, :, 0], kv[:, :, 1], lambda w, deterministic: w, False)
+        y = dense(c, "proj", self.dtype)(y.reshape(b, 1, c))
         y = y + Mlp(self.mlp_dim, "gelu", 0.0, self.dtype, name="mlp")(
             nn.LayerNorm(epsilon=self.norm_eps, name="norm")(y), False
         )
@@ -401,7 +351,7 @@ class VisionTransformer(nn.Module):
         x = nn.Dropout(cfg.drop_rate)(x, deterministic=not train)
         if pre_logits or cfg.num_classes == 0:
             return x
-        return _dense(cfg.num_classes, "head", self.dtype)(x).astype(jnp.float32)
+        return dense(cfg.num_classes, "head", self.dtype)(x).astype(jnp.float32)
 
     def _embed(self, images: jax.Array, train: bool) -> jax.Array:
         """Patchify, add position embeddings, prepend class/register tokens (and prompt slots)."""

@@ -27,8 +27,9 @@ import numpy as np
 from flax import traverse_util
 
 from adapter_plus_jax.convert import abstract_params
+from adapter_plus_jax.layers import trunc_normal
 from adapter_plus_jax.model import VisionTransformer, ViTConfig
-from adapter_plus_jax.peft import trunc_normal
+from adapter_plus_jax.params import key_diff
 
 PARAMS_FILE = "params.safetensors"
 CONFIG_FILE = "config.json"
@@ -153,20 +154,7 @@ def _param_shapes(config: ViTConfig) -> dict[str, tuple[int, ...]]:
 def _mismatches(config: ViTConfig, flat: Mapping[str, np.ndarray]) -> str:
     """'' if `flat` has exactly the parameters of a plain ViT built from `config`, else a
     description of the missing, unexpected and wrongly shaped arrays."""
-    expected = _param_shapes(config)
-    missing = sorted(set(expected) - set(flat))
-    unexpected = sorted(set(flat) - set(expected))
-    bad = [
-        f"{k}: {tuple(flat[k].shape)}, expected {expected[k]}"
-        for k in sorted(set(expected) & set(flat))
-        if tuple(flat[k].shape) != expected[k]
-    ]
-    parts = [
-        f"{what} ({len(keys)}): {keys}"
-        for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", bad))
-        if keys
-    ]
-    return "; ".join(parts)
+    return key_diff(_param_shapes(config), {k: v.shape for k, v in flat.items()})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,8 +223,10 @@ def load_pretrained(
 def _read_config(path: Path) -> tuple[ViTConfig, dict]:
     try:
         document = json.loads(path.read_text())
-        config = ViTConfig.from_dict(document["model"])
         pretrained_cfg = dict(document["pretrained_cfg"])
+        # Directories ported before ViTConfig had mean/std keep them in timm's pretrained_cfg.
+        norm = {k: pretrained_cfg[k] for k in ("mean", "std") if k in pretrained_cfg}
+        config = ViTConfig.from_dict({**norm, **document["model"]})
     except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
         raise PretrainedError(
             f"Cannot parse {path}: {type(e).__name__}: {e}. Expected "
@@ -261,8 +251,14 @@ def _read_params(path: Path) -> dict[str, np.ndarray]:
 def _resample_pos_embed(pos_embed: np.ndarray, old: ViTConfig, new: ViTConfig) -> np.ndarray:
     """Resample the patch part of the position embedding from `old.grid_size` to
     `new.grid_size` with timm's own function, so that results match timm exactly."""
-    import torch
-    from timm.layers import resample_abs_pos_embed
+    try:
+        import torch
+        from timm.layers import resample_abs_pos_embed
+    except ImportError as e:
+        raise PretrainedError(
+            f"Resampling the position embedding to {new.img_size} uses timm's own function, "
+            "which needs torch and timm: pip install 'adapter_plus_jax[port]'."
+        ) from e
 
     # Prefix tokens (class, registers) have no position entry with `no_embed_class`.
     num_prefix = 0 if old.no_embed_class else old.num_prefix_tokens

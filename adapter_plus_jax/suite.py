@@ -25,109 +25,19 @@ A benchmark plugs in through its config module: `configs/fgvc.py` with
 from __future__ import annotations
 
 import argparse
-import ast
-import dataclasses
-import importlib.util
 import json
-import os
 import sys
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import ml_collections
-import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+from adapter_plus_jax.config import apply_overrides, load_config
+from adapter_plus_jax.report import PLOT_PNG, SUITE_JSON, Benchmark, benchmark, report
+
 DEFAULT_SEEDS = (18, 45, 25)  # the paper's seeds
-RESULTS_MD, PLOT_PNG, SUITE_JSON = "results.md", "params_vs_accuracy.png", "suite.json"
-
-
-# ----------------------------------------------------------------------------------------------
-# The paper's numbers.
-
-
-@dataclasses.dataclass(frozen=True)
-class PaperResult:
-    """One method's row in the paper: trainable parameters (M, averaged over tasks; None when
-    not given), the group means (None when the paper gives only the average) and the average.
-    In the plot, the points of one `series` are joined by a line and labelled with `point`."""
-
-    method: str
-    params_m: float | None
-    groups: tuple[float, ...] | None
-    average: float
-    series: str = ""  # default: the method
-    point: str = ""
-
-
-FIXED, PER_TASK = "Adapter+ (fixed r)", "Adapter+ (r per task, opt.)"
-# "Adapters Strike Back" (Steitz & Roth, CVPR 2024), ViT-B/16 IN-21k, mean over seeds 18, 45, 25,
-# copied from ../shared/paper-numbers.md. "~" values there were read off the paper's Figure 1
-# (about +-0.05 pp). Groups: Natural, Specialized, Structured.
-PAPER_VTAB = (
-    PaperResult("Adapter+ r=8", 0.20, (83.3, 86.2, 63.3), 77.6, FIXED, "r=8"),
-    PaperResult("Adapter+ opt. r in [1..32]", 0.27, None, 77.9, PER_TASK, "r<=32"),
-    PaperResult("Adapter+ opt. r in [1..8]", 0.16, None, 77.7, PER_TASK, "r<=8"),
-    PaperResult("Adapter+ opt. r in [1..4]", 0.11, None, 77.4, PER_TASK, "r<=4"),
-    PaperResult("Adapter+ r=4", 0.13, None, 77.4, FIXED, "r=4"),
-    PaperResult("Adapter+ r=2", 0.09, None, 76.9, FIXED, "r=2"),
-    PaperResult("Adapter+ r=1", 0.07, None, 76.3, FIXED, "r=1"),
-    PaperResult("VPT-deep", 0.60, (82.5, 84.6, 62.1), 76.4),
-    PaperResult("LoRA r=8 (q, k)", 0.29, (82.4, 84.3, 60.1), 75.6),
-    PaperResult("Full fine-tuning", 85.8, (78.6, 86.3, 57.8), 74.2),
-)
-# FGVC: Adapter+ with r per dataset (cub 2, nabirds 2, oxfordflower 1, stanforddogs 1,
-# stanfordcars 32); the paper-numbers file gives the mean accuracy only.
-PAPER_FGVC = (PaperResult("Adapter+ (r per dataset)", None, None, 90.7),)
-
-
-# ----------------------------------------------------------------------------------------------
-# Benchmarks.
-
-
-@dataclasses.dataclass(frozen=True)
-class Benchmark:
-    """A suite of tasks: its groups (in the paper's order), config module and paper numbers.
-
-    With several groups the average is the mean of the group means (VTAB-1k's "global"
-    average); with one group it is the mean over its tasks.
-    """
-
-    name: str
-    title: str
-    groups: Mapping[str, tuple[str, ...]]
-    paper: tuple[PaperResult, ...]
-
-    @property
-    def tasks(self) -> tuple[str, ...]:
-        return tuple(t for tasks in self.groups.values() for t in tasks)
-
-    @property
-    def config_file(self) -> Path:
-        return ROOT / "configs" / f"{self.name}.py"
-
-    def group_of(self, task: str) -> str:
-        return next(g for g, tasks in self.groups.items() if task in tasks)
-
-
-def benchmark(name: str) -> Benchmark:
-    """The named benchmark ('vtab' or 'fgvc'), with the task lists of the data modules."""
-    # The data modules import TensorFlow; timm must be loaded first (both bring an LLVM, and
-    # the other order aborts the process).
-    import timm  # noqa: F401
-
-    if name == "vtab":
-        from adapter_plus_jax import vtab
-
-        groups = {g: tuple(t for t, s in vtab.TASKS.items() if s.group == g) for g in vtab.GROUPS}
-        return Benchmark("vtab", "VTAB-1k", groups, PAPER_VTAB)
-    if name == "fgvc":
-        from adapter_plus_jax import fgvc
-
-        return Benchmark("fgvc", "FGVC", {"FGVC": tuple(fgvc.FGVC)}, PAPER_FGVC)
-    raise ValueError(f"Unknown benchmark {name!r}; expected vtab or fgvc.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,43 +70,6 @@ def run_dir(workdir: Path, task: str, seed: int) -> Path:
     return workdir / task / f"seed{seed}"
 
 
-def load_config_module(path: Path):
-    """Import a config file (configs/<benchmark>.py) by path, as ml_collections' flags do."""
-    if not path.is_file():
-        raise FileNotFoundError(f"No config module at {path}.")
-    spec = importlib.util.spec_from_file_location(f"suite_config_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def parse_value(text: str) -> Any:
-    """A Python literal ('1e-3', 'True', "{'depth': 1}"), 'true'/'false', or else the string."""
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
-def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
-    """Set 'a.b.c=value' overrides in place; every parent key must exist (so typos fail)."""
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep:
-            raise ValueError(f"--config-override {item!r}: expected key=value.")
-        *parents, leaf = key.split(".")
-        node = config
-        for part in parents:
-            if part not in node:
-                raise KeyError(f"--config-override {item!r}: the config has no {part!r}.")
-            node = node[part]
-        value = parse_value(text)
-        node[leaf] = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
-
-
 def make_config(
     bench: Benchmark,
     task: str,
@@ -209,14 +82,14 @@ def make_config(
     """The config of one run: get_config('<task>,seed=<seed>[,method=..][,args]') + overrides."""
     arg = f"{task},seed={seed}" + (f",method={method}" if method else "")
     arg += f",{config_args}" if config_args else ""
-    config = load_config_module(config_file or bench.config_file).get_config(arg)
+    config = load_config(f"{config_file or bench.config_file}:{arg}")
     apply_overrides(config, overrides)
     return config
 
 
 def write_suite_json(workdir: Path, settings: dict[str, Any]) -> None:
     """Record what the workdir is for; refuse to mix benchmarks or methods in one workdir."""
-    from adapter_plus_jax.runner import write_json_atomic
+    from adapter_plus_jax.runner import write_json_atomic  # the runner imports TensorFlow
 
     path = workdir / SUITE_JSON
     if path.is_file():
@@ -285,275 +158,6 @@ def run_suite(
             print(f"{head}: FAILED", flush=True)
             failed.append((task, seed))
     return failed
-
-
-# ----------------------------------------------------------------------------------------------
-# Aggregation.
-
-
-@dataclasses.dataclass(frozen=True)
-class TaskSummary:
-    task: str
-    group: str
-    accuracies: dict[int, float]  # seed -> top-1 accuracy (%)
-    trainable_params: float
-
-    @property
-    def mean(self) -> float:
-        return float(np.mean(list(self.accuracies.values())))
-
-    @property
-    def std(self) -> float:
-        """Population standard deviation over seeds (ddof=0)."""
-        return float(np.std(list(self.accuracies.values())))
-
-
-@dataclasses.dataclass(frozen=True)
-class Summary:
-    """A benchmark's aggregate. Group means are over the finished tasks of the group (None when
-    it has none); `average` is the mean of the group means there are (None when there are none).
-    Until `complete`, both are partial (reports mark them)."""
-
-    bench: Benchmark
-    tasks: dict[str, TaskSummary]
-    group_means: dict[str, float | None]
-    average: float | None
-    params_m: float | None  # trainable parameters in millions, averaged over tasks
-    complete: bool  # every task of the benchmark has every expected seed
-    missing: list[tuple[str, int]]
-
-
-def summarize(
-    bench: Benchmark, runs: Mapping[str, Mapping[int, Mapping[str, Any]]], seeds: Sequence[int]
-) -> Summary:
-    """Aggregate `runs` ({task: {seed: results.json contents}}) as the paper does: per task the
-    mean over seeds, per group the mean over its tasks, the average over the group means."""
-    tasks = {
-        task: TaskSummary(
-            task,
-            bench.group_of(task),
-            {seed: 100.0 * r["test_accuracy"] for seed, r in sorted(by_seed.items())},
-            float(np.mean([r["trainable_params"] for r in by_seed.values()])),
-        )
-        for task in bench.tasks
-        if (by_seed := runs.get(task))
-    }
-    group_means = {
-        group: float(np.mean(means)) if means else None
-        for group, members in bench.groups.items()
-        for means in [[tasks[t].mean for t in members if t in tasks]]
-    }
-    known = [m for m in group_means.values() if m is not None]
-    average = float(np.mean(known)) if known else None
-    params = [t.trainable_params for t in tasks.values()]
-    missing = [(t, s) for t in bench.tasks for s in seeds if s not in runs.get(t, {})]
-    return Summary(
-        bench,
-        tasks,
-        group_means,
-        average,
-        float(np.mean(params)) / 1e6 if params else None,
-        complete=not missing,
-        missing=missing,
-    )
-
-
-def collect_runs(workdir: Path) -> dict[str, dict[int, dict[str, Any]]]:
-    """{task: {seed: results.json}} of the finished runs under workdir/<task>/seed<seed>."""
-    runs: dict[str, dict[int, dict[str, Any]]] = {}
-    for path in sorted(workdir.glob("*/seed*/results.json")):
-        seed = int(path.parent.name.removeprefix("seed"))
-        runs.setdefault(path.parent.parent.name, {})[seed] = json.loads(path.read_text())
-    return runs
-
-
-# ----------------------------------------------------------------------------------------------
-# Report.
-
-
-def _fmt(value: float | None, partial: bool = False) -> str:
-    if value is None:
-        return "–"
-    return f"{value:.1f}" + ("*" if partial else "")
-
-
-def _params(value: float | None) -> str:
-    """Millions: two decimals as the paper, three significant digits for tiny test models."""
-    if value is None:
-        return "–"
-    return f"{value:.2f}" if value >= 0.1 else f"{value:.3g}"
-
-
-def markdown(
-    summary: Summary, method: str, seeds: Sequence[int], plot_link: str, note: str = ""
-) -> str:
-    """The report: runs finished, per-task table, summary table beside the paper, the plot."""
-    bench = summary.bench
-    n_runs = len(bench.tasks) * len(seeds)
-    done = n_runs - len(summary.missing)
-    several = len(bench.groups) > 1
-    lines = [
-        f"# {bench.title}: {method}",
-        "",
-        *([note, ""] if note else []),
-        f"{done} of {n_runs} runs finished ({len(bench.tasks)} tasks x seeds "
-        f"{', '.join(map(str, seeds))}).",
-    ]
-    if summary.missing:
-        by_task: dict[str, list[int]] = {}
-        for task, seed in summary.missing:
-            by_task.setdefault(task, []).append(seed)
-        missing = [f"{t} ({', '.join(map(str, s))})" for t, s in by_task.items()]
-        lines[-1] += " Missing (seeds): " + ", ".join(missing) + "."
-    lines += [
-        "",
-        "Top-1 test accuracy (%), mean ± population std over seeds. "
-        + (
-            "Group means average their tasks; the global average is the mean of the group "
-            f"means (as in the paper), not of the {len(bench.tasks)} tasks. "
-            if several
-            else "The mean averages the tasks. "
-        )
-        + "Values marked * do not cover every run yet. #Params: trainable parameters including "
-        "the head, averaged over tasks (millions).",
-        "",
-        "## Per task",
-        "",
-        "| Task | " + ("Group | " if several else "") + "Accuracy (%) | Seeds | Trainable params |",
-        "|---|" + ("---|" if several else "") + "---|---|---|",
-    ]
-    for task in bench.tasks:
-        t = summary.tasks.get(task)
-        group = f" {bench.group_of(task)} |" if several else ""
-        if t is None:
-            lines.append(f"| {task} |{group} – | 0 | – |")
-            continue
-        lines.append(
-            f"| {task} |{group} {t.mean:.2f} ± {t.std:.2f} | {len(t.accuracies)} | "
-            f"{t.trainable_params:,.0f} |"
-        )
-    partial_groups = {
-        g: any((t, s) in summary.missing for t in tasks for s in seeds)
-        for g, tasks in bench.groups.items()
-    }
-    group_names = list(bench.groups) if several else []
-    columns = [*group_names, "Global" if several else "Mean"]
-    lines += [
-        "",
-        "## Summary",
-        "",
-        "| Method | #Params (M) | " + " | ".join(columns) + " |",
-        "|---|---|" + "---|" * len(columns),
-    ]
-    ours = [_fmt(summary.group_means[g], partial_groups[g]) for g in group_names]
-    ours.append(_fmt(summary.average, not summary.complete))
-    lines.append(f"| **ours: {method}** | {_params(summary.params_m)} | " + " | ".join(ours) + " |")
-    for p in bench.paper:
-        groups = [_fmt(v) for v in p.groups] if p.groups else ["–"] * len(group_names)
-        lines.append(
-            f"| paper: {p.method} | {_params(p.params_m)} | "
-            + " | ".join([*groups, _fmt(p.average)])
-            + " |"
-        )
-    lines += [
-        "",
-        'Paper: "Adapters Strike Back" (Steitz & Roth, CVPR 2024), ViT-B/16 pretrained on '
-        "ImageNet-21k, mean over seeds 18, 45, 25.",
-        "",
-        f"![Trainable parameters vs accuracy]({plot_link})",
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def plot(summary: Summary, method: str, path: Path) -> None:
-    """Trainable parameters (log scale) against the average accuracy, as the paper's Figure 1:
-    the paper's methods as reference points, our run as a star."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on servers
-    from matplotlib import pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    series: dict[str, list[PaperResult]] = {}
-    for p in summary.bench.paper:
-        series.setdefault(p.series or p.method, []).append(p)
-    markers = iter("osD^vP")
-    # Labelled series sit close together: label them above and below their points in turn.
-    offsets = iter([(0, 5), (0, -10)] * 3)
-    for name, points in series.items():
-        if points[0].params_m is None:  # only an average: a reference line
-            ax.axhline(points[0].average, color="tab:blue", ls="--", lw=1, label=f"paper: {name}")
-            continue
-        points = sorted(points, key=lambda p: p.params_m)
-        x, y = [p.params_m for p in points], [p.average for p in points]
-        ax.plot(x, y, marker=next(markers), ms=5, lw=1, label=f"paper: {name}")
-        offset = next(offsets) if any(p.point for p in points) else None
-        for p in points:
-            if p.point:
-                ax.annotate(
-                    p.point,
-                    (p.params_m, p.average),
-                    fontsize=6,
-                    xytext=offset,
-                    textcoords="offset points",
-                    ha="center",
-                )
-    if summary.average is not None and summary.params_m is not None:
-        label = f"ours: {method}" + ("" if summary.complete else " (partial)")
-        ax.scatter(
-            summary.params_m,
-            summary.average,
-            marker="*",
-            s=200,
-            color="black",
-            zorder=3,
-            label=label,
-        )
-    ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters (M, log scale)")
-    average = "global average" if len(summary.bench.groups) > 1 else "mean"
-    ax.set_ylabel(f"{summary.bench.title} {average} accuracy (%)")
-    ax.set_title(f"{summary.bench.title}: parameters vs accuracy")
-    ax.grid(True, which="both", alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def report(
-    workdir: Path,
-    benchmark_name: str | None = None,
-    results_md: Path | None = None,
-    plot_png: Path | None = None,
-    note: str = "",
-) -> Summary:
-    """Write results.md and the plot (default: into the workdir) from the finished runs;
-    returns the summary. `note` is a line put under the title."""
-    settings_path = workdir / SUITE_JSON
-    settings = json.loads(settings_path.read_text()) if settings_path.is_file() else {}
-    name = benchmark_name or settings.get("benchmark")
-    if name is None:
-        raise ValueError(f"No {SUITE_JSON} in {workdir}: pass --benchmark vtab|fgvc.")
-    bench = benchmark(name)
-    runs = collect_runs(workdir)
-    if not runs:
-        raise ValueError(f"No finished runs (<task>/seed<seed>/results.json) under {workdir}.")
-    seeds = settings.get("seeds") or sorted({s for by_seed in runs.values() for s in by_seed})
-    methods = sorted({r["method"] for by_seed in runs.values() for r in by_seed.values()})
-    method = " + ".join(methods)
-    summary = summarize(bench, runs, seeds)
-    results_md = results_md or workdir / RESULTS_MD
-    plot_png = plot_png or workdir / PLOT_PNG
-    results_md.parent.mkdir(parents=True, exist_ok=True)
-    plot_png.parent.mkdir(parents=True, exist_ok=True)
-    # The image link is relative to the markdown file, so that both can move together.
-    link = os.path.relpath(plot_png.resolve(), results_md.parent.resolve())
-    results_md.write_text(markdown(summary, method, seeds, link, note))
-    plot(summary, method, plot_png)
-    print(f"wrote {results_md} and {plot_png}")
-    return summary
 
 
 # ----------------------------------------------------------------------------------------------

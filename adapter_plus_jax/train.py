@@ -1,5 +1,5 @@
 """The training step: AdamW on the trainable subtree only, with the reference's schedule and
-weight-decay rule (../shared/vtab1k-spec.md, sections 8.1-8.3).
+weight-decay rule (docs/recipe.md, "Optimizer and schedule"), and the exact evaluation step.
 
 Parameters are split by a boolean mask into a trainable and a frozen tree. Gradients are taken
 with respect to the trainable tree alone, so XLA computes no weight gradients for the frozen
@@ -58,7 +58,9 @@ def decay_mask(params: Mapping[str, Any]) -> Any:
 
     def decays(path: tuple[str, ...], value: Any) -> bool:
         name = path[-1]
-        return value.ndim > 1 and name not in ("bias", "scaling") and name not in NO_DECAY_NAMES
+        # getattr: inside optax.multi_transform the frozen leaves arrive as MaskedNode.
+        ndim = getattr(value, "ndim", 0)
+        return ndim > 1 and name not in ("bias", "scaling") and name not in NO_DECAY_NAMES
 
     flat = traverse_util.flatten_dict(dict(params))
     return traverse_util.unflatten_dict({k: decays(k, v) for k, v in flat.items()})
@@ -163,23 +165,21 @@ def make_train_step(
     return train_step
 
 
-def param_count(tree: Any) -> int:
-    return sum(int(x.size) for x in jax.tree.leaves(tree))
+def make_eval_step(module: flax.linen.Module) -> Callable:
+    """eval_step(params, images, labels, mask) -> (number correct, number counted)."""
+
+    def eval_step(params, images, labels, mask):
+        logits = module.apply({"params": params}, images, train=False)
+        correct = (jnp.argmax(logits, -1) == labels) & mask
+        return jnp.sum(correct), jnp.sum(mask)
+
+    return eval_step
 
 
-# XLA:CPU hands single dots to YNNPACK by default. For float32, its Eigen dots ran ViT-B/16's
-# train step 13-15% faster here (benchmarks/train_step.py); bfloat16 dots must stay with
-# YNNPACK, the only path with AMX kernels (and with bf16 x bf16 -> f32 support).
-CPU_FLOAT32_OPTIONS = {
-    "xla_cpu_experimental_ynn_fusion_type": (
-        "LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
-    )
-}
-
-
-def compiler_options(dtype: Any) -> dict[str, str] | None:
-    """XLA compiler options for jitting a model that computes in `dtype` on the default
-    backend: `CPU_FLOAT32_OPTIONS` for float32 on CPU, none otherwise."""
-    if jax.default_backend() == "cpu" and jnp.dtype(dtype) == jnp.float32:
-        return CPU_FLOAT32_OPTIONS
-    return None
+def evaluate(eval_step, params, batches) -> float:
+    """Top-1 accuracy over padded, masked batches: every example counts exactly once."""
+    correct = count = 0
+    for batch in batches:
+        c, n = eval_step(params, batch["image"], batch["label"], batch["mask"])
+        correct, count = correct + int(c), count + int(n)
+    return correct / max(count, 1)

@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
-from adapter_plus_jax import data, vtab  # noqa: E402
+from adapter_plus_jax.data import registry, vtab  # noqa: E402
 
 HEIGHT, WIDTH = 375, 500
 TRAIN_SIZE = 1250  # T = 80% = 1000: val200 = train[1000:1200], disjoint from train[:800]
@@ -110,12 +110,12 @@ def main() -> None:
             "bench", "bench_jpegs:1.0.0", "1.0.0", "Natural", 10, TRAIN_SIZE, train_percent=80
         )
         kw = dict(mean=MEAN, std=STD, global_batch=args.batch, data_dir=data_dir)
-        loader = data.vtab_train_loader(spec, "train800val200", seed=0, **kw)
+        loader = registry.vtab_train_loader(spec, "train800val200", seed=0, **kw)
 
         first, _ = rate(loader.epoch(0))
         train, steps = rate(loader.epochs(1, args.epochs))
         tf_only, _ = rate(loader.dataset(1, args.epochs).as_numpy_iterator())
-        test, _ = rate(data.vtab_eval_loader(spec, "test", **kw))
+        test, _ = rate(registry.vtab_eval_loader(spec, "test", **kw))
         peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     cores = len(os.sched_getaffinity(0))

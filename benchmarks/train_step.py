@@ -4,7 +4,7 @@ Both sides train the same model on the same batch in one process, with the same 
 
 - ours: `VisionTransformer` with Adapter+ (converted from the reference model), the jitted
   `train.make_train_step` (AdamW on the trainable subtree, `donate_argnums=0` and
-  `train.compiler_options`, as runner.py); on CPUs in float32 also the same step with XLA's
+  `precision.compiler_options`, as runner.py); on CPUs in float32 also the same step with XLA's
   default options (YNNPACK dots), to show what those options are worth;
 - reference: adapter-plus `VisionTransformerAdapter` on timm, torch.optim.AdamW, only adapters
   and head trainable; with `--torch-compile` also the same under `torch.compile`.
@@ -17,7 +17,7 @@ Measurements are interleaved: every round times `--steps` steps of each peer in 
 reversed every round, so that other load on the machine hits all peers alike. Images/s is
 batch / median step time. Also measured:
 
-- inference images/s of our LoRA model (r=8 on q, k) with and without `peft.merge_lora`;
+- inference images/s of our LoRA model (r=8 on q, k) with and without `merge_lora`;
 - a big float32 matmul in torch and in jax (GFLOP/s); the better one is this machine's peak, and
   each training step's model FLOP/s (forward + input gradients, ~70 GFLOP per image for
   ViT-B/16, counted analytically) is reported as a fraction of it;
@@ -53,24 +53,31 @@ from pathlib import Path
 
 # jax must not grab most of a GPU that torch shares in this process.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere
+sys.path.insert(0, str(ROOT / "tests"))  # the torch reference (tests/reference.py)
 
-import adapter_plus  # noqa: E402  (imports timm/torch before anything loads TensorFlow)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 import torch  # noqa: E402
 from flax.traverse_util import flatten_dict, unflatten_dict  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
+from reference import (  # noqa: E402
+    ADAPTER_PLUS,
+    freeze_like_reference,
+    reference_adamw,
+    reference_vit,
+)
 
-from adapter_plus_jax import peft, runner, train  # noqa: E402
+from adapter_plus_jax import precision, train  # noqa: E402
 from adapter_plus_jax.convert import from_timm  # noqa: E402
 from adapter_plus_jax.model import VisionTransformer  # noqa: E402
+from adapter_plus_jax.params import init_params, merge_lora, trainable_mask  # noqa: E402
+from adapter_plus_jax.peft import LoRASpec  # noqa: E402
 
 SIZES = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}  # width, heads; depth 12
 DEPTH, PATCH, IMAGE = 12, 16, 224
-NO_DECAY = {"pos_embed", "cls_token", "dist_token"}  # timm's no_weight_decay()
 OURS, OURS_DEFAULT = "ours (jax)", "ours (jax, XLA default options)"
 COMPILED = "reference (torch.compile)"
 
@@ -82,32 +89,12 @@ COMPILED = "reference (torch.compile)"
 def reference_model(size: str, classes: int) -> torch.nn.Module:
     """The adapter-plus model with the Adapter+ config, frozen as the reference trains it."""
     width, heads = SIZES[size]
-    adapter = OmegaConf.create(dict(peft.adapter_config(drop_path=0.1)))
-    torch.manual_seed(0)
-    model = adapter_plus.VisionTransformerAdapter(
-        img_size=IMAGE,
-        patch_size=PATCH,
-        embed_dim=width,
-        depth=DEPTH,
-        num_heads=heads,
-        num_classes=classes,
-        drop_path_rate=0.1,
-        adapter_config=adapter,
-    )
-    for name, p in model.named_parameters():
-        p.requires_grad = "adapter" in name or "head" in name
+    model = reference_vit(
+        adapter=ADAPTER_PLUS, img_size=IMAGE, patch_size=PATCH, embed_dim=width, depth=DEPTH,
+        num_heads=heads, num_classes=classes, drop_path_rate=0.1,
+    )  # fmt: skip
+    freeze_like_reference(model)
     return model
-
-
-def torch_adamw(model: torch.nn.Module) -> torch.optim.AdamW:
-    """The reference's parameter groups: no decay for 1-D tensors, biases and scalings."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            skip = p.ndim <= 1 or name.endswith((".bias", ".scaling")) or name in NO_DECAY
-            (no_decay if skip else decay).append(p)
-    groups = [{"params": decay, "weight_decay": 1e-4}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
 
 
 def model_gflop_per_image(size: str, classes: int) -> float:
@@ -146,7 +133,7 @@ def torch_train_peer(
     bf16: bool,
     threads: int,
 ) -> Peer:
-    opt = torch_adamw(model)
+    opt = reference_adamw(model, lr=1e-3)
     model.train()
     device = x.device.type
 
@@ -171,7 +158,7 @@ def jax_train_peer(
     compiler_options: dict[str, str] | None = None,
 ) -> Peer:
     """Our step exactly as runner.py builds it (AOT-compiled here, to time compilation)."""
-    trainable, frozen = train.split(params, peft.trainable_mask(params))
+    trainable, frozen = train.split(params, trainable_mask(params))
     trainable = jax.tree.map(jnp.copy, trainable)  # the step donates them; `params` lives on
     tx = train.adamw(train.reference_lr(1e-3, 10), 1e-4)
     state = train.TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable))
@@ -195,7 +182,7 @@ def jax_train_peer(
 def jax_eval_peer(name: str, module: VisionTransformer, params: dict, x: jax.Array) -> Peer:
     start = time.perf_counter()
     jitted = jax.jit(lambda p, images: module.apply({"params": p}, images))
-    compiled = jitted.lower(params, x).compile(train.compiler_options(module.dtype))
+    compiled = jitted.lower(params, x).compile(precision.compiler_options(module.dtype))
     compile_s = time.perf_counter() - start
 
     def step() -> None:
@@ -499,7 +486,7 @@ def main(argv: list[str] | None = None) -> dict:
         for n in threads
     ]
     print("== compiling our step", flush=True)
-    options = train.compiler_options(module.dtype)
+    options = precision.compiler_options(module.dtype)
     peers.append(jax_train_peer(OURS, module, params, jx, jy, options))
     if options is not None:
         peers.append(jax_train_peer(OURS_DEFAULT, module, params, jx, jy))
@@ -535,11 +522,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     print("== inference: LoRA r=8 on q, k, unmerged and merged", flush=True)
     lora = VisionTransformer(
-        module.config, lora=peft.LoRASpec.from_config(peft.lora_config()), dtype=module.dtype
+        module.config, lora=LoRASpec(), dtype=module.dtype
     )
     backbone = {k: v for k, v in flatten_dict(params).items() if "adapter" not in k}
-    lora_params = runner.init_params(lora, unflatten_dict(backbone), jax.random.key(0))
-    merged, merged_vars = peft.merge_lora(lora, {"params": lora_params})
+    lora_params = init_params(lora, unflatten_dict(backbone), jax.random.key(0))
+    merged, merged_vars = merge_lora(lora, {"params": lora_params})
     eval_peers = [
         jax_eval_peer("lora (unmerged)", lora, lora_params, jx),
         jax_eval_peer("lora merged (merge_lora)", merged, merged_vars["params"], jx),

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
 import shutil
 import subprocess
@@ -76,9 +77,9 @@ MUTANTS = [
     ),
     Mutant(
         "pretrained_dropped",
-        "runner.init_params keeps only the head of the ported tree (a random backbone trains)",
+        "params.init_params keeps only the head of the ported tree (a random backbone trains)",
         *_one(
-            "adapter_plus_jax/runner.py",
+            "adapter_plus_jax/params.py",
             "    fresh.update(given)\n",
             '    fresh.update({k: v for k, v in given.items() if k[0] == "head"})\n',
         ),
@@ -89,8 +90,8 @@ MUTANTS = [
         "runner trains every parameter whatever train_mode says",
         *_one(
             "adapter_plus_jax/runner.py",
-            "mask = peft.trainable_mask(params, config.train_mode)",
-            'mask = peft.trainable_mask(params, "finetune")',
+            "mask = params_lib.trainable_mask(params, config.train_mode)",
+            'mask = params_lib.trainable_mask(params, "finetune")',
         ),
         tests=("tests/test_runner.py::test_pretrained_weights_reach_the_trained_model",),
     ),
@@ -109,7 +110,7 @@ MUTANTS = [
         "gelu_tanh",
         "tanh-approximated GELU where timm uses the exact (erf) GELU",
         *_one(
-            "adapter_plus_jax/peft.py",
+            "adapter_plus_jax/layers.py",
             '"gelu": _gelu,',
             '"gelu": lambda x: jax.nn.gelu(x, approximate=True),',
         ),
@@ -121,7 +122,7 @@ MUTANTS = [
         "weight decay on every trainable parameter (biases and scalings too)",
         *_one(
             "adapter_plus_jax/train.py",
-            'return value.ndim > 1 and name not in ("bias", "scaling") '
+            'return ndim > 1 and name not in ("bias", "scaling") '
             "and name not in NO_DECAY_NAMES",
             "return True",
         ),
@@ -162,7 +163,9 @@ MUTANTS = [
     Mutant(
         "vtab_rank",
         "svhn's per-task Adapter+ rank (dim1-32) 8 instead of 16",
-        *_one("configs/vtab.py", '"svhn": (4, 8, 16, 50),', '"svhn": (4, 8, 8, 50),'),
+        *_one(
+            "adapter_plus_jax/configs/vtab.py", '"svhn": (4, 8, 16, 50),', '"svhn": (4, 8, 8, 50),'
+        ),
         tests=(
             "tests/test_configs.py::test_every_vtab_task_and_method[adapter_plus]",
             "tests/test_configs.py::test_vtab_per_task_ranks[dim1-32-3]",
@@ -202,7 +205,7 @@ MUTANTS = [
         "lora_init_bound",
         "init='lora' draws U(+-sqrt(3/fan_in)) (Kaiming, a=0), not torch's U(+-1/sqrt(fan_in))",
         *_one(
-            "adapter_plus_jax/peft.py",
+            "adapter_plus_jax/layers.py",
             "bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0",
             "bound = math.sqrt(3.0 / fan_in) if fan_in > 0 else 0.0",
         ),
@@ -293,14 +296,14 @@ MUTANTS = [
     Mutant(
         "npz_head_dropped",
         "the porter builds a headless model for a Google .npz checkpoint that has a head",
-        *_one("port_weights.py", "num_classes = npz_num_classes(path)", "num_classes = 0"),
+        *_one("adapter_plus_jax/port.py", "num_classes = npz_num_classes(path)", "num_classes = 0"),
         tests=("tests/test_port_weights.py::test_round_trip_npz",),
     ),
     Mutant(
         "fgvc_no_flip",
         "FGVC training images are never flipped",
         *_one(
-            "adapter_plus_jax/fgvc.py",
+            "adapter_plus_jax/data/fgvc.py",
             "flip = tf.random.stateless_uniform([], flip_seed) < 0.5",
             "flip = tf.random.stateless_uniform([], flip_seed) < 0.0",
         ),
@@ -310,7 +313,7 @@ MUTANTS = [
         "fgvc_bilinear_only",
         "FGVC training crops are always resized bilinear (never bicubic)",
         *_one(
-            "adapter_plus_jax/fgvc.py",
+            "adapter_plus_jax/data/fgvc.py",
             "bicubic = tf.random.stateless_uniform([], interp_seed) < 0.5",
             "bicubic = tf.random.stateless_uniform([], interp_seed) < 0.0",
         ),
@@ -327,8 +330,10 @@ def work_tree_copy(dest: Path) -> Path:
     ).stdout  # fmt: skip
     for rel in filter(None, listed.split("\0")):
         src = ROOT / rel
-        if src.is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        if src.is_symlink():  # configs/ -> adapter_plus_jax/configs
+            os.symlink(os.readlink(src), dest / rel)
+        elif src.is_file():
             shutil.copy2(src, dest / rel)
     return dest
 

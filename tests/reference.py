@@ -1,8 +1,9 @@
-"""The reference's training pieces in torch, for the tests: adapter-plus 0.1.0's freezing rule,
-its AdamW parameter groups, and its learning-rate schedule as Lightning steps it.
+"""The reference in torch, for the tests and the benchmarks: adapter-plus 0.1.0 models with the
+paper's PEFT configs, its freezing rule, its AdamW parameter groups, and its learning-rate
+schedule as Lightning steps it.
 
-Written from the recipe (docs of the paper's code), not from our implementation, so that the
-tests compare two independent versions.
+Written from the recipe (docs/recipe.md), not from our implementation, so that the tests compare
+two independent versions. benchmarks/ import this module too (it puts tests/ on sys.path).
 """
 
 from __future__ import annotations
@@ -13,6 +14,37 @@ import adapter_plus
 import torch
 
 NO_DECAY = {"pos_embed", "cls_token", "dist_token"}  # timm's VisionTransformer.no_weight_decay()
+
+# The paper's configs, in the reference's field names (docs/recipe.md, section 8).
+ADAPTER_PLUS = dict(
+    config="post", dim=8, act_layer=True, norm_layer=False, bias=True, init="houlsby",
+    scaling="channel", attn_adapter=False, dropout=0.0, drop_path=0.1,
+)  # fmt: skip
+LORA = dict(  # its `init: lora` never reaches the branches
+    config="attention", location="qk", dim=8, act_layer=False, norm_layer=False, bias=False,
+    init="lora", scaling=1.0, dropout=0.1, pre_dropout=True, drop_path=0.0,
+)  # fmt: skip
+VPT = dict(num_tokens=50, dropout=0.1)
+
+
+def reference_vit(
+    adapter: dict | None = None,
+    lora: dict | None = None,
+    prompt: dict | None = None,
+    seed: int = 0,
+    **vit_kwargs,
+) -> torch.nn.Module:
+    """adapter-plus's VisionTransformerAdapter with these PEFT configs (reference field names)
+    and timm ViT arguments, initialised from torch seed `seed`."""
+    from omegaconf import OmegaConf
+
+    torch.manual_seed(seed)
+    configs = {
+        f"{name}_config": OmegaConf.create(cfg)
+        for name, cfg in (("adapter", adapter), ("lora", lora), ("prompt", prompt))
+        if cfg is not None
+    }
+    return adapter_plus.VisionTransformerAdapter(**configs, **vit_kwargs)
 
 
 def reference_trains(name: str) -> bool:

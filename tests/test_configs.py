@@ -14,8 +14,8 @@ import pytest
 
 from adapter_plus_jax import config as cfglib
 from adapter_plus_jax import peft
-from adapter_plus_jax.fgvc import FGVC
-from adapter_plus_jax.vtab import TASKS
+from adapter_plus_jax.data.fgvc import FGVC
+from adapter_plus_jax.data.vtab import TASKS
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -180,3 +180,46 @@ def test_fgvc_and_demo_configs() -> None:
         _module("fgvc").get_config("flowers")
     demo = _module("demo").get_config()
     assert demo.dataset == "demo" and not demo.model.pretrained
+
+
+@pytest.mark.parametrize("method", sorted(peft.METHODS))
+def test_every_method_is_reachable_from_the_configs(method: str) -> None:
+    """`configs/vtab.py:dtd,method=NAME` for every registered method (every adapter position
+    of the reference among them); the ranks: dtd's r=2 for Adapter+, 8 for the others."""
+    c = cfglib.load_config(f"configs/vtab.py:dtd,method={method}")
+    expected = peft.METHODS[method].sized(dim=2 if method == "adapter_plus" else 8, num_tokens=10)
+    assert (c.method, c.train_mode, c.lr) == (method, expected.train_mode, expected.lr)
+    got = peft.Method(
+        adapter=peft.AdapterSpec.from_config(c.adapter) if c.adapter else None,
+        lora=peft.LoRASpec.from_config(c.lora) if c.lora else None,
+        prompt=peft.PromptSpec.from_config(c.prompt) if c.prompt else None,
+        train_mode=c.train_mode,
+        lr=c.lr,
+    )
+    assert got == expected
+
+
+def test_overrides_are_typed_by_what_they_replace() -> None:
+    c = cfglib.load_config("vtab:dtd")
+    cfglib.apply_overrides(
+        c, ["lr=3e-3", "grad_clip=1.5", "model.remat=yes", "model.timm_kwargs.depth=3",
+            "adapter.scaling=learned", "data_dir=/data"],
+    )  # fmt: skip
+    assert (c.lr, c.grad_clip, c.model.remat, c.model.timm_kwargs.depth) == (3e-3, 1.5, True, 3)
+    assert (c.adapter.scaling, c.data_dir) == ("learned", "/data")
+    for bad, message in [
+        ("batch_size=abc", "expected int, got 'abc'"),
+        ("model.remat=maybe", "expected true or false"),
+        ("model.nope=1", "unknown key 'model.nope'"),
+        ("modle.dtype=float32", "no 'modle'"),
+        ("lr", "expected key=value"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            cfglib.apply_overrides(c, [bad])
+
+
+def test_packaged_configs_are_found_by_name() -> None:
+    assert cfglib.load_config("fgvc.py:cub").task == "cub"
+    assert cfglib.load_config("demo").dataset == "demo"
+    with pytest.raises(ValueError, match=r"packaged configs are \['demo', 'fgvc', 'vtab'\]"):
+        cfglib.load_config("configs/imagenet.py:x")

@@ -1,4 +1,4 @@
-"""VTAB-1k input pipeline (adapter_plus_jax.vtab / .data), offline.
+"""VTAB-1k input pipeline (adapter_plus_jax.data: vtab, pipeline, tfds_io, registry), offline.
 
 - All 19 tasks through the real loaders with `tfds.testing.mock_data`, whose reader is replaced
   by one that honours split strings against the builders' standard split sizes (the stock mock
@@ -29,15 +29,17 @@ from tensorflow_datasets.core import splits as splits_lib
 from tensorflow_datasets.core.features import TensorInfo
 from tensorflow_datasets.testing.mocking import RandomFakeGenerator
 
-from adapter_plus_jax import data, vtab
+from adapter_plus_jax import preprocess
+from adapter_plus_jax.data import pipeline, registry, tfds_io, vtab
+from adapter_plus_jax.data import prepare as prep
 
 ROOT = Path(__file__).resolve().parents[1]
 HALF = (0.5, 0.5, 0.5)
 
 # ----------------------------------------------------------------------------------------------
-# The spec's tables.
+# The recipe's tables (docs/recipe.md).
 
-# Spec section 1: builder pattern, resolved version, group, classes.
+# Section 1: builder pattern, resolved version, group, classes.
 SPEC_TASKS = {
     "cifar100": ("cifar100:3.*.*", "3.0.2", "Natural", 100),
     "caltech101": ("caltech101:3.*.*", "3.0.2", "Natural", 102),
@@ -65,7 +67,7 @@ SPEC_TASKS = {
     "smallnorb_elevation": ("smallnorb:2.*.*", "2.0.0", "Structured", 9),
 }
 
-# Spec section 2: (val200, test, test size); train800 is always train[:800].
+# Section 2: (val200, test, test size); train800 is always train[:800].
 SPEC_SPLITS = {
     "cifar100": ("train[45000:45200]", "test", 10000),
     "caltech101": ("train[2754:2954]", "test", 6084),
@@ -88,7 +90,7 @@ SPEC_SPLITS = {
     "smallnorb_elevation": ("test[:200]", "test[50%:]", 12150),
 }
 
-# Split sizes of the builders in TFDS 4.9.6 (the spec's N and test sizes; the TFDS catalogue for
+# Split sizes of the builders in TFDS 4.9.6 (the recipe's N and test sizes; the TFDS catalogue for
 # the validation splits the spec does not list). The mock reader slices these.
 TFDS_SIZES = {
     "cifar100": {"train": 50000, "test": 10000},
@@ -235,21 +237,21 @@ def same_batches(a, b) -> bool:
 @pytest.mark.parametrize("name", list(vtab.TASKS))
 def test_task_pipeline_mocked(mocked_tfds, name):
     spec = vtab.TASKS[name]
-    builder = data.tfds_builder(spec)
-    splits = data.vtab_splits(spec, builder)
+    builder = tfds_io.tfds_builder(spec)
+    splits = registry.vtab_splits(spec, builder)
 
     # Split sizes as TFDS resolves them; train800val200 read through the task's transforms.
     for split, size in [("train800", 800), ("val200", 200), ("test", SPEC_SPLITS[name][2])]:
-        assert data.num_examples(builder.as_dataset(split=splits[split])) == size, split
-    ds = data.read_split(builder, splits["train800val200"], spec.image_fn, spec.label_fn)
+        assert tfds_io.num_examples(builder.as_dataset(split=splits[split])) == size, split
+    ds = tfds_io.read_split(builder, splits["train800val200"], spec.image_fn, spec.label_fn)
     # Batched: a Python round trip per example would dominate the test's time.
     labels = np.concatenate(list(ds.map(lambda ex: ex["label"]).batch(512).as_numpy_iterator()))
-    assert len(labels) == data.num_examples(ds) == 1000
+    assert len(labels) == tfds_io.num_examples(ds) == 1000
     assert 0 <= labels.min() and labels.max() < spec.num_classes
 
     # Batches: shape, dtype, range, labels; the order is a function of the seed.
     kw = dict(mean=HALF, std=HALF, global_batch=8)
-    loader = data.vtab_train_loader(name, seed=3, **kw)
+    loader = registry.vtab_train_loader(name, seed=3, **kw)
     assert loader.steps_per_epoch == 125
     batches = first_batches(loader.epoch(0))
     for b in batches:
@@ -259,7 +261,7 @@ def test_task_pipeline_mocked(mocked_tfds, name):
         assert ((0 <= b["label"]) & (b["label"] < spec.num_classes)).all()
     # Same seed, same batches (a fresh loader replays too: test_train_epochs).
     assert same_batches(batches, first_batches(loader.epoch(0)))
-    other = first_batches(data.vtab_train_loader(name, seed=4, **kw).epoch(0))
+    other = first_batches(registry.vtab_train_loader(name, seed=4, **kw).epoch(0))
     assert not same_batches(batches, other)
 
 
@@ -399,7 +401,7 @@ def legacy_bilinear(image: np.ndarray, size: int) -> np.ndarray:
 @pytest.mark.parametrize("shape", [(32, 32, 3), (375, 500, 3), (17, 300, 3), (224, 224, 3)])
 def test_resize_is_tf1_bilinear(shape):
     image = np.random.default_rng(0).integers(0, 256, shape).astype(np.uint8)
-    ours = data.resize_bilinear_v1(tf.constant(image)).numpy()
+    ours = pipeline.resize_bilinear_v1(tf.constant(image)).numpy()
     assert ours.dtype == np.float32 and ours.shape == (224, 224, 3)
     tf1 = tf.compat.v1.image.resize(image, [224, 224], tf.compat.v1.image.ResizeMethod.BILINEAR)
     np.testing.assert_array_equal(ours, tf.cast(tf1, tf.float32).numpy())
@@ -495,17 +497,17 @@ def labels_of(builder, split) -> list[int]:
 
 def test_tiny_splits(tiny):
     data_dir, _ = tiny
-    builder = data.tfds_builder(TINY, data_dir)
+    builder = tfds_io.tfds_builder(TINY, data_dir)
     assert builder.info.splits["train"].num_examples == TRAIN_SIZE
-    splits = data.vtab_splits(TINY, builder)
+    splits = registry.vtab_splits(TINY, builder)
     assert splits["val200"] == "train[808:1008]"
-    sizes = {k: data.num_examples(builder.as_dataset(split=v)) for k, v in splits.items()}
+    sizes = {k: tfds_io.num_examples(builder.as_dataset(split=v)) for k, v in splits.items()}
     assert sizes == {"train800": 800, "val200": 200, "train800val200": 1000, "test": 37}
 
 
 def test_eval_exact_pixels_each_example_once(tiny):
     data_dir, images = tiny
-    loader = data.vtab_eval_loader(
+    loader = registry.vtab_eval_loader(
         TINY, "test", mean=HALF, std=HALF, global_batch=8, data_dir=data_dir
     )
     assert len(loader) == 5  # ceil(37 / 8)
@@ -524,8 +526,8 @@ def test_other_image_size(tiny):
     """A model built for another input size gets its size from both loaders."""
     data_dir, images = tiny
     kw = dict(mean=HALF, std=HALF, global_batch=8, data_dir=data_dir, image_size=96)
-    train_batch = next(iter(data.vtab_train_loader(TINY, "val200", seed=0, **kw).epoch(0)))
-    x, y, mask = collect([next(iter(data.vtab_eval_loader(TINY, "test", **kw)))])
+    train_batch = next(iter(registry.vtab_train_loader(TINY, "val200", seed=0, **kw).epoch(0)))
+    x, y, mask = collect([next(iter(registry.vtab_eval_loader(TINY, "test", **kw)))])
     assert train_batch["image"].shape == x.shape == (8, 96, 96, 3) and mask.all()
     for image, label in zip(x, y, strict=True):
         np.testing.assert_array_equal(image, normalized(images[label], 96))
@@ -534,11 +536,11 @@ def test_other_image_size(tiny):
 def test_train_epochs(tiny):
     data_dir, images = tiny
     kw = dict(mean=HALF, std=HALF, global_batch=16, data_dir=data_dir)
-    loader = data.vtab_train_loader(TINY, "val200", seed=0, **kw)
+    loader = registry.vtab_train_loader(TINY, "val200", seed=0, **kw)
     assert loader.steps_per_epoch == 12  # drop_last: 200 // 16
     both = collect(loader.epochs(0, 2))  # one pipeline over two epochs
     epochs = [tuple(a[192 * e : 192 * (e + 1)] for a in both) for e in range(2)]
-    val200 = set(labels_of(data.tfds_builder(TINY, data_dir), "train[808:1008]"))
+    val200 = set(labels_of(tfds_io.tfds_builder(TINY, data_dir), "train[808:1008]"))
     for x, y, mask in epochs:
         # 192 distinct examples of val200, all real.
         assert len(y) == 192 and mask.all() and len(set(y)) == 192 and set(y) <= val200
@@ -546,11 +548,11 @@ def test_train_epochs(tiny):
             np.testing.assert_array_equal(image, normalized(images[label]))
     assert len({tuple(y) for _, y, _ in epochs}) == 2  # reshuffled every epoch
     # Resuming at epoch 1 with a fresh loader replays it exactly.
-    resumed = collect(data.vtab_train_loader(TINY, "val200", seed=0, **kw).epoch(1))
+    resumed = collect(registry.vtab_train_loader(TINY, "val200", seed=0, **kw).epoch(1))
     assert all(np.array_equal(a, b) for a, b in zip(resumed, epochs[1], strict=True))
 
 
-def as_process(loader: data.TrainLoader, rows: tuple[int, int]) -> data.TrainLoader:
+def as_process(loader: pipeline.TrainLoader, rows: tuple[int, int]) -> pipeline.TrainLoader:
     """Make `loader` produce the rows [lo, hi) of each global batch, as the process owning
     them would (there is one process here)."""
     loader._batcher.rows = rows
@@ -561,11 +563,11 @@ def as_process(loader: data.TrainLoader, rows: tuple[int, int]) -> data.TrainLoa
 @pytest.mark.parametrize("drop_remainder", [True, False])
 def test_train_batches_do_not_depend_on_process_count(tiny, drop_remainder):
     data_dir, _ = tiny
-    builder = data.tfds_builder(TINY, data_dir)
-    examples = data.read_split(builder, "train[:30]", TINY.image_fn, TINY.label_fn)
+    builder = tfds_io.tfds_builder(TINY, data_dir)
+    examples = tfds_io.read_split(builder, "train[:30]", TINY.image_fn, TINY.label_fn)
 
     def loader():
-        return data.TrainLoader(
+        return pipeline.TrainLoader(
             examples,
             30,
             lambda ex, _: (tf.zeros([2, 2, 3]), ex["label"]),
@@ -593,11 +595,11 @@ def test_train_batches_do_not_depend_on_process_count(tiny, drop_remainder):
 @pytest.mark.parametrize("processes", [1, 3, 5])
 def test_process_slices_cover_split_once(tiny, processes):
     data_dir, _ = tiny
-    builder = data.tfds_builder(TINY, data_dir)
+    builder = tfds_io.tfds_builder(TINY, data_dir)
     split = "train[:20]+train[808:816]"  # 28 examples in two parts
     seen, sizes, largest = [], [], set()
     for index in range(processes):
-        sub, size, most = data.process_split(builder, split, index, processes)
+        sub, size, most = tfds_io.process_split(builder, split, index, processes)
         labels = labels_of(builder, sub)
         assert len(labels) == size
         seen += labels
@@ -611,19 +613,19 @@ EIGHT_DEVICES = textwrap.dedent(
     """
     import json, sys
     import jax, numpy as np
-    from adapter_plus_jax import data, vtab
+    from adapter_plus_jax.data import registry, vtab
 
     spec = vtab.TaskSpec(
         "tiny", "tiny_vtab:1.0.0", "1.0.0", "Natural", 1100, num_train=1010, train_percent=80
     )
     kw = dict(mean=(0.5,) * 3, std=(0.5,) * 3, data_dir=sys.argv[1])
-    loader = data.vtab_eval_loader(spec, "test", global_batch=16, **kw)
+    loader = registry.vtab_eval_loader(spec, "test", global_batch=16, **kw)
     labels, shards = [], set()
     for b in loader:
         shards.add(len(b["image"].addressable_shards))
         labels += np.asarray(b["label"])[np.asarray(b["mask"])].tolist()
     try:
-        data.vtab_eval_loader(spec, "test", global_batch=12, **kw)
+        registry.vtab_eval_loader(spec, "test", global_batch=12, **kw)
         error = None
     except ValueError as e:
         error = str(e)
@@ -662,14 +664,14 @@ def test_eval_on_eight_devices(tiny):
 
 def test_version_guard(tiny):
     data_dir, _ = tiny
-    with pytest.raises(data.TFDSVersionError, match="1.0.0"):
-        data.tfds_builder(dataclasses.replace(TINY, version="1.0.1"), data_dir)
+    with pytest.raises(tfds_io.TFDSVersionError, match="1.0.0"):
+        tfds_io.tfds_builder(dataclasses.replace(TINY, version="1.0.1"), data_dir)
 
 
 def test_unknown_version_pattern():
     spec = vtab.TaskSpec("pet", "oxford_iiit_pet:4.*.*", "4.0.0", "Natural", 37)
-    with pytest.raises(data.TFDSVersionError, match="tensorflow-datasets==4.9.6"):
-        data.tfds_builder(spec)
+    with pytest.raises(tfds_io.TFDSVersionError, match="tensorflow-datasets==4.9.6"):
+        tfds_io.tfds_builder(spec)
 
 
 @pytest.mark.parametrize(
@@ -682,8 +684,8 @@ def test_unknown_version_pattern():
     ],
 )
 def test_prepare_names_missing_manual_files(tmp_path, name, files):
-    with pytest.raises(data.ManualDownloadError) as info:
-        data.prepare([name], data_dir=tmp_path)
+    with pytest.raises(tfds_io.ManualDownloadError) as info:
+        prep.prepare([name], data_dir=tmp_path)
     message = str(info.value)
     assert str(tmp_path / "downloads" / "manual") in message
     assert all(f in message for f in files)
@@ -692,7 +694,7 @@ def test_prepare_names_missing_manual_files(tmp_path, name, files):
 def test_prepare_cli_reports_every_missing_dataset(tmp_path):
     manual = tmp_path / "manual"
     with pytest.raises(SystemExit) as info:
-        data.main(
+        prep.main(
             ["prepare", "--tasks", "resisc45,sun397"]
             + ["--data-dir", str(tmp_path), "--manual-dir", str(manual)]
         )
@@ -702,9 +704,9 @@ def test_prepare_cli_reports_every_missing_dataset(tmp_path):
 
 def test_prepare_rejects_unknown_names(tmp_path):
     with pytest.raises(ValueError, match="unknown dataset"):
-        data.prepare(["imagenet"], data_dir=tmp_path)
+        prep.prepare(["imagenet"], data_dir=tmp_path)
     with pytest.raises(ValueError, match="no TFDS builder"):
-        data.prepare(["nabirds"], data_dir=tmp_path)
+        prep.prepare(["nabirds"], data_dir=tmp_path)
 
 
 def test_normalize_is_exact():
@@ -712,5 +714,6 @@ def test_normalize_is_exact():
     x = np.random.default_rng(0).uniform(0, 255, (4, 16, 16, 3)).astype(np.float32)
     mean = np.array([0.485, 0.456, 0.406], np.float32)
     std = np.array([0.229, 0.224, 0.225], np.float32)
-    out = np.asarray(jax.jit(data.normalize, static_argnums=(1, 2))(x, tuple(mean), tuple(std)))
+    normalize = jax.jit(preprocess.normalize, static_argnums=(1, 2))
+    out = np.asarray(normalize(x, tuple(mean), tuple(std)))
     np.testing.assert_array_equal(out, (x / np.float32(255) - mean) / std)

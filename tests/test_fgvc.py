@@ -1,4 +1,4 @@
-"""FGVC input pipeline (adapter_plus_jax.fgvc), offline: VPT's json layout built here, the TFDS
+"""FGVC input pipeline (adapter_plus_jax.data.fgvc), offline: VPT's json layout built here, the TFDS
 source mocked, and the transforms against timm's / torchvision's (close, not pixel-identical).
 """
 
@@ -17,7 +17,7 @@ from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from adapter_plus_jax import fgvc
+from adapter_plus_jax.data import fgvc
 
 HALF = (0.5, 0.5, 0.5)
 

@@ -1,6 +1,6 @@
 """bfloat16 compute: float32-accumulating products (precision.einsum_f32_acc), their gradients, the
 form XLA:CPU compiles them to, accuracy against torch's bf16 autocast, and the CPU compiler
-options of train.compiler_options."""
+options of precision.compiler_options."""
 
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ import torch
 from omegaconf import OmegaConf
 from reference import freeze_like_reference, reference_trains
 
-from adapter_plus_jax import from_timm, peft, train
+from adapter_plus_jax import from_timm, peft, precision, train
 from adapter_plus_jax.convert import to_adapter_plus
 from adapter_plus_jax.model import VisionTransformer, ViTConfig
+from adapter_plus_jax.params import trainable_mask
 from adapter_plus_jax.precision import einsum_f32_acc
 
 TINY = ViTConfig(
@@ -52,7 +53,7 @@ def _step(dtype, options=None):
     x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (4, 32, 32, 3)), jnp.float32)
     y = jnp.arange(4) % 5
     params = module.init(jax.random.key(0), x)["params"]
-    trainable, frozen = train.split(params, peft.trainable_mask(params))
+    trainable, frozen = train.split(params, trainable_mask(params))
     tx = train.adamw(train.reference_lr(1e-3, 10), 1e-4)
     state = train.TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable))
     compiled = (
@@ -221,9 +222,9 @@ def test_bfloat16_peft_matches_torch_autocast(method: str) -> None:
 
 def test_cpu_compiler_options_change_speed_not_results() -> None:
     assert jax.default_backend() == "cpu"
-    options = train.compiler_options(jnp.float32)
-    assert options == train.CPU_FLOAT32_OPTIONS
-    assert train.compiler_options(jnp.bfloat16) is None
+    options = precision.compiler_options(jnp.float32)
+    assert options == precision.CPU_FLOAT32_OPTIONS
+    assert precision.compiler_options(jnp.bfloat16) is None
     (plain, args), (tuned, _) = _step(jnp.float32), _step(jnp.float32, options)
     assert "ynn" in plain.as_text()  # the options are applied: fewer YNNPACK fusions
     assert tuned.as_text().count("__ynn_fusion") < plain.as_text().count("__ynn_fusion")

@@ -43,6 +43,7 @@ from omegaconf import OmegaConf
 from reference import freeze_like_reference, reference_trains
 
 from adapter_plus_jax.convert import (
+    ConversionError,
     abstract_params,
     from_timm,
     peft_specs_from_timm,
@@ -51,7 +52,7 @@ from adapter_plus_jax.convert import (
     vit_config_from_timm,
 )
 from adapter_plus_jax.model import VisionTransformer
-from adapter_plus_jax.peft import trainable_count, trainable_mask
+from adapter_plus_jax.params import trainable_count, trainable_mask
 
 LOGITS_TOL, GRAD_TOL = 1e-5, 1e-4
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=5)
@@ -307,6 +308,19 @@ def test_vpt_pooling_parity(global_pool: str) -> None:
     _check(model, "vpt")
 
 
+def test_vpt_with_register_tokens_parity() -> None:
+    """The reference writes prompts between the class token and the registers, we after the
+    registers; with class-token pooling that is the same model."""
+    model = _reference(prompt_config=_prompt_cfg(10), reg_tokens=2, img_size=(56, 64))
+    _check(model, "vpt")
+
+
+def test_vpt_with_register_tokens_and_average_pool_is_refused() -> None:
+    model = _reference(prompt_config=_prompt_cfg(10), reg_tokens=2, global_pool="avg")
+    with pytest.raises(ConversionError, match="register tokens and global_pool='avg'"):
+        from_timm(model)
+
+
 def _combined(seed: int = 0, **kwargs) -> torch.nn.Module:
     return _reference(
         adapter_config=_adapter_cfg("houlsby", norm_layer=True),
@@ -441,7 +455,7 @@ def _counts(monkeypatch: pytest.MonkeyPatch, **peft) -> tuple[int, int]:
 @pytest.mark.parametrize(
     ("peft", "expected"),
     [
-        # 12 (1537 r + 1536) + 769 C, spec 8.5
+        # 12 (1537 r + 1536) + 769 C, docs/recipe.md section 8
         ({"adapter_config": _adapter_cfg(dim=8)}, 202_127),
         # 12 blocks x 2 branches x (768 * 8 * 2) + head
         ({"lora_config": _lora_cfg("qk", dim=8)}, 12 * 2 * 2 * 768 * 8 + 769 * 47),

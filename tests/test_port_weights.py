@@ -20,7 +20,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-import port_weights
+from adapter_plus_jax import port as port_weights
 from adapter_plus_jax.pretrained import PretrainedError, load_pretrained, save_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]

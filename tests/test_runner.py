@@ -24,6 +24,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from adapter_plus_jax import peft, runner, train
+from adapter_plus_jax.params import param_count, trainable_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -125,7 +126,8 @@ def test_eight_devices_train_like_one_and_reject_indivisible_batches(tmp_path: P
         import jax, jax.numpy as jnp, numpy as np
         from jax.sharding import NamedSharding, PartitionSpec as P
         from adapter_plus_jax import peft, runner, train
-        from adapter_plus_jax.data import data_mesh
+        from adapter_plus_jax.data.pipeline import data_mesh
+        from adapter_plus_jax.params import trainable_mask
         from adapter_plus_jax.model import VisionTransformer, ViTConfig
         assert jax.device_count() == 8
         cfg = ViTConfig(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2,
@@ -139,7 +141,7 @@ def test_eight_devices_train_like_one_and_reject_indivisible_batches(tmp_path: P
                  rng.integers(0, 4, 16).astype(np.int32)) for _ in range(4)]
 
         def run(mesh):
-            trainable, frozen = train.split(params, peft.trainable_mask(params))
+            trainable, frozen = train.split(params, trainable_mask(params))
             tx = train.adamw(train.reference_lr(1e-2, 2, warmup_epochs=1, epochs=2))
             state = train.TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable))
             state, frozen = runner.replicate(state, mesh), runner.replicate(frozen, mesh)
@@ -183,7 +185,7 @@ def _train_step_costs(train_mode: str) -> tuple[float, float, int, int]:
     )
     images = jnp.zeros((1, 224, 224, 3))
     params = jax.eval_shape(module.init, jax.random.key(0), images)["params"]
-    trainable, frozen = train.split(params, peft.trainable_mask(params, train_mode))
+    trainable, frozen = train.split(params, trainable_mask(params, train_mode))
     tx = train.adamw(train.reference_lr(1e-3, 15))
     opt_state = jax.eval_shape(tx.init, trainable)
     state = train.TrainState(jax.ShapeDtypeStruct((), jnp.int32), trainable, opt_state)
@@ -191,12 +193,12 @@ def _train_step_costs(train_mode: str) -> tuple[float, float, int, int]:
     step = jax.jit(train.make_train_step(module, tx)).lower(state, frozen, images, labels)
     forward = jax.jit(lambda p, x: module.apply({"params": p}, x)).lower(params, images)
     flops = [c.compile().cost_analysis()["flops"] for c in (step, forward)]
-    return flops[0], flops[1], train.param_count(opt_state), train.param_count(trainable)
+    return flops[0], flops[1], param_count(opt_state), param_count(trainable)
 
 
 def test_adapter_training_costs_at_most_2_2_forwards_and_2x_state() -> None:
     step, forward, opt_size, n_trainable = _train_step_costs("peft")
-    assert n_trainable == 202_127  # ../shared/paper-numbers.md, r=8, 47 classes
+    assert n_trainable == 202_127  # the paper's count for r=8, 47 classes
     assert 2 * n_trainable <= opt_size <= 2 * n_trainable + 16  # Adam's mu and nu (+ counts)
     print(f"Adapter+ train step / forward FLOPs: {step / forward:.3f}")
     assert step / forward <= 2.2
@@ -254,9 +256,9 @@ def test_pretrained_weights_reach_the_trained_model(tmp_path: Path, monkeypatch)
         seen["end"] = flat(params)
         return evaluate(step, params, batches)
 
-    split, evaluate = train.split, runner.evaluate
+    split, evaluate = train.split, train.evaluate
     monkeypatch.setattr(runner.train, "split", spy_split)
-    monkeypatch.setattr(runner, "evaluate", spy_evaluate)
+    monkeypatch.setattr(runner.train, "evaluate", spy_evaluate)
     runner.run(config, tmp_path / "w")
 
     start, end = seen["start"], seen["end"]

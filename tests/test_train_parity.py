@@ -28,8 +28,9 @@ from flax import traverse_util
 from omegaconf import OmegaConf
 from reference import freeze_like_reference, reference_adamw, reference_scheduler
 
-from adapter_plus_jax import peft, train
+from adapter_plus_jax import train
 from adapter_plus_jax.convert import from_timm, timm_key
+from adapter_plus_jax.params import trainable_mask
 
 EPOCHS, STEPS, BATCH, CLASSES = 6, 3, 8, 5
 BASE_LR, WARMUP, START_FACTOR, MIN_FACTOR, WEIGHT_DECAY = 1e-2, 3, 10.0, 100.0, 0.5
@@ -94,7 +95,7 @@ def _trajectory_errors() -> tuple[float, dict[str, float], list]:
     torch_losses = _train_reference(model, batches)
 
     params = variables["params"]
-    trainable, frozen = train.split(params, peft.trainable_mask(params))
+    trainable, frozen = train.split(params, trainable_mask(params))
     frozen_before = jax.tree.map(np.asarray, frozen)
     schedule = train.reference_lr(
         BASE_LR, STEPS, WARMUP, EPOCHS, start_factor=START_FACTOR, min_factor=MIN_FACTOR

@@ -22,8 +22,9 @@ from flax import linen as nn
 from omegaconf import OmegaConf
 from timm.models.vision_transformer import ResPostBlock, VisionTransformer
 
-from adapter_plus_jax import ConversionError, from_timm, peft
-from adapter_plus_jax.peft import DropPath
+from adapter_plus_jax import AdapterSpec, ConversionError, from_timm
+from adapter_plus_jax.config import spec_config
+from adapter_plus_jax.layers import DropPath
 
 # (id, timm name, create_model kwargs): together they cover every option of ViTConfig.
 MATRIX = [
@@ -180,7 +181,7 @@ def test_stochastic_depth_is_linear_over_depth() -> None:
     """Our per-block drop-path rates equal timm's (rising linearly to drop_path_rate over the
     depth), and the adapters' drop path is the same constant in every block, as in adapter-plus.
     """
-    adapter = OmegaConf.create({**peft.adapter_config(dim=4).to_dict(), "drop_path": 0.1})
+    adapter = OmegaConf.create(spec_config(AdapterSpec(dim=4, drop_path=0.1)).to_dict())
     model = adapter_plus.VisionTransformerAdapter(
         img_size=32, patch_size=8, embed_dim=64, depth=6, num_heads=2, num_classes=5,
         drop_path_rate=0.2, adapter_config=adapter,

@@ -7,7 +7,8 @@
 
 Arguments after ':' (comma-separated; the first is the dataset: cub, nabirds, oxfordflower,
 stanforddogs, stanfordcars):
-  method   adapter_plus (default) | lora | vpt | linear | finetune
+  method   adapter_plus (default) | lora | vpt | linear | finetune, or another adapter
+           position: post | pre | intermediate | parallel | houlsby | pfeiffer
   dim      Adapter+ rank; 0 (default) takes the paper's per-dataset r (dim1-32)
   tokens   VPT prompt tokens; 0 (default) takes the paper's per-dataset count
   seed     18 (default) | 45 | 25
@@ -23,7 +24,7 @@ import ml_collections
 
 from adapter_plus_jax import config as cfglib
 
-# ../shared/vtab1k-spec.md section 8.6: dataset -> (Adapter+ dim1-32 r, VPT tokens).
+# docs/recipe.md section 9: dataset -> (Adapter+ dim1-32 r, VPT tokens).
 DATASET_SETTINGS = {
     "cub": (2, 10),
     "nabirds": (2, 50),

@@ -1,6 +1,6 @@
 """FGVC (CUB-200-2011, NABirds, Oxford Flowers, Stanford Dogs, Stanford Cars) input pipelines.
 
-Two sources (../shared/vtab1k-spec.md section 7):
+Two sources (docs/recipe.md, section 5):
 
 - TFDS builders, for the 4 datasets TFDS has. Their official train split (train+validation for
   flowers) is VPT's `trainval` and their test split is VPT's `test`, which is the main FGVC
@@ -42,16 +42,14 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from jax.sharding import Mesh
 
-from adapter_plus_jax.data import (
+from adapter_plus_jax.data.pipeline import (
     GLOBAL_BATCH,
     IMAGE_SIZE,
     EvalLoader,
     Example,
     TrainLoader,
-    num_examples,
-    process_split,
-    tfds_builder,
 )
+from adapter_plus_jax.data.tfds_io import num_examples, process_split, tfds_builder
 
 CROP_PCT = 0.875
 RESIZE_SIZE = math.floor(IMAGE_SIZE / CROP_PCT)  # 256
@@ -77,7 +75,7 @@ class FgvcSpec:
       tfds_name: TFDS builder with version, or '' when TFDS has none.
       version: the version `tfds_name` must resolve to.
       tfds_splits: TFDS split strings of 'trainval' and 'test'.
-      manual, manual_files, extras: as in `adapter_plus_jax.vtab.TaskSpec` (for `prepare`).
+      manual, manual_files, extras: as in `adapter_plus_jax.data.vtab.TaskSpec` (for `prepare`).
     """
 
     name: str

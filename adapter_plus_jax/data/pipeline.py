@@ -1,6 +1,6 @@
-"""tf.data input pipelines for VTAB-1k, the batching shared with FGVC, and dataset preparation.
+"""The input pipeline shared by every dataset: tf.data to sharded global jax arrays.
 
-VTAB-1k preprocessing (../shared/vtab1k-spec.md section 4), identical for train and test:
+VTAB-1k preprocessing (docs/recipe.md, "Preprocessing"), identical for train and test:
 
     TFDS decode (uint8) -> task image/label transform -> resize to 224x224 with the TF1
     `tf.compat.v1.image.resize` bilinear (legacy grid, align_corners=False) -> /255 ->
@@ -26,30 +26,20 @@ devices: 'image' (B, 224, 224, 3) float32, 'label' (B,) int32 and 'mask' (B,) bo
 - Evaluation (`EvalLoader`): each process reads its own slice of the split
   (`tfds.even_splits`), pads the last batch and marks real examples in 'mask', so that every
   example counts exactly once; all processes yield the same number of batches.
-
-CLI: `python -m adapter_plus_jax.data prepare --tasks all --data-dir DIR` downloads and
-prepares the TFDS datasets (see `prepare`).
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
 import logging
 import math
-import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from pathlib import Path
-from typing import Any, Protocol
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import tensorflow as tf
-import tensorflow_datasets as tfds
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from adapter_plus_jax.vtab import SPLIT_NAMES, TASKS, TaskSpec, get_task
+from adapter_plus_jax.preprocess import normalize
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +52,6 @@ Example = Mapping[str, tf.Tensor]
 # (example, per-example stateless seed of shape [2]) -> (float32 HxWx3 image in [0, 255], label)
 TrainPreprocess = Callable[[Example, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]
 EvalPreprocess = Callable[[Example], tuple[tf.Tensor, tf.Tensor]]
-
-
-class TFDSVersionError(RuntimeError):
-    """The TFDS builder does not resolve to the version the spec (and the paper) used."""
-
-
-class ManualDownloadError(RuntimeError):
-    """Files that TFDS cannot fetch by itself are missing; the message says which, and where."""
 
 
 def _hide_gpus_from_tf() -> None:
@@ -107,24 +89,6 @@ def _process_rows(sharding: NamedSharding, global_batch: int) -> tuple[int, int]
     if covered != hi - lo:
         raise ValueError("this process's devices do not hold one contiguous block of the batch")
     return lo, hi
-
-
-def normalize(images: jax.Array, mean: Sequence[float], std: Sequence[float]) -> jax.Array:
-    """[0, 255] float images (..., 3) -> (images / 255 - mean) / std per channel, float32, with
-    IEEE divisions like the reference's.
-
-    XLA turns a division by a broadcast value into a multiplication by its reciprocal, which
-    is off by an ulp; hiding the broadcast divisors behind an optimisation barrier keeps true
-    divisions (the tests check the result against numpy bit for bit).
-    """
-    images = images.astype(jnp.float32)
-    scale, std = jax.lax.optimization_barrier(
-        (
-            jnp.full(images.shape, 255.0, jnp.float32),
-            jnp.broadcast_to(jnp.asarray(std, jnp.float32), images.shape),
-        )
-    )
-    return (images / scale - jnp.asarray(mean, jnp.float32)) / std
 
 
 class _Batcher:
@@ -357,341 +321,3 @@ def resize_bilinear_v1(image: tf.Tensor, size: int = IMAGE_SIZE) -> tf.Tensor:
     )
     # TF1 returns the input unchanged (uint8) when it already has the target size.
     return tf.cast(resized, tf.float32)
-
-
-# ----------------------------------------------------------------------------------------------
-# TFDS access.
-
-
-class _BuilderSpec(Protocol):
-    """What `tfds_builder` and `prepare` need from a VTAB `TaskSpec` or an FGVC spec."""
-
-    name: str
-    tfds_name: str
-    version: str
-    manual: str
-    manual_files: tuple[str, ...]
-    extras: tuple[str, ...]
-
-
-def tfds_builder(spec: _BuilderSpec, data_dir: str | Path | None = None):
-    """The TFDS builder of `spec`, refusing any version other than `spec.version`.
-
-    `data_dir` None means the TFDS default ($TFDS_DATA_DIR or ~/tensorflow_datasets).
-    """
-    hint = (
-        f"The experiments use {spec.tfds_name} at version {spec.version}, the version "
-        "tensorflow-datasets 4.9.6 resolves to (installed: "
-        f"{tfds.__version__}). Install tensorflow-datasets==4.9.6, or put data already prepared "
-        f"at {spec.version} into the data_dir."
-    )
-    try:
-        builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
-    except AssertionError as e:  # TFDS's way of saying that no version matches the pattern
-        raise TFDSVersionError(f"{spec.name}: {e}\n{hint}") from e
-    if str(builder.info.version) != spec.version:
-        raise TFDSVersionError(
-            f"{spec.name}: {spec.tfds_name} resolved to version {builder.info.version}.\n{hint}"
-        )
-    return builder
-
-
-def read_split(
-    builder,
-    split: Any,
-    image_fn: Callable[[Example], tf.Tensor],
-    label_fn: Callable[[Example], tf.Tensor],
-) -> tf.data.Dataset:
-    """`split` of `builder` in its stored order as {'image': uint8 HxWx3, 'label': int64}."""
-    ds = builder.as_dataset(
-        split=split,
-        shuffle_files=False,
-        read_config=tfds.ReadConfig(try_autocache=False),  # caching is ours to decide
-    )
-    return ds.map(
-        lambda ex: {"image": image_fn(ex), "label": label_fn(ex)},
-        num_parallel_calls=tf.data.AUTOTUNE,
-    )
-
-
-def num_examples(ds: tf.data.Dataset) -> int:
-    """The size of a TFDS split's dataset (TFDS records it in the cardinality)."""
-    n = int(ds.cardinality())
-    if n < 0:
-        raise ValueError("the dataset's size is unknown; TFDS datasets always record it")
-    return n
-
-
-def process_split(
-    builder, split: str, process_index: int, process_count: int
-) -> tuple[Any, int, int]:
-    """This process's slice of `split`: (subsplit, its size, the largest size of any slice).
-
-    `tfds.even_splits` slices every '+'-part of the split separately and gives the first
-    processes the extra examples, so process 0 always holds the largest slice.
-    """
-    parts = tfds.even_splits(split, n=process_count)
-    size = num_examples(builder.as_dataset(split=parts[process_index]))
-    largest = num_examples(builder.as_dataset(split=parts[0]))
-    return parts[process_index], size, largest
-
-
-def vtab_splits(spec: TaskSpec, builder) -> dict[str, str]:
-    """The task's split strings for the prepared builder's `train` size, as the reference
-    computes them (the standard size when the builder has no split info, e.g. when mocked)."""
-    if spec.train_percent is None or "train" not in builder.info.splits:
-        return spec.splits
-    n = builder.info.splits["train"].num_examples
-    if n != spec.num_train:
-        log.warning(
-            "%s: the train split has %d examples, not the standard %d; the 1k subsets differ "
-            "from the paper's",
-            spec.name,
-            n,
-            spec.num_train,
-        )
-    return spec.split_strings(n)
-
-
-def _vtab_split(task: str | TaskSpec, split: str, data_dir: str | Path | None):
-    spec = get_task(task)
-    if split not in SPLIT_NAMES:
-        raise ValueError(f"unknown split {split!r}; expected one of {SPLIT_NAMES}")
-    builder = tfds_builder(spec, data_dir)
-    return spec, builder, vtab_splits(spec, builder)[split]
-
-
-def tfds_train_loader(
-    builder,
-    split: str,
-    image_fn: Callable[[Example], tf.Tensor],
-    label_fn: Callable[[Example], tf.Tensor],
-    *,
-    mean: Sequence[float],
-    std: Sequence[float],
-    seed: int,
-    global_batch: int = GLOBAL_BATCH,
-    cache: bool,
-    image_size: int = IMAGE_SIZE,
-    mesh: Mesh | None = None,
-) -> TrainLoader:
-    """Training batches of a TFDS split, resized as VTAB (TF1 bilinear, no augmentation),
-    shuffled per epoch, last partial batch dropped."""
-    examples = read_split(builder, split, image_fn, label_fn)
-    return TrainLoader(
-        examples,
-        num_examples(examples),
-        lambda ex, _: (resize_bilinear_v1(ex["image"], image_size), ex["label"]),
-        mean=mean,
-        std=std,
-        global_batch=global_batch,
-        seed=seed,
-        drop_remainder=True,
-        cache=cache,
-        mesh=mesh,
-    )
-
-
-def tfds_eval_loader(
-    builder,
-    split: str,
-    image_fn: Callable[[Example], tf.Tensor],
-    label_fn: Callable[[Example], tf.Tensor],
-    *,
-    mean: Sequence[float],
-    std: Sequence[float],
-    global_batch: int = GLOBAL_BATCH,
-    cache: bool,
-    image_size: int = IMAGE_SIZE,
-    mesh: Mesh | None = None,
-) -> EvalLoader:
-    """Evaluation batches over this process's slice of a TFDS split, resized as VTAB, with
-    'mask' marking the real examples of the padded last batch."""
-    sub, size, largest = process_split(builder, split, jax.process_index(), jax.process_count())
-    return EvalLoader(
-        read_split(builder, sub, image_fn, label_fn),
-        size,
-        largest,
-        lambda ex: (resize_bilinear_v1(ex["image"], image_size), ex["label"]),
-        mean=mean,
-        std=std,
-        global_batch=global_batch,
-        cache=cache,
-        mesh=mesh,
-    )
-
-
-def vtab_train_loader(
-    task: str | TaskSpec,
-    split: str = "train800val200",
-    *,
-    mean: Sequence[float],
-    std: Sequence[float],
-    seed: int,
-    global_batch: int = GLOBAL_BATCH,
-    image_size: int = IMAGE_SIZE,
-    data_dir: str | Path | None = None,
-    mesh: Mesh | None = None,
-) -> TrainLoader:
-    """Training batches of a VTAB-1k task (shuffled per epoch, last partial batch dropped).
-
-    `mean`/`std` are the ported model's `pretrained_cfg['mean'/'std']`.
-    """
-    spec, builder, split_str = _vtab_split(task, split, data_dir)
-    return tfds_train_loader(
-        builder,
-        split_str,
-        spec.image_fn,
-        spec.label_fn,
-        mean=mean,
-        std=std,
-        seed=seed,
-        global_batch=global_batch,
-        cache=split in CACHED_SPLITS,
-        image_size=image_size,
-        mesh=mesh,
-    )
-
-
-def vtab_eval_loader(
-    task: str | TaskSpec,
-    split: str = "test",
-    *,
-    mean: Sequence[float],
-    std: Sequence[float],
-    global_batch: int = GLOBAL_BATCH,
-    image_size: int = IMAGE_SIZE,
-    data_dir: str | Path | None = None,
-    mesh: Mesh | None = None,
-) -> EvalLoader:
-    """Evaluation batches of a VTAB-1k task over this process's slice of `split`, with 'mask'
-    marking the real examples of the padded last batch."""
-    spec, builder, split_str = _vtab_split(task, split, data_dir)
-    return tfds_eval_loader(
-        builder,
-        split_str,
-        spec.image_fn,
-        spec.label_fn,
-        mean=mean,
-        std=std,
-        global_batch=global_batch,
-        cache=split in CACHED_SPLITS,
-        image_size=image_size,
-        mesh=mesh,
-    )
-
-
-# ----------------------------------------------------------------------------------------------
-# Download and prepare.
-
-_PIP_NAMES = {"cv2": "opencv-python-headless", "scipy": "scipy", "h5py": "h5py"}
-
-
-def manual_dir_for(builder, manual_dir: str | Path | None = None) -> Path:
-    """`manual_dir`, or TFDS's default `<data_dir>/downloads/manual`."""
-    if manual_dir is not None:
-        return Path(manual_dir)
-    return Path(builder.data_dir_root) / "downloads" / "manual"
-
-
-def _prepare_problem(spec: _BuilderSpec, manual_dir: Path) -> str | None:
-    """Why `spec` cannot be prepared now (missing manual files or pip extras), or None."""
-    missing = [f for f in spec.manual_files if not (manual_dir / f).exists()]
-    if missing:
-        return (
-            f"{spec.name}: missing in {manual_dir}: {', '.join(missing)}.\n  "
-            + spec.manual.replace("MANUAL_DIR", str(manual_dir))
-        )
-    modules = [m for m in spec.extras if importlib.util.find_spec(m) is None]
-    if modules:
-        packages = " ".join(_PIP_NAMES[m] for m in modules)
-        return f"{spec.name}: preparing it needs `pip install {packages}`"
-    return None
-
-
-def _resolve_targets(names: Iterable[str]) -> list[_BuilderSpec]:
-    """Task / FGVC names ('all' = the 19 VTAB tasks, 'fgvc' = the FGVC datasets TFDS has) ->
-    specs, one per TFDS builder."""
-    from adapter_plus_jax import fgvc  # fgvc imports this module
-
-    specs: dict[str, _BuilderSpec] = {}
-    for name in names:
-        if name == "all":
-            found = list(TASKS.values())
-        elif name == "fgvc":
-            found = [s for s in fgvc.FGVC.values() if s.tfds_name]
-        elif name in TASKS:
-            found = [TASKS[name]]
-        elif name in fgvc.FGVC and fgvc.FGVC[name].tfds_name:
-            found = [fgvc.FGVC[name]]
-        elif name in fgvc.FGVC:
-            raise ValueError(
-                f"{name} has no TFDS builder; see adapter_plus_jax.fgvc for its layout"
-            )
-        else:
-            known = ", ".join([*TASKS, *fgvc.FGVC])
-            raise ValueError(f"unknown dataset {name!r}; known: all, fgvc, {known}")
-        for spec in found:
-            specs.setdefault(spec.tfds_name, spec)
-    return list(specs.values())
-
-
-def prepare(
-    names: Iterable[str],
-    data_dir: str | Path | None = None,
-    manual_dir: str | Path | None = None,
-) -> None:
-    """Download and prepare the TFDS datasets of `names` into `data_dir` (None: TFDS default).
-
-    Prepared datasets are skipped. Datasets that need files TFDS cannot fetch (resisc45 and
-    retinopathy are manual; sun397 and cars196 have dead URLs) are prepared only when those
-    files are in `manual_dir` (default `<data_dir>/downloads/manual`); the others go on, and a
-    `ManualDownloadError` at the end says exactly which file to place where.
-    """
-    from tqdm import tqdm  # a TFDS dependency
-
-    problems = []
-    specs = _resolve_targets(names)
-    bar = tqdm(specs, desc="datasets", unit="dataset")
-    for spec in bar:
-        bar.set_postfix_str(spec.tfds_name)
-        builder = tfds_builder(spec, data_dir)
-        if builder.is_prepared():
-            continue
-        mdir = manual_dir_for(builder, manual_dir)
-        problem = _prepare_problem(spec, mdir)
-        if problem:
-            problems.append(problem)
-            continue
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(manual_dir=str(mdir))
-        )
-    if problems:
-        raise ManualDownloadError("\n".join(problems))
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m adapter_plus_jax.data",
-        description="Download and prepare the TFDS datasets of VTAB-1k and FGVC.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    prep = sub.add_parser("prepare", help="download and prepare TFDS datasets")
-    prep.add_argument(
-        "--tasks",
-        nargs="+",
-        default=["all"],
-        help="VTAB task or FGVC names, 'all' (VTAB-1k) or 'fgvc'; commas also separate",
-    )
-    prep.add_argument("--data-dir", default=None, help="TFDS data_dir (default: TFDS's)")
-    prep.add_argument("--manual-dir", default=None, help="default: DATA_DIR/downloads/manual")
-    args = parser.parse_args(argv)
-    names = [n for arg in args.tasks for n in arg.split(",") if n]
-    try:
-        prepare(names, args.data_dir, args.manual_dir)
-    except (ManualDownloadError, TFDSVersionError, ValueError) as e:
-        sys.exit(f"error: {e}")
-
-
-if __name__ == "__main__":
-    main()

@@ -5,7 +5,8 @@
     python main.py --config configs/vtab.py:svhn,dim=8 --config.epochs=50 --workdir runs/svhn_r8
 
 Arguments after ':' (comma-separated; the first is the task):
-  method   adapter_plus (default) | lora | vpt | linear | finetune
+  method   adapter_plus (default) | lora | vpt | linear | finetune, or another adapter
+           position: post | pre | intermediate | parallel | houlsby | pfeiffer
   dim      Adapter+ rank r; 0 (default) takes the per-task r of `dims`. LoRA uses 8.
   dims     dim1-32 (default) | dim1-8 | dim1-4: the paper's per-task r chosen from [1..r_max]
   tokens   VPT prompt tokens; 0 (default) takes the paper's per-task count
@@ -20,7 +21,7 @@ import ml_collections
 
 from adapter_plus_jax import config as cfglib
 
-# ../shared/vtab1k-spec.md section 8.6: task -> (dim1-4, dim1-8, dim1-32, VPT tokens).
+# docs/recipe.md section 9: task -> (dim1-4, dim1-8, dim1-32, VPT tokens).
 TASK_SETTINGS = {
     "cifar100": (1, 1, 1, 10),
     "caltech101": (4, 4, 4, 10),

@@ -1,6 +1,6 @@
 """The 19 VTAB-1k tasks: TFDS builders, 1k split strings, label and image transforms.
 
-This follows ../shared/vtab1k-spec.md sections 1-3 and 6, i.e. the VTAB readers of
+This follows docs/recipe.md sections 1-3, i.e. the VTAB readers of
 google-research/task_adaptation as copied by VPT and used by Adapter+ (which pins `kitti:3.3.0`).
 
 Every task reads a TFDS builder with `shuffle_files=False` and maps each example to
@@ -191,7 +191,7 @@ class TaskSpec:
 
     @property
     def splits(self) -> dict[str, str]:
-        """The split strings for the standard split sizes (spec section 2)."""
+        """The split strings for the standard split sizes (docs/recipe.md, section 2)."""
         return self.split_strings()
 
 

@@ -1,0 +1,1 @@
+"""The experiment configs (runnable documentation); `configs/` at the repository root links here."""

@@ -1,0 +1,262 @@
+"""The datasets the runner knows, by `config.dataset`: each one's class count (checked before
+any compute: a known task, a prepared dataset) and its train and eval loaders. A new dataset is
+added here, in `DATASETS`.
+
+Also the VTAB-1k loaders: the task table (`vtab.TASKS`) read through `tfds_io`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from jax.sharding import Mesh
+
+from adapter_plus_jax.data.pipeline import (
+    CACHED_SPLITS,
+    GLOBAL_BATCH,
+    IMAGE_SIZE,
+    EvalLoader,
+    TrainLoader,
+)
+from adapter_plus_jax.data.tfds_io import tfds_builder, tfds_eval_loader, tfds_train_loader
+from adapter_plus_jax.data.vtab import SPLIT_NAMES, TASKS, TaskSpec, get_task
+from adapter_plus_jax.errors import SetupError
+
+log = logging.getLogger(__name__)
+
+# ----------------------------------------------------------------------------------------------
+# VTAB-1k loaders.
+
+
+def vtab_splits(spec: TaskSpec, builder) -> dict[str, str]:
+    """The task's split strings for the prepared builder's `train` size, as the reference
+    computes them (the standard size when the builder has no split info, e.g. when mocked)."""
+    if spec.train_percent is None or "train" not in builder.info.splits:
+        return spec.splits
+    n = builder.info.splits["train"].num_examples
+    if n != spec.num_train:
+        log.warning(
+            "%s: the train split has %d examples, not the standard %d; the 1k subsets differ "
+            "from the paper's",
+            spec.name,
+            n,
+            spec.num_train,
+        )
+    return spec.split_strings(n)
+
+
+def _vtab_split(task: str | TaskSpec, split: str, data_dir: str | Path | None):
+    spec = get_task(task)
+    if split not in SPLIT_NAMES:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLIT_NAMES}")
+    builder = tfds_builder(spec, data_dir)
+    return spec, builder, vtab_splits(spec, builder)[split]
+
+
+def vtab_train_loader(
+    task: str | TaskSpec,
+    split: str = "train800val200",
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    seed: int,
+    global_batch: int = GLOBAL_BATCH,
+    image_size: int = IMAGE_SIZE,
+    data_dir: str | Path | None = None,
+    mesh: Mesh | None = None,
+) -> TrainLoader:
+    """Training batches of a VTAB-1k task (shuffled per epoch, last partial batch dropped).
+
+    `mean`/`std` are the ported model's `pretrained_cfg['mean'/'std']`.
+    """
+    spec, builder, split_str = _vtab_split(task, split, data_dir)
+    return tfds_train_loader(
+        builder,
+        split_str,
+        spec.image_fn,
+        spec.label_fn,
+        mean=mean,
+        std=std,
+        seed=seed,
+        global_batch=global_batch,
+        cache=split in CACHED_SPLITS,
+        image_size=image_size,
+        mesh=mesh,
+    )
+
+
+def vtab_eval_loader(
+    task: str | TaskSpec,
+    split: str = "test",
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    global_batch: int = GLOBAL_BATCH,
+    image_size: int = IMAGE_SIZE,
+    data_dir: str | Path | None = None,
+    mesh: Mesh | None = None,
+) -> EvalLoader:
+    """Evaluation batches of a VTAB-1k task over this process's slice of `split`, with 'mask'
+    marking the real examples of the padded last batch."""
+    spec, builder, split_str = _vtab_split(task, split, data_dir)
+    return tfds_eval_loader(
+        builder,
+        split_str,
+        spec.image_fn,
+        spec.label_fn,
+        mean=mean,
+        std=std,
+        global_batch=global_batch,
+        cache=split in CACHED_SPLITS,
+        image_size=image_size,
+        mesh=mesh,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# The registry.
+
+
+@dataclasses.dataclass(frozen=True)
+class LoaderArgs:
+    """What every dataset's loaders take besides the config."""
+
+    image_size: int
+    mean: Sequence[float]
+    std: Sequence[float]
+    mesh: Mesh
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """num_classes(config): the class count, after checking that the data can be read (raises
+    SetupError with what to do). loaders(config, args): (train loader, eval loader)."""
+
+    num_classes: Callable[[Any], int]
+    loaders: Callable[[Any, LoaderArgs], tuple[TrainLoader, EvalLoader]]
+
+
+def _train_args(config: Any, args: LoaderArgs) -> dict[str, Any]:
+    return dict(seed=config.seed, global_batch=config.batch_size, mean=args.mean, std=args.std,
+                mesh=args.mesh)  # fmt: skip
+
+
+def _eval_args(config: Any, args: LoaderArgs) -> dict[str, Any]:
+    return dict(global_batch=config.eval_batch_size, mean=args.mean, std=args.std, mesh=args.mesh)
+
+
+def _check_prepared(tfds_name: str, data_dir: str | None, how: str) -> None:
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(tfds_name, data_dir=data_dir)
+    except Exception as e:  # TFDS raises several types for unknown names and versions
+        raise SetupError(f"Cannot open TFDS dataset {tfds_name!r}: {e}") from e
+    if not builder.is_prepared():
+        raise SetupError(
+            f"The dataset {tfds_name} is not prepared in {builder.data_dir_root}. "
+            f"Prepare it first ({how}), or point --config.data_dir at the directory that has it."
+        )
+
+
+def _vtab_classes(config: Any) -> int:
+    if config.task not in TASKS:
+        raise SetupError(f"Unknown VTAB-1k task {config.task!r}; expected one of {sorted(TASKS)}.")
+    _check_prepared(
+        TASKS[config.task].tfds_name,
+        config.data_dir,
+        f"python -m adapter_plus_jax.data prepare --tasks {config.task}",
+    )
+    return TASKS[config.task].num_classes
+
+
+def _vtab_loaders(config: Any, args: LoaderArgs) -> tuple[TrainLoader, EvalLoader]:
+    common = dict(image_size=args.image_size, data_dir=config.data_dir)
+    return (
+        vtab_train_loader(config.task, config.train_split, **_train_args(config, args), **common),
+        vtab_eval_loader(config.task, config.eval_split, **_eval_args(config, args), **common),
+    )
+
+
+def _fgvc_classes(config: Any) -> int:
+    from adapter_plus_jax.data import fgvc
+
+    if config.task not in fgvc.FGVC:
+        raise SetupError(
+            f"Unknown FGVC dataset {config.task!r}; expected one of {sorted(fgvc.FGVC)}."
+        )
+    spec = fgvc.FGVC[config.task]
+    if config.fgvc_root:
+        if not Path(config.fgvc_root, "train.json").is_file():
+            raise SetupError(f"{config.fgvc_root} has no train.json (VPT's FGVC layout).")
+    elif not spec.tfds_name:
+        raise SetupError(
+            f"{config.task} has no TFDS builder; set --config.fgvc_root to its folder in "
+            "VPT's layout (train.json, val.json, test.json and the images)."
+        )
+    else:
+        _check_prepared(
+            spec.tfds_name,
+            config.data_dir,
+            f"python -m adapter_plus_jax.data prepare --tasks {config.task}",
+        )
+    return spec.num_classes
+
+
+def _fgvc_loaders(config: Any, args: LoaderArgs) -> tuple[TrainLoader, EvalLoader]:
+    from adapter_plus_jax.data import fgvc
+
+    # FGVC crops to 224 whatever the model's size; the model must take 224 x 224.
+    common = dict(data_dir=config.data_dir, root=config.fgvc_root)
+    return (
+        fgvc.fgvc_train_loader(
+            config.task, config.train_split, **_train_args(config, args), **common
+        ),
+        fgvc.fgvc_eval_loader(config.task, config.eval_split, **_eval_args(config, args), **common),
+    )
+
+
+def _tfds_classes(config: Any) -> int:
+    _check_prepared(config.tfds_name, config.data_dir, "tfds build / download_and_prepare")
+    return config.num_classes
+
+
+def _demo_classes(config: Any) -> int:
+    from adapter_plus_jax.data import demo
+
+    demo.prepare(config.data_dir)  # no network; writes the dataset once
+    return config.num_classes
+
+
+def _tfds_loaders(config: Any, args: LoaderArgs) -> tuple[TrainLoader, EvalLoader]:
+    """A TFDS dataset with 'image' and 'label', resized like VTAB."""
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder(config.tfds_name, data_dir=config.data_dir)
+    fields = (lambda ex: ex["image"], lambda ex: ex["label"])
+    size = dict(image_size=args.image_size)
+    return (
+        tfds_train_loader(builder, config.train_split, *fields, cache=True,
+                          **_train_args(config, args), **size),
+        tfds_eval_loader(builder, config.eval_split, *fields, cache=False,
+                         **_eval_args(config, args), **size),
+    )  # fmt: skip
+
+
+DATASETS: dict[str, Dataset] = {
+    "vtab": Dataset(_vtab_classes, _vtab_loaders),
+    "fgvc": Dataset(_fgvc_classes, _fgvc_loaders),
+    "tfds": Dataset(_tfds_classes, _tfds_loaders),
+    "demo": Dataset(_demo_classes, _tfds_loaders),
+}
+
+
+def get_dataset(name: str) -> Dataset:
+    """`DATASETS[name]`, with a clear error for an unknown name."""
+    if name not in DATASETS:
+        raise SetupError(f"Unknown dataset {name!r}; expected one of {sorted(DATASETS)}.")
+    return DATASETS[name]

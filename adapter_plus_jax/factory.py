@@ -1,0 +1,174 @@
+"""`create_model`: the one door to a timm ViT in Flax with Adapter+ (or LoRA, VPT), pretrained.
+
+    module, variables = create_model(
+        "vit_base_patch16_224.orig_in21k", num_classes=47, adapter=AdapterSpec(),
+        rng=jax.random.key(0))
+
+The backbone comes from a directory written by `port_weights.py` (or `save_pretrained`), or
+from a timm name: looked up in WEIGHTS_DIR/<name>, and ported there on first use (that needs
+the `port` extra: torch, timm; online, or with the weights in the Hugging Face cache). The PEFT
+modules and a new head (when `num_classes` differs from the checkpoint's) are freshly
+initialised from `rng`. Loading a ported directory needs neither torch nor TensorFlow.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from adapter_plus_jax.errors import SetupError
+from adapter_plus_jax.model import VisionTransformer
+from adapter_plus_jax.params import init_params
+from adapter_plus_jax.peft import AdapterSpec, LoRASpec, PromptSpec
+from adapter_plus_jax.pretrained import CONFIG_FILE, load_pretrained
+
+DEFAULT_WEIGHTS_DIR = "~/.cache/adapter_plus_jax"
+
+
+def _spec(value: Any, cls: type) -> Any:
+    """None, a spec, True (the default spec) or a mapping of the reference's field names."""
+    if value is None or isinstance(value, cls):
+        return value
+    if value is True:
+        return cls()
+    if isinstance(value, Mapping) or hasattr(value, "to_dict"):
+        return cls.from_config(value)
+    raise TypeError(f"Expected {cls.__name__}, True, a mapping or None; got {value!r}.")
+
+
+def _key(rng: jax.Array | int) -> jax.Array:
+    return jax.random.key(rng) if isinstance(rng, int) else rng
+
+
+def _torch_seed(rng: jax.Array) -> int:
+    """An int seed for torch from a JAX key: `seed` itself for `jax.random.key(seed)`."""
+    words = [int(w) for w in np.asarray(jax.random.key_data(rng)).ravel()]
+    return sum(w << (32 * i) for i, w in enumerate(reversed(words[-2:])))
+
+
+def weights_path(name: str, weights_dir: str | os.PathLike | None = None) -> Path:
+    """Where the ported backbone of timm model `name` is kept."""
+    return Path(os.path.expanduser(weights_dir or DEFAULT_WEIGHTS_DIR)) / name
+
+
+def ensure_ported(name: str, weights_dir: str | os.PathLike | None = None) -> Path:
+    """The ported backbone's directory of timm model `name`; ports it on first use."""
+    path = weights_path(name, weights_dir)
+    if (path / CONFIG_FILE).is_file():
+        return path
+    fix = (
+        "When offline, port a downloaded checkpoint first: python port_weights.py --model "
+        f"{name} --checkpoint FILE --out {path}"
+    )
+    try:
+        from adapter_plus_jax import port
+    except ImportError as e:
+        raise SetupError(
+            f"No ported weights for {name} at {path}, and porting needs torch and timm "
+            f"(pip install 'adapter_plus_jax[port]'). {fix}"
+        ) from e
+    print(f"No ported weights at {path}; porting {name} from timm ...", flush=True)
+    if port.main(["--model", name, "--out", str(path)]) != 0:
+        raise SetupError(
+            f"Missing ported weights for {name} at {path}, and porting them failed (see above). "
+            + fix
+        )
+    return path
+
+
+def _random_backbone(
+    name: str, num_classes: int, rng: jax.Array, img_size: Any, timm_kwargs: Mapping[str, Any]
+) -> tuple[VisionTransformer, dict]:
+    """timm's architecture `name` with timm's random init, seeded from `rng`."""
+    try:
+        import timm
+        import torch
+    except ImportError as e:
+        raise SetupError(
+            "pretrained=False builds the timm architecture, which needs torch and timm: "
+            "pip install 'adapter_plus_jax[port]'."
+        ) from e
+    from adapter_plus_jax.convert import from_timm
+
+    kwargs = dict(timm_kwargs)
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+    torch.manual_seed(_torch_seed(rng))
+    model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+    return from_timm(model.eval())
+
+
+def create_model(
+    name_or_dir: str | os.PathLike,
+    *,
+    num_classes: int,
+    adapter: AdapterSpec | Mapping | bool | None = None,
+    lora: LoRASpec | Mapping | bool | None = None,
+    prompt: PromptSpec | Mapping | bool | None = None,
+    pretrained: bool = True,
+    rng: jax.Array | int,
+    img_size: int | tuple[int, int] | None = None,
+    drop_path_rate: float = 0.1,
+    dtype: Any = "float32",
+    remat: bool = False,
+    weights_dir: str | os.PathLike | None = None,
+    **timm_kwargs: Any,
+) -> tuple[VisionTransformer, dict]:
+    """A ViT with PEFT modules and its variables ({'params': ...}).
+
+    Args:
+      name_or_dir: a directory written by port_weights.py / `save_pretrained`, or a timm model
+        name (e.g. 'vit_base_patch16_224.orig_in21k').
+      num_classes: classes of the head; a new head is drawn when it differs from the
+        checkpoint's (0: no head, `apply` returns the pre-logit features).
+      adapter, lora, prompt: the PEFT modules: a spec (`AdapterSpec()` is Adapter+), True for
+        the default spec, a mapping with the reference's field names, or None.
+      pretrained: False builds timm's architecture with timm's random init (no download).
+      rng: a JAX key (or int seed) for the fresh parameters.
+      img_size: build for this input size (position embeddings resampled as timm does).
+      drop_path_rate: stochastic depth at the last block (linear over depth, as timm).
+      dtype: compute dtype ('float32' or 'bfloat16'); parameters stay float32.
+      remat: recompute block activations in the backward pass (less memory, more time).
+      weights_dir: where ported timm names live (default ~/.cache/adapter_plus_jax).
+      **timm_kwargs: `timm.create_model` arguments for `pretrained=False` (e.g. depth=4).
+
+    Raises SetupError (a ValueError) with what to do when the weights cannot be found or
+    ported, ValueError for bad PEFT settings.
+    """
+    rng = _key(rng)
+    specs = dict(
+        adapter=_spec(adapter, AdapterSpec),
+        lora=_spec(lora, LoRASpec),
+        prompt=_spec(prompt, PromptSpec),
+    )
+    is_dir = Path(name_or_dir, CONFIG_FILE).is_file()
+    if is_dir and not pretrained:
+        raise ValueError(
+            f"{name_or_dir} is a ported directory; pretrained=False takes a timm model name."
+        )
+    if timm_kwargs and pretrained:
+        raise ValueError(
+            f"timm keyword arguments {sorted(timm_kwargs)} only apply with pretrained=False; "
+            "a pretrained backbone has the architecture it was ported with."
+        )
+    if pretrained:
+        path = Path(name_or_dir) if is_dir else ensure_ported(str(name_or_dir), weights_dir)
+        head_rng = jax.random.fold_in(rng, 1)
+        backbone, variables, _ = load_pretrained(path, img_size, num_classes, head_rng)
+    else:
+        backbone, variables = _random_backbone(
+            str(name_or_dir), num_classes, rng, img_size, timm_kwargs
+        )
+    config = backbone.config.replace(drop_path_rate=drop_path_rate)
+    module = VisionTransformer(config, dtype=jnp.dtype(dtype), remat=remat, **specs)
+    try:
+        params = init_params(module, variables["params"], rng)
+    except ValueError as e:
+        raise SetupError(str(e)) from e
+    return module, {"params": params}

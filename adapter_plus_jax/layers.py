@@ -1,0 +1,126 @@
+"""Basic layers with timm's semantics, knowing nothing of adapters: initialisers, activations,
+stochastic depth, the MLP, LayerScale and softmax attention.
+
+Every product goes through `precision` (float32 as nn.Dense computes it; bfloat16 accumulated
+in float32, as torch autocast does).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from adapter_plus_jax.precision import Dense, einsum
+
+# ----------------------------------------------------------------------------------------------
+# Initializers (torch semantics).
+
+
+def trunc_normal(std: float, cutoff: float = 2.0):
+    """Normal(0, std) truncated at +-cutoff*std, without variance correction (torch's
+    `trunc_normal_(std=std, a=-cutoff*std, b=cutoff*std)`)."""
+
+    def init(key, shape, dtype=jnp.float32):
+        return std * jax.random.truncated_normal(key, -cutoff, cutoff, shape, dtype)
+
+    return init
+
+
+def torch_linear_uniform(fan_in: int):
+    """torch.nn.Linear's default init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), for weight and bias."""
+    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+# ----------------------------------------------------------------------------------------------
+# Activations, stochastic depth, and the layers of a transformer block.
+
+
+def _gelu(x: jax.Array) -> jax.Array:
+    # torch's formula; jax.nn.gelu's erfc form costs XLA:CPU twice the time.
+    return 0.5 * x * (1.0 + jax.lax.erf(x * np.float32(0.5**0.5)))
+
+
+_ACTIVATIONS = {
+    "gelu": _gelu,
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+}
+
+
+def activation(name: str):
+    """The MLP activations timm's ViTs use. Low-precision inputs are computed in float32 and
+    rounded once, as torch's kernels do (op by op in bfloat16, each step would round)."""
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"Unknown activation {name!r}; expected one of {sorted(_ACTIVATIONS)}.")
+    fn = _ACTIVATIONS[name]
+    return lambda x: fn(x.astype(jnp.promote_types(x.dtype, jnp.float32))).astype(x.dtype)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drops the whole branch per sample and rescales by 1/keep (as timm)."""
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        if not train or self.rate == 0.0:
+            return x
+        return nn.Dropout(self.rate, broadcast_dims=tuple(range(1, x.ndim)))(x, deterministic=False)
+
+
+def dense(features: int, name: str, dtype: Any, use_bias: bool = True) -> Dense:
+    # timm's init for Linear layers: trunc_normal(std=.02) (cut at +-2 absolute), zero bias.
+    return Dense(
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        name=name,
+        kernel_init=trunc_normal(0.02, cutoff=100.0),
+    )
+
+
+class Mlp(nn.Module):
+    """timm `Mlp`: fc1, activation, dropout, fc2, dropout."""
+
+    hidden_dim: int
+    act: str = "gelu"
+    dropout: float = 0.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        out_dim = x.shape[-1]
+        x = activation(self.act)(dense(self.hidden_dim, "fc1", self.dtype)(x))
+        x = nn.Dropout(self.dropout)(x, deterministic=not train)
+        x = dense(out_dim, "fc2", self.dtype)(x)
+        return nn.Dropout(self.dropout)(x, deterministic=not train)
+
+
+class LayerScale(nn.Module):
+    """timm `LayerScale`: a learned per-channel gain."""
+
+    init_values: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        gamma = self.param("gamma", nn.initializers.constant(self.init_values), (x.shape[-1],))
+        return x * gamma
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, drop: nn.Module, train: bool) -> jax.Array:
+    """softmax(q k^T / sqrt(d)) v on [batch, tokens, heads, head_dim]; the softmax in float32."""
+    scale = q.shape[-1] ** -0.5
+    logits = einsum("bqhd,bkhd->bhqk", q * scale, k)
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+    weights = drop(weights, deterministic=not train)
+    return einsum("bhqk,bkhd->bqhd", weights, v)
