@@ -1,5 +1,5 @@
 """Basic layers with timm's semantics, knowing nothing of adapters: initialisers, activations,
-stochastic depth, the MLP, LayerScale and softmax attention.
+stochastic depth, the MLP, LayerScale, softmax attention and the attention pool.
 
 Every product goes through `precision` (float32 as nn.Dense computes it; bfloat16 accumulated
 in float32, as torch autocast does).
@@ -124,3 +124,27 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, drop: nn.Module, train: boo
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
     weights = drop(weights, deterministic=not train)
     return einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+class AttentionPool(nn.Module):
+    """timm `AttentionPoolLatent` ('map' global pool): a learned latent query attends to the
+    tokens, followed by a residual MLP; returns the first latent."""
+
+    num_heads: int
+    mlp_dim: int
+    norm_eps: float = 1e-6
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, n, c = x.shape
+        heads = (self.num_heads, c // self.num_heads)
+        latent = self.param("latent", trunc_normal(c**-0.5), (1, 1, c))
+        q = dense(c, "q", self.dtype)(jnp.broadcast_to(latent, (b, 1, c))).reshape(b, 1, *heads)
+        kv = dense(2 * c, "kv", self.dtype)(x).reshape(b, n, 2, *heads)
+        y = attend(q, kv[:, :, 0], kv[:, :, 1], lambda w, deterministic: w, False)
+        y = dense(c, "proj", self.dtype)(y.reshape(b, 1, c))
+        y = y + Mlp(self.mlp_dim, "gelu", 0.0, self.dtype, name="mlp")(
+            nn.LayerNorm(epsilon=self.norm_eps, name="norm")(y), False
+        )
+        return y[:, 0]

@@ -23,7 +23,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from adapter_plus_jax.layers import DropPath, LayerScale, Mlp, attend, dense, trunc_normal
+from adapter_plus_jax.layers import (
+    AttentionPool,
+    DropPath,
+    LayerScale,
+    Mlp,
+    attend,
+    dense,
+    trunc_normal,
+)
 from adapter_plus_jax.peft import Adapter, AdapterSpec, LoRASpec, PromptSpec, prompt_init
 
 GLOBAL_POOLS = ("", "token", "avg", "max", "avgmax", "map")
@@ -276,30 +284,6 @@ class Block(nn.Module):
         prompt = nn.Dropout(self.prompt.dropout)(prompt, deterministic=not train)
         start = cfg.num_prefix_tokens
         return jnp.concatenate([x[:, :start], prompt, x[:, start + t :]], axis=1)
-
-
-class AttentionPool(nn.Module):
-    """timm `AttentionPoolLatent` ('map' global pool): a learned latent query attends to the
-    tokens, followed by a residual MLP; returns the first latent."""
-
-    num_heads: int
-    mlp_dim: int
-    norm_eps: float = 1e-6
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        b, n, c = x.shape
-        heads = (self.num_heads, c // self.num_heads)
-        latent = self.param("latent", trunc_normal(c**-0.5), (1, 1, c))
-        q = dense(c, "q", self.dtype)(jnp.broadcast_to(latent, (b, 1, c))).reshape(b, 1, *heads)
-        kv = dense(2 * c, "kv", self.dtype)(x).reshape(b, n, 2, *heads)
-        y = attend(q, kv[:, :, 0], kv[:, :, 1], lambda w, deterministic: w, False)
-        y = dense(c, "proj", self.dtype)(y.reshape(b, 1, c))
-        y = y + Mlp(self.mlp_dim, "gelu", 0.0, self.dtype, name="mlp")(
-            nn.LayerNorm(epsilon=self.norm_eps, name="norm")(y), False
-        )
-        return y[:, 0]
 
 
 class VisionTransformer(nn.Module):
