@@ -196,8 +196,7 @@ def test_create_model_rejects_bad_arguments(ported, kwargs, error, match) -> Non
         apj.create_model(ported, num_classes=2, rng=0, **kwargs)
 
 
-def test_create_model_without_weights_offline_says_how_to_port(tmp_path, monkeypatch) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_create_model_without_weights_offline_says_how_to_port(tmp_path, hf_offline) -> None:
     with pytest.raises(apj.SetupError, match="port_weights.py --model vit_tiny_patch16_224"):
         apj.create_model("vit_tiny_patch16_224", num_classes=2, rng=0, weights_dir=tmp_path)
     assert list(tmp_path.iterdir()) == []

@@ -102,8 +102,7 @@ def test_bad_command_line_fails_with_a_clear_message(tmp_path, args, message) ->
     assert not (tmp_path / "w").exists()
 
 
-def test_missing_weights_offline_fails_before_compute(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_missing_weights_offline_fails_before_compute(tmp_path: Path, hf_offline) -> None:
     config = _load_config("demo")
     config.model.pretrained = True
     config.model.weights_dir = str(tmp_path / "weights")
