@@ -7,8 +7,10 @@
     python main.py --config configs/demo.py --workdir runs/demo      # offline demo, ~1 min CPU
 
 `--config.KEY=VALUE` sets any field of the config (nested keys with dots; unknown keys are
-rejected). Rerunning a command with the same --workdir resumes from its last checkpoint. On
-several hosts, start the same command on each with --distributed.
+rejected). Rerunning a command with the same --workdir resumes from its last good checkpoint
+(a finished run prints its results); a checkpoint made with another config is refused unless
+--allow_config_change. Other libraries' logs go to WORKDIR/log.txt (--verbose: the console).
+On several hosts, start the same command on each with --distributed.
 """
 
 from __future__ import annotations
@@ -32,6 +34,14 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     parser.add_argument(
         "--distributed", action="store_true", help="jax.distributed.initialize() (multi-host)"
     )
+    parser.add_argument(
+        "--allow_config_change",
+        action="store_true",
+        help="resume a checkpoint made with another config, with the new values",
+    )
+    parser.add_argument(
+        "--verbose", action="store_true", help="show other libraries' logs (else WORKDIR/log.txt)"
+    )
     args, rest = parser.parse_known_args(argv)
     overrides, i = [], 0
     while i < len(rest):
@@ -50,12 +60,16 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
 
 def main(argv: Sequence[str] | None = None) -> None:
     args, overrides = parse_args(argv)
+    from adapter_plus_jax import console
+
+    console.show_libraries() if args.verbose else console.quiet_libraries()
     from adapter_plus_jax import config as cfglib
 
     try:
         config = cfglib.load_config(args.config)
         cfglib.apply_overrides(config, overrides)
-    except ValueError as e:
+        cfglib.validate(config)
+    except ValueError as e:  # SetupError included
         sys.exit(f"main.py: error: {e}")
     import jax
 
@@ -64,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from adapter_plus_jax import runner
 
     try:
-        runner.run(config, args.workdir, eval_only=args.eval_only)
+        runner.run(config, args.workdir, args.eval_only, args.allow_config_change)
     except (runner.SetupError, FloatingPointError) as e:
         sys.exit(f"main.py: error: {e}")
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import importlib.util
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from typing import Any
 import ml_collections
 
 from adapter_plus_jax import peft
+from adapter_plus_jax.errors import SetupError
 
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 # Keys under which a config may gain new entries: free-form keyword arguments.
@@ -191,3 +193,62 @@ def apply_method(c: ml_collections.ConfigDict, method: str, dim: int, num_tokens
         spec = getattr(m, key)
         if spec is not None:
             c[key] = spec_config(spec)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checking a config before anything is loaded.
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# field -> (check, what it must be). Each check gets the value and the whole config.
+_RULES: dict[str, tuple[Any, str]] = {
+    "batch_size": (lambda v, c: _integer(v) and v >= 1, "a positive integer"),
+    "eval_batch_size": (lambda v, c: _integer(v) and v >= 1, "a positive integer"),
+    "epochs": (lambda v, c: _integer(v) and v >= 1, "a positive integer"),
+    "warmup_epochs": (lambda v, c: _integer(v) and v >= 0, "an integer >= 0"),
+    "lr": (lambda v, c: _number(v) and v > 0, "a positive number"),
+    "lr_start_factor": (lambda v, c: _number(v) and v > 0, "a positive number"),
+    "lr_min_factor": (lambda v, c: _number(v) and v > 0, "a positive number"),
+    "weight_decay": (lambda v, c: _number(v) and v >= 0, "a number >= 0"),
+    "label_smoothing": (lambda v, c: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "grad_clip": (lambda v, c: v is None or (_number(v) and v > 0), "None or a positive number"),
+    "seed": (lambda v, c: _integer(v) and 0 <= v < 2**32, "an integer in [0, 2**32)"),
+    "checkpoint_every_epochs": (lambda v, c: _integer(v) and v >= 1, "a positive integer"),
+    "log_every_steps": (lambda v, c: _integer(v) and v >= 1, "a positive integer"),
+    "model.drop_path_rate": (lambda v, c: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "model.dtype": (lambda v, c: v in ("float32", "bfloat16"), "'float32' or 'bfloat16'"),
+    "train_mode": (
+        lambda v, c: v in ("linear", "peft", "train_ln", "finetune"),
+        "linear, peft, train_ln or finetune",
+    ),
+}
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raise SetupError naming every bad value of `config` (one line), before any data or
+    model is loaded."""
+    problems = []
+    for key, (ok, expected) in _RULES.items():
+        *parents, leaf = key.split(".")
+        node = config
+        for part in parents:
+            node = node[part]
+        value = node.get(leaf)
+        if not ok(value, config):
+            problems.append(f"{key}={value!r} (expected {expected})")
+    for key, spec in (("adapter", peft.AdapterSpec), ("lora", peft.LoRASpec),
+                      ("prompt", peft.PromptSpec)):  # fmt: skip
+        if config.get(key) is not None:
+            try:
+                spec.from_config(config[key])
+            except (ValueError, TypeError) as e:
+                problems.append(f"{key}: {str(e).rstrip('.')}")
+    if problems:
+        raise SetupError("Bad config value(s): " + "; ".join(problems) + ".")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import operator
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -237,7 +238,7 @@ def _tfds_loaders(config: Any, args: LoaderArgs) -> tuple[TrainLoader, EvalLoade
     import tensorflow_datasets as tfds
 
     builder = tfds.builder(config.tfds_name, data_dir=config.data_dir)
-    fields = (lambda ex: ex["image"], lambda ex: ex["label"])
+    fields = (operator.itemgetter("image"), operator.itemgetter("label"))
     size = dict(image_size=args.image_size)
     return (
         tfds_train_loader(builder, config.train_split, *fields, cache=True,
