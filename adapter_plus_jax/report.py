@@ -18,6 +18,7 @@ import numpy as np
 from adapter_plus_jax.config import CONFIGS_DIR
 
 RESULTS_MD, PLOT_PNG, SUITE_JSON = "results.md", "params_vs_accuracy.png", "suite.json"
+FAILED_JSON = "failed.json"  # <task>/seed<seed>/failed.json: the last attempt's error
 
 
 # ----------------------------------------------------------------------------------------------
@@ -177,6 +178,19 @@ def summarize(
     )
 
 
+def collect_failures(workdir: Path) -> dict[tuple[str, int], str]:
+    """{(task, seed): error line} of the runs whose last attempt failed (`suite run`)."""
+    failures = {}
+    for path in sorted(workdir.glob(f"*/seed*/{FAILED_JSON}")):
+        seed = int(path.parent.name.removeprefix("seed"))
+        try:
+            error = json.loads(path.read_text())["error"]
+        except (ValueError, KeyError):
+            error = "(unreadable failed.json)"
+        failures[path.parent.parent.name, seed] = error
+    return failures
+
+
 def collect_runs(workdir: Path) -> dict[str, dict[int, dict[str, Any]]]:
     """{task: {seed: results.json}} of the finished runs under workdir/<task>/seed<seed>."""
     runs: dict[str, dict[int, dict[str, Any]]] = {}
@@ -204,9 +218,15 @@ def _params(value: float | None) -> str:
 
 
 def markdown(
-    summary: Summary, method: str, seeds: Sequence[int], plot_link: str, note: str = ""
+    summary: Summary,
+    method: str,
+    seeds: Sequence[int],
+    plot_link: str,
+    note: str = "",
+    failures: Mapping[tuple[str, int], str] | None = None,
 ) -> str:
-    """The report: runs finished, per-task table, summary table beside the paper, the plot."""
+    """The report: runs finished (and failed), per-task table, summary table beside the paper,
+    the plot."""
     bench = summary.bench
     n_runs = len(bench.tasks) * len(seeds)
     done = n_runs - len(summary.missing)
@@ -224,6 +244,9 @@ def markdown(
             by_task.setdefault(task, []).append(seed)
         missing = [f"{t} ({', '.join(map(str, s))})" for t, s in by_task.items()]
         lines[-1] += " Missing (seeds): " + ", ".join(missing) + "."
+    if failures:
+        lines += ["", f"## Failed runs ({len(failures)}; `suite run` again retries them)", ""]
+        lines += [f"- {task} seed {seed}: {error}" for (task, seed), error in failures.items()]
     lines += [
         "",
         "Top-1 test accuracy (%), mean ± population std over seeds. "
@@ -369,7 +392,8 @@ def report(
     plot_png.parent.mkdir(parents=True, exist_ok=True)
     # The image link is relative to the markdown file, so that both can move together.
     link = os.path.relpath(plot_png.resolve(), results_md.parent.resolve())
-    results_md.write_text(markdown(summary, method, seeds, link, note))
+    failures = collect_failures(workdir)
+    results_md.write_text(markdown(summary, method, seeds, link, note, failures))
     plot(summary, method, plot_png)
     print(f"wrote {results_md} and {plot_png}")
     return summary

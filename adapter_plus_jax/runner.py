@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -24,15 +24,29 @@ import ml_collections
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from adapter_plus_jax import config as cfglib
+from adapter_plus_jax import console, precision, train
 from adapter_plus_jax import params as params_lib
-from adapter_plus_jax import precision, train
-from adapter_plus_jax.checkpoint import Checkpointer
+from adapter_plus_jax.checkpoint import CHECKPOINTS_DIR, Checkpointer, has_checkpoints
 from adapter_plus_jax.errors import SetupError
 from adapter_plus_jax.factory import create_model, weights_path
 from adapter_plus_jax.model import VisionTransformer
 from adapter_plus_jax.pretrained import CONFIG_FILE
+from adapter_plus_jax.workdir import (
+    METRICS_FILE,
+    Logger,
+    Resume,
+    WorkdirLock,
+    check_resume,
+    config_record,
+    rewind_metrics,
+    write_json_atomic,
+)
 
 __all__ = ["SetupError", "build_model", "check_batch", "replicate", "run"]
+
+RESULTS_FILE = "results.json"
+EVAL_FILE = "eval.json"
 
 
 def build_model(
@@ -71,12 +85,6 @@ def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
     return jax.device_put(tree, NamedSharding(mesh, P()))
 
 
-def write_json_atomic(path: Path, value: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2, sort_keys=True))
-    os.replace(tmp, path)
-
-
 def lr_schedule(config: ml_collections.ConfigDict, steps: int):
     return train.reference_lr(
         config.lr,
@@ -86,31 +94,6 @@ def lr_schedule(config: ml_collections.ConfigDict, steps: int):
         start_factor=config.lr_start_factor,
         min_factor=config.lr_min_factor,
     )
-
-
-class Logger:
-    """metrics.jsonl and TensorBoard summaries (process 0 only)."""
-
-    def __init__(self, workdir: Path):
-        self.enabled = jax.process_index() == 0
-        if self.enabled:
-            from flax.metrics import tensorboard
-
-            self._jsonl = open(workdir / "metrics.jsonl", "a")  # noqa: SIM115 (closed in close())
-            self._tb = tensorboard.SummaryWriter(str(workdir / "tensorboard"))
-
-    def write(self, step: int, metrics: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
-        self._jsonl.flush()
-        for name, value in metrics.items():
-            self._tb.scalar(name, value, step)
-
-    def close(self) -> None:
-        if self.enabled:
-            self._jsonl.close()
-            self._tb.close()
 
 
 @dataclasses.dataclass
@@ -142,6 +125,7 @@ def setup(config: ml_collections.ConfigDict, workdir: Path) -> Experiment:
         # abort the process when loaded the other way round.
         import timm  # noqa: F401
     from adapter_plus_jax.data import registry
+
     check_batch(config.batch_size)
     check_batch(config.eval_batch_size, "eval_batch_size")
     dataset = registry.get_dataset(config.dataset)
@@ -176,30 +160,28 @@ def setup(config: ml_collections.ConfigDict, workdir: Path) -> Experiment:
     )
 
 
-def restore(exp: Experiment, ckpt: Checkpointer, eval_only: bool) -> int:
-    """Restore the last checkpoint into `exp.state`; returns the epoch to start at."""
-    step = ckpt.latest_step()
-    if step is None:
-        if eval_only:
-            raise SetupError(f"--eval_only: no checkpoint in {exp.workdir / 'checkpoints'}.")
-        return 0
+def restore_state(exp: Experiment, ckpt: Checkpointer, resume: Resume) -> None:
+    """Load the checkpoint `resume` names into `exp.state` (its shapes and shardings)."""
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), exp.state
     )
-    exp.state, meta = ckpt.restore(step, abstract)
-    start_epoch = int(meta["epoch"])
-    print(f"Resumed from {exp.workdir / 'checkpoints'} at epoch {start_epoch}.", flush=True)
-    return start_epoch
+    try:
+        exp.state, _ = ckpt.read(resume.step, abstract)
+    except Exception as e:  # verified a moment ago: the tree no longer fits this model
+        raise SetupError(
+            f"The checkpoint of step {resume.step} in {ckpt.directory} does not fit this "
+            f"model ({type(e).__name__}: {str(e).splitlines()[0][:200]}). Use another --workdir."
+        ) from e
 
 
 def train_epochs(
-    exp: Experiment, ckpt: Checkpointer, logger: Logger, start_epoch: int, epochs: int
+    exp: Experiment, ckpt: Checkpointer, logger: Logger, resume: Resume
 ) -> tuple[float, int]:
-    """Train from `start_epoch` to `epochs`, logging and checkpointing; returns (seconds,
-    images seen)."""
+    """Train from `resume.epoch` to `config.epochs`, logging and checkpointing; returns the
+    run's (seconds, images seen), counting those before the resume."""
     from tqdm import tqdm
 
-    config, steps = exp.config, exp.steps_per_epoch
+    config, steps, epochs = exp.config, exp.steps_per_epoch, exp.config.epochs
     schedule = lr_schedule(config, steps)
     train_step = jax.jit(
         train.make_train_step(
@@ -209,71 +191,115 @@ def train_epochs(
         compiler_options=precision.compiler_options(exp.module.dtype),
     )
     start, images_seen = time.perf_counter(), 0
-    bar = tqdm(total=epochs * steps, initial=start_epoch * steps, disable=epochs == 0,
-               unit="step", dynamic_ncols=True)  # fmt: skip
-    # One pipeline over all remaining epochs, so prefetching runs across epoch boundaries.
-    batches = exp.train_loader.epochs(start_epoch, epochs - start_epoch) if epochs else iter(())
-    # Steps are counted on the host, and the loop waits for the step before the one it has
-    # just dispatched: the host prepares the next batch while the device computes, and no more
-    # than two steps (and their batches) are in flight.
-    previous = None
-    for step, batch in enumerate(batches, start=start_epoch * steps + 1):
-        exp.state, metrics = train_step(
-            exp.state, exp.frozen, batch["image"], batch["label"], batch["mask"]
-        )
-        jax.block_until_ready(previous)
-        previous = metrics
-        images_seen += config.batch_size
-        epoch, end_of_epoch = (step - 1) // steps, step % steps == 0
-        if step % config.log_every_steps == 0 or end_of_epoch:
-            values = {k: float(v) for k, v in metrics.items()}
-            if not math.isfinite(values["loss"]):
-                raise FloatingPointError(
-                    f"Loss is {values['loss']} at step {step} (epoch {epoch}); stopping. "
-                    f"The last good checkpoint in {exp.workdir / 'checkpoints'} is kept "
-                    "(lower the lr or enable grad_clip)."
-                )
-            elapsed = time.perf_counter() - start
-            values.update(lr=float(schedule(step - 1)), images_per_s=images_seen / elapsed)
-            logger.write(step, values)
-            bar.set_postfix(epoch=epoch, loss=f"{values['loss']:.4f}",
-                            acc=f"{values['accuracy']:.3f}", lr=f"{values['lr']:.2e}",
-                            img_s=f"{values['images_per_s']:.0f}")  # fmt: skip
-        bar.update(1)
-        last = epoch + 1 == epochs
-        if end_of_epoch and ((epoch + 1) % config.checkpoint_every_epochs == 0 or last):
-            meta = {"epoch": epoch + 1, "config": config.to_dict()}
-            ckpt.save(step, exp.state, json.loads(json.dumps(meta, default=str)))
-    jax.block_until_ready(exp.state)
-    bar.close()
-    return time.perf_counter() - start, images_seen
+    with tqdm(total=epochs * steps, initial=resume.epoch * steps, unit="step",
+               dynamic_ncols=True) as bar:  # fmt: skip
+        # One pipeline over all remaining epochs, so prefetching runs across epoch boundaries.
+        left = epochs - resume.epoch  # 0: killed after the last checkpoint, before evaluating
+        batches = exp.train_loader.epochs(resume.epoch, left) if left > 0 else iter(())
+        # Steps are counted on the host, and the loop waits for the step before the one it has
+        # just dispatched: the host prepares the next batch while the device computes, and no more
+        # than two steps (and their batches) are in flight.
+        previous = None
+        for step, batch in enumerate(batches, start=resume.epoch * steps + 1):
+            exp.state, metrics = train_step(
+                exp.state, exp.frozen, batch["image"], batch["label"], batch["mask"]
+            )
+            jax.block_until_ready(previous)
+            previous = metrics
+            images_seen += config.batch_size
+            epoch, end_of_epoch = (step - 1) // steps, step % steps == 0
+            if step % config.log_every_steps == 0 or end_of_epoch:
+                values = {k: float(v) for k, v in metrics.items()}
+                if not math.isfinite(values["loss"]):
+                    raise FloatingPointError(
+                        f"Loss is {values['loss']} at step {step} (epoch {epoch}); stopping. "
+                        f"The last good checkpoint in {ckpt.directory} is kept "
+                        "(lower the lr or enable grad_clip)."
+                    )
+                elapsed = time.perf_counter() - start
+                values.update(lr=float(schedule(step - 1)), images_per_s=images_seen / elapsed)
+                logger.write(step, values)
+                bar.set_postfix(epoch=epoch, loss=f"{values['loss']:.4f}",
+                                acc=f"{values['accuracy']:.3f}", lr=f"{values['lr']:.2e}",
+                                img_s=f"{values['images_per_s']:.0f}")  # fmt: skip
+            bar.update(1)
+            last = epoch + 1 == epochs
+            if end_of_epoch and ((epoch + 1) % config.checkpoint_every_epochs == 0 or last):
+                meta = {
+                    "epoch": epoch + 1,
+                    "config": config_record(config),
+                    "train_time_s": resume.train_time_s + time.perf_counter() - start,
+                    "images_seen": resume.images_seen + images_seen,
+                }
+                ckpt.save(step, exp.state, meta)
+        jax.block_until_ready(exp.state)
+    return resume.train_time_s + time.perf_counter() - start, resume.images_seen + images_seen
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | Path, eval_only: bool = False) -> dict:
-    """Train (resuming from WORKDIR/checkpoints if present) and evaluate; returns the results
-    also written to WORKDIR/results.json."""
-    workdir = Path(workdir)
-    exp = setup(config, workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    ckpt = Checkpointer(str(workdir))
-    start_epoch = restore(exp, ckpt, eval_only)
-    print(
-        f"{config.model.name} {config.method} on {config.dataset}/{config.task}: "
-        f"{exp.n_trainable:,} trainable of {exp.n_total:,} parameters, "
-        f"{exp.steps_per_epoch} steps/epoch, {jax.device_count()} devices",
-        flush=True,
-    )
-    logger = Logger(workdir)
-    epochs = 0 if eval_only else config.epochs
-    train_time, images_seen = train_epochs(exp, ckpt, logger, start_epoch, epochs)
-
+def evaluate(exp: Experiment) -> tuple[float, float]:
+    """(accuracy on the eval split, seconds)."""
     eval_step = jax.jit(
         train.make_eval_step(exp.module),
         compiler_options=precision.compiler_options(exp.module.dtype),
     )
-    eval_start = time.perf_counter()
-    accuracy = train.evaluate(eval_step, train.merge(exp.state.params, exp.frozen),
-                              exp.eval_loader)  # fmt: skip
+    start = time.perf_counter()
+    params = train.merge(exp.state.params, exp.frozen)
+    return train.evaluate(eval_step, params, exp.eval_loader), time.perf_counter() - start
+
+
+def _summary_line(exp: Experiment) -> str:
+    config = exp.config
+    return (
+        f"{config.model.name} {config.method} on {config.dataset}/{config.task}: "
+        f"{exp.n_trainable:,} trainable of {exp.n_total:,} parameters, "
+        f"{exp.steps_per_epoch} steps/epoch, {jax.device_count()} devices"
+    )
+
+
+def _print_complete(workdir: Path, results: dict[str, Any], epochs: int) -> None:
+    print(f"{workdir}: this run is complete ({epochs}/{epochs} epochs). test accuracy "
+          f"{results['test_accuracy']:.4f} ({results['task']}), trained in "
+          f"{results['train_time_s']:.0f} s; results in {workdir / RESULTS_FILE}. "
+          "--eval_only evaluates it again.", flush=True)  # fmt: skip
+
+
+def run_in(
+    config: ml_collections.ConfigDict,
+    workdir: Path,
+    eval_only: bool = False,
+    allow_config_change: bool = False,
+) -> dict:
+    """`run`'s work, in a workdir that this process has locked."""
+    ckpt = Checkpointer(workdir)
+    try:
+        resume = check_resume(ckpt, config, allow_config_change)
+        if eval_only and resume is None:
+            raise SetupError(f"--eval_only: no checkpoint in {ckpt.directory}.")
+        results_path = workdir / RESULTS_FILE
+        if not eval_only and resume and resume.epoch >= config.epochs and results_path.is_file():
+            results = json.loads(results_path.read_text())
+            _print_complete(workdir, results, config.epochs)
+            return results
+        exp = setup(config, workdir)
+        if resume is not None:
+            restore_state(exp, ckpt, resume)
+        if eval_only:
+            return _evaluate_only(exp, resume)
+        print(_summary_line(exp), flush=True)
+        if resume is not None:
+            print(f"Resumed from {ckpt.directory} at epoch {resume.epoch} (step {resume.step}).",
+                  flush=True)  # fmt: skip
+            rewind_metrics(workdir, resume.step)
+        resume = resume or Resume(0, 0, 0.0, 0)
+        logger = Logger(workdir)
+        try:
+            train_time, images_seen = train_epochs(exp, ckpt, logger, resume)
+            accuracy, eval_time = evaluate(exp)
+            logger.write(int(exp.state.step), {"test_accuracy": accuracy})
+        finally:
+            logger.close()
+    finally:
+        ckpt.close()
     results = {
         "task": config.task,
         "dataset": config.dataset,
@@ -282,16 +308,81 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, eval_only: bool 
         "test_accuracy": accuracy,
         "trainable_params": exp.n_trainable,
         "total_params": exp.n_total,
-        "epochs": epochs,
+        "epochs": config.epochs,
         "train_time_s": train_time,
-        "train_images_per_s": images_seen / train_time if images_seen else None,
-        "eval_time_s": time.perf_counter() - eval_start,
+        "train_images_per_s": images_seen / train_time if train_time else None,
+        "eval_time_s": eval_time,
         "devices": jax.device_count(),
     }
-    logger.write(int(exp.state.step), {"test_accuracy": accuracy})
-    logger.close()
-    ckpt.close()
     if jax.process_index() == 0:
-        write_json_atomic(workdir / "results.json", results)
-    print(f"test accuracy {accuracy:.4f} ({config.task}); results in {workdir / 'results.json'}")
+        write_json_atomic(results_path, results)
+    print(f"test accuracy {accuracy:.4f} ({config.task}); results in {results_path}", flush=True)
     return results
+
+
+def _evaluate_only(exp: Experiment, resume: Resume) -> dict:
+    """Evaluate the restored checkpoint into WORKDIR/eval.json; the training record (results.
+    json, metrics.jsonl) is left as it is."""
+    print(f"Evaluating the checkpoint of epoch {resume.epoch} (step {resume.step}) in "
+          f"{exp.workdir / CHECKPOINTS_DIR}.", flush=True)  # fmt: skip
+    accuracy, eval_time = evaluate(exp)
+    config = exp.config
+    results = {
+        "task": config.task,
+        "dataset": config.dataset,
+        "eval_split": config.eval_split,
+        "method": config.method,
+        "seed": config.seed,
+        "test_accuracy": accuracy,
+        "checkpoint_step": resume.step,
+        "checkpoint_epoch": resume.epoch,
+        "eval_time_s": eval_time,
+        "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "devices": jax.device_count(),
+    }
+    path = exp.workdir / EVAL_FILE
+    if jax.process_index() == 0:
+        write_json_atomic(path, results)
+    print(f"test accuracy {accuracy:.4f} ({config.task}); written to {path}", flush=True)
+    return results
+
+
+def run(
+    config: ml_collections.ConfigDict,
+    workdir: str | Path,
+    eval_only: bool = False,
+    allow_config_change: bool = False,
+) -> dict:
+    """Train (resuming from WORKDIR/checkpoints if present) and evaluate; returns the results
+    also written to WORKDIR/results.json. With `eval_only`, evaluates the last checkpoint into
+    WORKDIR/eval.json instead.
+
+    Bad config values, a workdir in use by another process, a checkpoint made with another
+    config (unless `allow_config_change`) and missing data or weights raise SetupError before
+    any compute; a workdir this call created is then removed again.
+    """
+    workdir = Path(workdir)
+    cfglib.validate(config)
+    if eval_only and not has_checkpoints(workdir):
+        raise SetupError(f"--eval_only: no checkpoint in {workdir / CHECKPOINTS_DIR}.")
+    created = not workdir.exists()
+    workdir.mkdir(parents=True, exist_ok=True)
+    lock = WorkdirLock(workdir) if jax.process_index() == 0 else None
+    try:
+        if lock is not None:
+            lock.acquire()
+        console.log_to(workdir)
+        return run_in(config, workdir, eval_only, allow_config_change)
+    except SetupError:
+        untouched = not has_checkpoints(workdir) and not (workdir / METRICS_FILE).exists()
+        if created and untouched and jax.process_index() == 0:
+            console.close()
+            shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    finally:
+        note = console.summary()
+        console.close()
+        if note:
+            print(note, flush=True)
+        if lock is not None:
+            lock.release()

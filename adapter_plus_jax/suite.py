@@ -11,7 +11,9 @@ the paper does.
 WORKDIR/<task>/seed<seed>)`, with the config of `configs/<benchmark>.py` (`get_config('<task>,
 seed=<seed>[,method=...][,<config-args>]')`) and the overrides applied. A run whose results.json
 exists is skipped; an unfinished one resumes from its checkpoints, so rerunning the command
-after a crash or a pre-emption continues where it stopped. `--shard i/n` (0 <= i < n) takes
+after a crash or a pre-emption continues where it stopped. A run that fails does not stop the
+others: its error goes to <task>/seed<seed>/failed.json (listed by `report`), and a rerun
+retries it. `--shard i/n` (0 <= i < n) takes
 every n-th (task, seed) pair starting at i, for array jobs.
 
 `report` writes WORKDIR/results.md (per-task mean and population std over seeds, group means,
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,7 +38,15 @@ from typing import Any
 import ml_collections
 
 from adapter_plus_jax.config import apply_overrides, load_config
-from adapter_plus_jax.report import PLOT_PNG, SUITE_JSON, Benchmark, benchmark, report
+from adapter_plus_jax.report import (
+    FAILED_JSON,
+    PLOT_PNG,
+    SUITE_JSON,
+    Benchmark,
+    benchmark,
+    report,
+)
+from adapter_plus_jax.workdir import write_json_atomic
 
 DEFAULT_SEEDS = (18, 45, 25)  # the paper's seeds
 
@@ -89,8 +100,6 @@ def make_config(
 
 def write_suite_json(workdir: Path, settings: dict[str, Any]) -> None:
     """Record what the workdir is for; refuse to mix benchmarks or methods in one workdir."""
-    from adapter_plus_jax.runner import write_json_atomic  # the runner imports TensorFlow
-
     path = workdir / SUITE_JSON
     if path.is_file():
         old = json.loads(path.read_text())
@@ -153,10 +162,21 @@ def run_suite(
         print(f"{head}: running in {where}", flush=True)
         try:
             runner.run(configs[task, seed], where)
-        except Exception:  # keep going: one broken task should not stop an array job's others
-            traceback.print_exc()
-            print(f"{head}: FAILED", flush=True)
+        except Exception as e:  # keep going: one broken task should not stop an array job's others
+            error = (
+                f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            )
+            print(f"{head}: FAILED ({error}); details in {where / FAILED_JSON}", flush=True)
+            where.mkdir(parents=True, exist_ok=True)
+            record = {
+                "error": error,
+                "traceback": traceback.format_exc(),
+                "at": time.strftime("%c"),
+            }
+            write_json_atomic(where / FAILED_JSON, record)
             failed.append((task, seed))
+        else:
+            (where / FAILED_JSON).unlink(missing_ok=True)
     return failed
 
 
@@ -203,6 +223,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="config fields to set, e.g. batch_size=32 model.dtype=float32",
     )
     run.add_argument("--config", type=Path, default=None, help="default: configs/<benchmark>.py")
+    run.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show other libraries' logs (else each run's log.txt)",
+    )
     rep = sub.add_parser("report", help="write results.md and the plot of a workdir")
     rep.add_argument("--workdir", type=Path, required=True)
     rep.add_argument("--results-md", type=Path, default=None, help="default: WORKDIR/results.md")
@@ -223,6 +248,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "report":
             report(args.workdir, args.benchmark, args.results_md, args.plot, args.note)
             return 0
+        from adapter_plus_jax import console
+
+        console.show_libraries() if args.verbose else console.quiet_libraries()
         failed = run_suite(
             benchmark(args.benchmark),
             args.workdir,

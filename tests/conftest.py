@@ -5,9 +5,8 @@ TensorFlow's LLVM was loaded first ("Option ... registered more than once"). Imp
 before any test module imports TensorFlow avoids that.
 """
 
+import pytest
 import timm  # noqa: F401
-
-import pytest  # noqa: E402
 
 
 @pytest.fixture

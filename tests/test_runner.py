@@ -1,5 +1,5 @@
-"""main.py and the training loop: resuming after kill -9, data parallelism, what is trained and
-computed, and bad input failing before any compute.
+"""main.py and the training loop: data parallelism, what is trained and computed, and bad
+input failing before any compute. (What a workdir survives: test_workdir.py.)
 
 Runs use configs/demo.py (scikit-learn digits written as a local TFDS dataset, random-init
 timm backbone), shrunk further with overrides so that each run takes seconds.
@@ -7,84 +7,20 @@ timm backbone), shrunk further with overrides so that each run takes seconds.
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
+from runs import ROOT, final_state, load_config, main_process
 
 from adapter_plus_jax import peft, runner, train
 from adapter_plus_jax.params import param_count, trainable_mask
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "--config.model.timm_kwargs.depth=1",
-    "--config.model.timm_kwargs.patch_size=8",
-    "--config.checkpoint_every_epochs=1",
-]
-
-
-def _load_config(name: str, arg: str | None = None):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
-
-
-def _main(workdir: Path, *args: str, env_extra: dict | None = None) -> subprocess.Popen:
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "HF_HUB_OFFLINE": "1", **(env_extra or {})}
-    cmd = [sys.executable, str(ROOT / "main.py"), f"--workdir={workdir}", *args]
-    return subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-
-
-def _final_state(workdir: Path) -> dict:
-    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
-    path = workdir / "checkpoints" / str(steps[-1]) / "state"
-    return ocp.PyTreeCheckpointer().restore(path)
-
-
-def test_kill_9_then_rerun_resumes_to_the_same_parameters(tmp_path: Path) -> None:
-    args = ["--config=configs/demo.py:epochs=12", *TINY]
-    uninterrupted = _main(tmp_path / "a", *args)
-
-    killed = _main(tmp_path / "b", *args)
-    ckpts = tmp_path / "b" / "checkpoints"
-    deadline = time.time() + 240
-    while not list(ckpts.glob("*/commit_success.txt")):  # the first finished checkpoint
-        assert killed.poll() is None and time.time() < deadline, killed.stdout.read()
-        time.sleep(0.05)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    assert not (tmp_path / "b" / "results.json").exists()  # it really died mid-run
-
-    resumed = _main(tmp_path / "b", *args)
-    out_resumed, _ = resumed.communicate(timeout=300)
-    out_full, _ = uninterrupted.communicate(timeout=300)
-    assert resumed.returncode == 0, out_resumed
-    assert uninterrupted.returncode == 0, out_full
-    assert "Resumed from" in out_resumed
-    a, b = _final_state(tmp_path / "a"), _final_state(tmp_path / "b")
-    assert int(a["step"]) == int(b["step"]) == 12 * 20
-    jax.tree.map(np.testing.assert_array_equal, a["params"], b["params"])
-    results = json.loads((tmp_path / "b" / "results.json").read_text())
-    assert (
-        results["test_accuracy"]
-        == json.loads((tmp_path / "a" / "results.json").read_text())["test_accuracy"]
-    )
-    assert {"trainable_params", "train_time_s", "train_images_per_s"} <= set(results)
-    assert (tmp_path / "a" / "metrics.jsonl").read_text().count("\n") >= 12
 
 
 @pytest.mark.parametrize(
@@ -97,13 +33,13 @@ def test_kill_9_then_rerun_resumes_to_the_same_parameters(tmp_path: Path) -> Non
     ids=["unknown_task", "unknown_method", "unknown_config_key"],
 )
 def test_bad_command_line_fails_with_a_clear_message(tmp_path, args, message) -> None:
-    out, _ = _main(tmp_path / "w", *args).communicate(timeout=120)
+    out, _ = main_process(tmp_path / "w", *args).communicate(timeout=120)
     assert message in out
     assert not (tmp_path / "w").exists()
 
 
 def test_missing_weights_offline_fails_before_compute(tmp_path: Path, hf_offline) -> None:
-    config = _load_config("demo")
+    config = load_config("demo")
     config.model.pretrained = True
     config.model.weights_dir = str(tmp_path / "weights")
     with pytest.raises(runner.SetupError, match="port_weights.py --model vit_tiny_patch16_224"):
@@ -112,7 +48,7 @@ def test_missing_weights_offline_fails_before_compute(tmp_path: Path, hf_offline
 
 
 def test_data_dir_without_the_dataset_fails_before_compute(tmp_path: Path) -> None:
-    config = _load_config("vtab", "dtd")
+    config = load_config("vtab", "dtd")
     config.data_dir = str(tmp_path / "empty")
     with pytest.raises(runner.SetupError, match="dtd.* is not prepared in .*empty"):
         runner.run(config, tmp_path / "w")
@@ -207,7 +143,7 @@ def test_adapter_training_costs_at_most_2_2_forwards_and_2x_state() -> None:
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
-    config = _load_config("demo", "epochs=4")
+    config = load_config("demo", "epochs=4")
     config.model.timm_kwargs.depth = 1
     config.model.timm_kwargs.patch_size = 8
     config.checkpoint_every_epochs = 1
@@ -217,7 +153,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> No
         runner.run(config, tmp_path)
     steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [20, 40]
-    state = _final_state(tmp_path)
+    state = final_state(tmp_path)
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
     assert not (tmp_path / "results.json").exists()
 
@@ -231,7 +167,7 @@ def test_pretrained_weights_reach_the_trained_model(tmp_path: Path, monkeypatch)
     from adapter_plus_jax.convert import from_timm
     from adapter_plus_jax.pretrained import PARAMS_FILE, save_pretrained
 
-    config = _load_config("demo", "epochs=2")
+    config = load_config("demo", "epochs=2")
     kwargs = dict(config.model.timm_kwargs, depth=1)
     torch_model = timm.create_model(config.model.name, pretrained=False, num_classes=0, **kwargs)
     backbone, variables = from_timm(torch_model)

@@ -14,7 +14,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from adapter_plus_jax import config as config_lib
-from adapter_plus_jax import report, suite
+from adapter_plus_jax import report, runner, suite
 
 # Three groups of 2, 1 and 3 tasks; two seeds.
 TOY = report.Benchmark(
@@ -174,6 +174,7 @@ def smoke_args(workdir: Path, data_dir: Path) -> list[str]:
     timm_kwargs = dict(img_size=224, patch_size=32, embed_dim=32, depth=1, num_heads=2)
     return [
         "run",
+        "--verbose",  # leave pytest's logging handlers alone
         "--benchmark=vtab",
         f"--workdir={workdir}",
         f"--tasks={','.join(TASKS)}",
@@ -217,3 +218,37 @@ def test_smoke_run_and_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert (workdir / "params_vs_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # Everything done: a rerun trains nothing (no mock data needed any more).
     assert suite.main(args) == 0
+
+
+def test_a_failing_run_does_not_stop_the_others(tmp_path: Path, monkeypatch) -> None:
+    """One (task, seed) fails: the others still run, the report lists the failure with its error
+    line, and a rerun retries only that one."""
+    workdir, calls, broken = tmp_path / "vtab", [], [True]
+
+    def fake_run(config, where, *args, **kwargs):  # stands in for training; the suite is tested
+        calls.append((config.task, config.seed))
+        if (config.task, config.seed) == ("dtd", 45) and broken[0]:
+            raise runner.SetupError("dtd is not prepared in /data; run the preparer first.")
+        where.mkdir(parents=True, exist_ok=True)
+        results = {"test_accuracy": 0.5, "trainable_params": 1000, "method": config.method,
+                   "task": config.task, "seed": config.seed}  # fmt: skip
+        (where / "results.json").write_text(json.dumps(results))
+
+    monkeypatch.setattr(runner, "run", fake_run)
+    args = smoke_args(workdir, tmp_path / "tfds")
+    assert suite.main(args) == 1
+    assert sorted(calls) == sorted((t, s) for t in TASKS for s in SEEDS)
+    failed = json.loads((workdir / "dtd" / "seed45" / report.FAILED_JSON).read_text())
+    assert failed["error"] == "SetupError: dtd is not prepared in /data; run the preparer first."
+    assert "Traceback" in failed["traceback"]
+    report.report(workdir)
+    text = (workdir / "results.md").read_text()
+    assert "## Failed runs (1;" in text and f"- dtd seed 45: {failed['error']}" in text
+
+    calls.clear()
+    broken[0] = False
+    assert suite.main(args) == 0
+    assert calls == [("dtd", 45)]  # only what failed
+    assert not (workdir / "dtd" / "seed45" / report.FAILED_JSON).exists()
+    report.report(workdir)
+    assert "Failed runs" not in (workdir / "results.md").read_text()
