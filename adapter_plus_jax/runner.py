@@ -119,8 +119,9 @@ class Experiment:
 
 def setup(config: ml_collections.ConfigDict, workdir: Path) -> Experiment:
     """Check the input (before any compute), then build the model, loaders and optimizer."""
-    ported = weights_path(config.model.name, config.model.weights_dir) / CONFIG_FILE
-    if not config.model.pretrained or not ported.is_file():
+    name = config.model.name  # a timm name, or a directory written by port_weights.py
+    ported = [Path(name) / CONFIG_FILE, weights_path(name, config.model.weights_dir) / CONFIG_FILE]
+    if not config.model.pretrained or not any(p.is_file() for p in ported):
         # timm (via torchvision -> triton) must be imported before TensorFlow: the two LLVMs
         # abort the process when loaded the other way round.
         import timm  # noqa: F401

@@ -204,3 +204,47 @@ def test_pretrained_weights_reach_the_trained_model(tmp_path: Path, monkeypatch)
     trained = [k for k in start if k not in ported]
     assert any(k.startswith("head/") for k in trained) and any("adapter" in k for k in trained)
     assert all(not np.array_equal(start[k], end[k]) for k in trained if k.endswith("kernel"))
+
+
+def test_any_tfds_dataset_through_configs_tfds(tmp_path: Path, monkeypatch) -> None:
+    """configs/tfds.py:NAME trains on a TFDS dataset (mocked: 16 random examples per split) with
+    the class count read from the builder's info (cifar10: 10), from a backbone given as a
+    directory written by the porter."""
+    import tensorflow_datasets as tfds
+    import timm
+
+    from adapter_plus_jax import config as cfglib
+    from adapter_plus_jax.convert import from_timm
+    from adapter_plus_jax.pretrained import save_pretrained
+
+    config = cfglib.load_config("configs/tfds.py:cifar10,epochs=1,train_split=train[:16]")
+    assert (config.dataset, config.tfds_name, config.num_classes) == ("tfds", "cifar10", 0)
+    kwargs = dict(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2)
+    torch_model = timm.create_model("vit_tiny_patch16_224", num_classes=0, **kwargs)
+    backbone, variables = from_timm(torch_model)
+    ported = tmp_path / "ported"
+    save_pretrained(ported, backbone.config, variables["params"], torch_model.pretrained_cfg)
+    config.model.name = str(ported)
+    config.model.dtype = "float32"
+    config.batch_size = config.eval_batch_size = 8
+    config.data_dir = str(tmp_path / "tfds")
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "is_prepared", lambda self: True)
+    seen = {}
+    build = runner.build_model
+
+    def spy(config, num_classes, rng):
+        seen["num_classes"] = num_classes
+        return build(config, num_classes, rng)
+
+    monkeypatch.setattr(runner, "build_model", spy)
+    with tfds.testing.mock_data(num_examples=16):
+        results = runner.run(config, tmp_path / "w")
+    assert seen["num_classes"] == 10 and results["task"] == "cifar10"
+    assert 0.0 <= results["test_accuracy"] <= 1.0
+
+
+def test_tfds_config_needs_a_name() -> None:
+    from adapter_plus_jax import config as cfglib
+
+    with pytest.raises(ValueError, match="needs a TFDS builder name"):
+        cfglib.load_config("configs/tfds.py")

@@ -222,8 +222,25 @@ def _fgvc_loaders(config: Any, args: LoaderArgs) -> tuple[TrainLoader, EvalLoade
 
 
 def _tfds_classes(config: Any) -> int:
+    """`config.num_classes`, or (0) the class count of the builder's 'label' feature."""
+    import tensorflow_datasets as tfds
+
     _check_prepared(config.tfds_name, config.data_dir, "tfds build / download_and_prepare")
-    return config.num_classes
+    features = tfds.builder(config.tfds_name, data_dir=config.data_dir).info.features
+    missing = [k for k in ("image", "label") if k not in features]
+    if missing:
+        raise SetupError(
+            f"The TFDS dataset {config.tfds_name} has no {' or '.join(map(repr, missing))} "
+            f"feature (it has {sorted(features)}); image classification needs both."
+        )
+    if config.num_classes:
+        return config.num_classes
+    num_classes = getattr(features["label"], "num_classes", None)
+    if not num_classes:
+        raise SetupError(
+            f"The 'label' of {config.tfds_name} is not a ClassLabel; set --config.num_classes."
+        )
+    return num_classes
 
 
 def _demo_classes(config: Any) -> int:
