@@ -315,6 +315,9 @@ def run_in(
         "eval_time_s": eval_time,
         "devices": jax.device_count(),
     }
+    from adapter_plus_jax.data import registry
+
+    results.update(registry.get_dataset(config.dataset).describe(config))
     if jax.process_index() == 0:
         write_json_atomic(results_path, results)
     print(f"test accuracy {accuracy:.4f} ({config.task}); results in {results_path}", flush=True)

@@ -221,6 +221,6 @@ def test_overrides_are_typed_by_what_they_replace() -> None:
 def test_packaged_configs_are_found_by_name() -> None:
     assert cfglib.load_config("fgvc.py:cub").task == "cub"
     assert cfglib.load_config("demo").dataset == "demo"
-    names = r"\['demo', 'fgvc', 'tfds', 'vtab'\]"
+    names = r"\['demo', 'fgvc', 'folder', 'tfds', 'vtab'\]"
     with pytest.raises(ValueError, match=f"packaged configs are {names}"):
         cfglib.load_config("configs/imagenet.py:x")

@@ -135,10 +135,12 @@ class LoaderArgs:
 @dataclasses.dataclass(frozen=True)
 class Dataset:
     """num_classes(config): the class count, after checking that the data can be read (raises
-    SetupError with what to do). loaders(config, args): (train loader, eval loader)."""
+    SetupError with what to do). loaders(config, args): (train loader, eval loader).
+    describe(config): what results.json records about the data (class names, ...)."""
 
     num_classes: Callable[[Any], int]
     loaders: Callable[[Any, LoaderArgs], tuple[TrainLoader, EvalLoader]]
+    describe: Callable[[Any], dict[str, Any]] = lambda config: {}
 
 
 def _train_args(config: Any, args: LoaderArgs) -> dict[str, Any]:
@@ -265,11 +267,35 @@ def _tfds_loaders(config: Any, args: LoaderArgs) -> tuple[TrainLoader, EvalLoade
     )  # fmt: skip
 
 
+def _folder_classes(config: Any) -> int:
+    from adapter_plus_jax.data import folder
+
+    if not config.data_dir:
+        raise SetupError("dataset=folder needs the image folder: configs/folder.py:/path/to/root.")
+    return len(folder.scan(config.data_dir).classes)
+
+
+def _folder_loaders(config: Any, args: LoaderArgs) -> tuple[TrainLoader, EvalLoader]:
+    from adapter_plus_jax.data import folder
+
+    return folder.folder_loaders(
+        config.data_dir, args.image_size, mean=args.mean, std=args.std, seed=config.seed,
+        batch=config.batch_size, eval_batch=config.eval_batch_size, mesh=args.mesh,
+    )  # fmt: skip
+
+
+def _folder_describe(config: Any) -> dict[str, Any]:
+    from adapter_plus_jax.data import folder
+
+    return folder.describe(config.data_dir)
+
+
 DATASETS: dict[str, Dataset] = {
     "vtab": Dataset(_vtab_classes, _vtab_loaders),
     "fgvc": Dataset(_fgvc_classes, _fgvc_loaders),
     "tfds": Dataset(_tfds_classes, _tfds_loaders),
     "demo": Dataset(_demo_classes, _tfds_loaders),
+    "folder": Dataset(_folder_classes, _folder_loaders, _folder_describe),
 }
 
 

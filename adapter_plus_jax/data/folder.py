@@ -1,0 +1,205 @@
+"""Your own images: one folder per class.
+
+    ROOT/train/<class>/*   training images (required; the class names are these folder names,
+                           sorted, and the labels their indices)
+    ROOT/val/<class>/*     optional: trained on with train (as VTAB's train800val200)
+    ROOT/test/<class>/*    optional: evaluated on; without it a seeded, stratified holdout of
+                           the training images (HOLDOUT_FRACTION of each class) is the test set
+
+JPEG, PNG, BMP, GIF (first frame) and WebP files are read with Pillow; grayscale, palette, RGBA
+(alpha dropped) and 16-bit images become 8-bit RGB. A file that cannot be decoded is skipped and
+named in a warning, and the count goes to results.json. Images are decoded once, at the start,
+and kept in memory at their own size; resizing to the model's input (TF1 bilinear, as VTAB)
+and the backbone's mean/std are the VTAB pipeline's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import tensorflow as tf
+
+from adapter_plus_jax.data.pipeline import EvalLoader, TrainLoader, resize_bilinear_v1
+from adapter_plus_jax.errors import SetupError
+
+EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+HOLDOUT_FRACTION = 0.2
+HOLDOUT_SEED = 0  # the same holdout for every training seed
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageFolder:
+    """The files of each split as (path, label), checked; `holdout` when there is no test."""
+
+    root: Path
+    classes: tuple[str, ...]
+    train: tuple[tuple[Path, int], ...]
+    test: tuple[tuple[Path, int], ...]
+    holdout: bool
+
+
+def _class_files(split_dir: Path) -> dict[str, list[Path]]:
+    classes = sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise SetupError(
+            f"{split_dir} has no class folders: put each class's images in {split_dir}/<class>/."
+        )
+    files = {}
+    for c in classes:
+        images = sorted(p for p in c.iterdir() if p.is_file() and p.suffix.lower() in EXTENSIONS)
+        if not images:
+            raise SetupError(
+                f"{c} holds no image file ({', '.join(EXTENSIONS)}); add images or remove it."
+            )
+        files[c.name] = images
+    return files
+
+
+@functools.lru_cache(maxsize=8)
+def scan(root: str) -> ImageFolder:
+    """Check ROOT's layout (no image is decoded yet); raises SetupError saying what to fix."""
+    path = Path(root).expanduser()
+    if not (path / "train").is_dir():
+        what = "does not exist" if not path.exists() else "has no train/ folder"
+        raise SetupError(
+            f"Image folder {path} {what}: expected {path}/train/<class>/<images> "
+            "(and optionally val/ and test/ with the same class folders)."
+        )
+    train = _class_files(path / "train")
+    classes = tuple(train)
+    if len(classes) < 2:
+        raise SetupError(f"{path / 'train'} has one class folder ({classes[0]}); need two or more.")
+    label = {c: i for i, c in enumerate(classes)}
+    splits = {}
+    for name in ("val", "test"):
+        if (path / name).is_dir():
+            files = _class_files(path / name)
+            unknown = sorted(set(files) - set(classes))
+            if unknown:
+                raise SetupError(
+                    f"{path / name} has classes that train/ does not: {unknown}. Every class "
+                    "must have training images."
+                )
+            splits[name] = files
+    pairs = {
+        name: [(f, label[c]) for c, fs in files.items() for f in fs]
+        for name, files in [("train", train), *splits.items()]
+    }
+    train_pairs = pairs["train"] + pairs.get("val", [])
+    if "test" in pairs:
+        return ImageFolder(path, classes, tuple(train_pairs), tuple(pairs["test"]), False)
+    rng = np.random.default_rng(HOLDOUT_SEED)
+    held = set()
+    for c in range(len(classes)):
+        members = [i for i, (_, y) in enumerate(pairs["train"]) if y == c]
+        k = int(round(HOLDOUT_FRACTION * len(members)))
+        held.update(rng.choice(members, size=min(k, len(members) - 1), replace=False).tolist())
+    kept = [p for i, p in enumerate(pairs["train"]) if i not in held] + pairs.get("val", [])
+    test = [p for i, p in enumerate(pairs["train"]) if i in held]
+    if not test:
+        raise SetupError(f"{path} has no test/ folder and too few images to hold some out.")
+    return ImageFolder(path, classes, tuple(kept), tuple(test), True)
+
+
+def decode(path: Path) -> np.ndarray:
+    """An image file as uint8 HxWx3 RGB."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.seek(0)  # GIF: the first frame
+        if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit (or 32-bit) grayscale
+            values = np.asarray(image).astype(np.float64)
+            peak = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
+            gray = np.clip(np.round(values * 255.0 / peak), 0, 255).astype(np.uint8)
+            return np.repeat(gray[..., None], 3, axis=-1)
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def _decode_all(pairs: tuple[tuple[Path, int], ...]) -> tuple[list[np.ndarray], list[int], list]:
+    images, labels, skipped = [], [], []
+    for path, label in pairs:
+        try:
+            images.append(decode(path))
+        except Exception as e:  # Pillow raises several types for broken files
+            skipped.append((path, f"{type(e).__name__}: {e}"))
+            continue
+        labels.append(label)
+    return images, labels, skipped
+
+
+def _dataset(images: list[np.ndarray], labels: list[int]) -> tf.data.Dataset:
+    def generate():
+        yield from zip(images, labels, strict=True)
+
+    spec = (tf.TensorSpec((None, None, 3), tf.uint8), tf.TensorSpec((), tf.int64))
+    return tf.data.Dataset.from_generator(generate, output_signature=spec).map(
+        lambda image, label: {"image": image, "label": label}
+    )
+
+
+@functools.lru_cache(maxsize=1)  # the suite's seeds decode a folder once
+def load(root: str) -> dict[str, Any]:
+    """Decode every image of the folder once: {'train': (images, labels), 'test': ...,
+    'skipped': [(path, error)]}."""
+    folder = scan(root)
+    train_images, train_labels, skipped = _decode_all(folder.train)
+    test_images, test_labels, skipped_test = _decode_all(folder.test)
+    skipped += skipped_test
+    if skipped:
+        names = ", ".join(str(p) for p, _ in skipped[:5]) + (" ..." if len(skipped) > 5 else "")
+        print(f"WARNING: skipped {len(skipped)} image file(s) that cannot be decoded: {names}",
+              flush=True)  # fmt: skip
+    for split, labels in (("training", train_labels), ("test", test_labels)):
+        if not labels:
+            raise SetupError(f"No readable {split} image in {folder.root}.")
+    return {"train": (train_images, train_labels), "test": (test_images, test_labels),
+            "skipped": skipped}  # fmt: skip
+
+
+def describe(root: str) -> dict[str, Any]:
+    """What results.json records about the folder."""
+    folder, data = scan(root), load(root)
+    return {
+        "class_names": list(folder.classes),
+        "test_set": "holdout" if folder.holdout else "test/",
+        "holdout": (f"{HOLDOUT_FRACTION:.0%} of each class of train/, seed {HOLDOUT_SEED}"
+                    if folder.holdout else None),  # fmt: skip
+        "num_train": len(data["train"][1]),
+        "num_test": len(data["test"][1]),
+        "skipped_images": [str(p) for p, _ in data["skipped"]],
+    }
+
+
+def folder_loaders(
+    root: str, image_size: int, *, mean, std, seed: int, batch: int, eval_batch: int, mesh
+) -> tuple[TrainLoader, EvalLoader]:
+    """Train batches (shuffled per epoch, last partial batch dropped) and padded eval batches."""
+    data = load(root)
+    images, labels = data["train"]
+    if len(labels) < batch:
+        raise SetupError(f"{len(labels)} training images are fewer than batch_size={batch}.")
+    train = TrainLoader(
+        _dataset(images, labels),
+        len(labels),
+        lambda ex, _: (resize_bilinear_v1(ex["image"], image_size), ex["label"]),
+        mean=mean, std=std, global_batch=batch, seed=seed, drop_remainder=True, cache=True,
+        mesh=mesh,
+    )  # fmt: skip
+    images, labels = data["test"]
+    n, p, i = len(labels), jax.process_count(), jax.process_index()
+    sizes = [n // p + (k < n % p) for k in range(p)]  # process 0 holds the largest slice
+    start = sum(sizes[:i])
+    local = slice(start, start + sizes[i])
+    evaluation = EvalLoader(
+        _dataset(images[local], labels[local]),
+        sizes[i],
+        sizes[0],
+        lambda ex: (resize_bilinear_v1(ex["image"], image_size), ex["label"]),
+        mean=mean, std=std, global_batch=eval_batch, cache=True, mesh=mesh,
+    )  # fmt: skip
+    return train, evaluation
