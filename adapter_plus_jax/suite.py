@@ -6,6 +6,8 @@ the paper does.
         --method lora --seeds 18,45,25 --tasks dtd,svhn --shard 0/4 \\
         --config-override batch_size=32 model.remat=True
     python -m adapter_plus_jax.suite report --workdir runs/vtab
+    python -m adapter_plus_jax.suite select-rank --config configs/vtab.py:dtd \\
+        --ranks 1,2,4,8,16,32 --workdir runs/dtd_ranks
 
 `run` trains every (task, seed) of the benchmark through `runner.run(config,
 WORKDIR/<task>/seed<seed>)`, with the config of `configs/<benchmark>.py` (`get_config('<task>,
@@ -228,6 +230,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="show other libraries' logs (else each run's log.txt)",
     )
+    sel = sub.add_parser("select-rank", help="choose the adapter rank on validation, as the paper")
+    sel.add_argument("--config", required=True, help="config[:args], e.g. configs/vtab.py:dtd")
+    sel.add_argument("--ranks", type=_int_list, default=[1, 2, 4, 8, 16, 32])
+    sel.add_argument("--workdir", type=Path, required=True)
+    sel.add_argument(
+        "--selection-splits",
+        type=_str_list,
+        default=None,
+        help="TRAIN,VAL split strings of the selection runs (default: the dataset's)",
+    )
+    sel.add_argument("--config-override", action="extend", nargs="+", default=[],
+                     metavar="KEY=VALUE", help="config fields to set")  # fmt: skip
+    sel.add_argument("--verbose", action="store_true", help="show other libraries' logs")
     rep = sub.add_parser("report", help="write results.md and the plot of a workdir")
     rep.add_argument("--workdir", type=Path, required=True)
     rep.add_argument("--results-md", type=Path, default=None, help="default: WORKDIR/results.md")
@@ -242,6 +257,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _select_rank(args: argparse.Namespace) -> int:
+    from adapter_plus_jax.ranks import select_rank
+
+    config = load_config(args.config)
+    apply_overrides(config, args.config_override)
+    splits = args.selection_splits
+    if splits is not None and len(splits) != 2:
+        raise ValueError(f"--selection-splits takes TRAIN,VAL; got {splits}.")
+    select_rank(config, args.ranks, args.workdir, tuple(splits) if splits else None)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -251,6 +278,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from adapter_plus_jax import console
 
         console.show_libraries() if args.verbose else console.quiet_libraries()
+        if args.command == "select-rank":
+            return _select_rank(args)
         failed = run_suite(
             benchmark(args.benchmark),
             args.workdir,

@@ -1,7 +1,7 @@
 """Your own images (configs/folder.py, adapter_plus_jax/data/folder.py): a folder built here
 with mixed formats and modes, odd class names and a corrupt file, trained end to end; the image
 modes decoded to RGB; the holdout without a test folder; each bad layout failing before any
-compute."""
+compute; rank selection (adapter_plus_jax/ranks.py) on a small folder with a grid of 2 ranks."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from adapter_plus_jax import config as cfglib
-from adapter_plus_jax import runner
+from adapter_plus_jax import ranks, runner
 from adapter_plus_jax.data import folder
 from adapter_plus_jax.errors import SetupError
 
@@ -83,8 +83,8 @@ def test_trains_end_to_end_and_records_the_classes(tmp_path: Path) -> None:
     results = runner.run(config, tmp_path / "run")
     assert results["class_names"] == sorted(CLASSES)
     assert results["skipped_images"] == [str(corrupt)]
-    assert results["num_train"] == 3 * 8 and results["num_test"] == 3 * 8
-    assert results["test_set"] == "test/" and 0.0 <= results["test_accuracy"] <= 1.0
+    assert results["num_train"] == 3 * 8 and results["num_eval"] == 3 * 8
+    assert results["eval_set"] == "test/" and 0.0 <= results["test_accuracy"] <= 1.0
     assert json.loads((tmp_path / "run" / "results.json").read_text())["class_names"] == list(
         sorted(CLASSES)
     )
@@ -92,15 +92,18 @@ def test_trains_end_to_end_and_records_the_classes(tmp_path: Path) -> None:
 
 def test_without_a_test_folder_a_stratified_holdout(tmp_path: Path) -> None:
     root = make_folder(tmp_path / "images", splits=("train", "val"), per_class=10)
-    folder.scan.cache_clear()
     scanned = folder.scan(str(root))
-    assert scanned.holdout
-    held = [y for _, y in scanned.test]
-    assert [held.count(c) for c in range(3)] == [2, 2, 2]  # 20% of each class of train/
-    assert len(scanned.train) == 3 * 8 + 3 * 10  # the rest of train/, and val/
-    assert not {p for p, _ in scanned.test} & {p for p, _ in scanned.train}
-    folder.scan.cache_clear()
-    assert folder.scan(str(root)).test == scanned.test  # seeded
+    train, test, note = folder.select(scanned, "train+val", "test")
+    held = [y for _, y in test]
+    assert [held.count(c) for c in range(3)] == [2, 2, 2] and "20% of each class" in note
+    assert len(train) == 3 * 8 + 3 * 10  # the rest of train/, and val/
+    assert not {p for p, _ in test} & {p for p, _ in train}
+    assert folder.select(scanned, "train+val", "test")[1] == test  # seeded
+    # With val/ present, rank selection trains on train/ and scores on val/.
+    train, val, note = folder.select(scanned, "train", "val")
+    assert (train, val, note) == (scanned.splits["train"], scanned.splits["val"], None)
+    with pytest.raises(SetupError, match="cannot be in both"):
+        folder.select(scanned, "train+val", "val")
 
 
 @pytest.mark.parametrize(
@@ -133,9 +136,61 @@ def test_bad_layouts_fail_before_any_compute(tmp_path: Path, layout, message, mo
     if layout == "no_images":
         (root / "train" / "empty").mkdir()
         (root / "train" / "empty" / "notes.txt").write_text("no image here")
-    folder.scan.cache_clear()
     config = cfglib.load_config(f"configs/folder.py:{root}")
     monkeypatch.setattr(runner, "build_model", lambda *a: pytest.fail("a model was built"))
     with pytest.raises(SetupError, match=message):
         runner.run(config, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_rank_choice_prefers_the_smaller_rank_on_ties() -> None:
+    assert ranks.choose({1: 0.5, 2: 0.7, 4: 0.7, 8: 0.6}) == 2
+    assert ranks.choose({8: 0.6, 1: 0.6}) == 1
+
+
+def test_rank_selection_trains_on_train_scores_on_val_and_retrains(tmp_path, monkeypatch):
+    root = make_folder(tmp_path / "images", splits=("train", "val", "test"), per_class=4)
+    config = cfglib.load_config(f"configs/folder.py:{root},epochs=1")
+    _tiny(config)
+    calls, run = [], runner.run
+
+    def spy(c, where, *args, **kwargs):
+        results = run(c, where, *args, **kwargs)
+        calls.append((c.adapter.dim, c.train_split, c.eval_split, Path(where).name, results))
+        return results
+
+    monkeypatch.setattr(runner, "run", spy)
+    record = ranks.select_rank(config, [2, 1], tmp_path / "select")
+    val = {d: r["test_accuracy"] for d, _, _, name, r in calls if name != "final"}
+    best = ranks.choose(val)
+    assert [c[:4] for c in calls] == [
+        (1, "train", "val", "rank1"),
+        (2, "train", "val", "rank2"),
+        (best, "train+val", "test", "final"),
+    ]
+    # The rank runs saw train/ only and were scored on val/; the final run train/ + val/.
+    assert [(r["num_train"], r["num_eval"], r["eval_set"]) for *_, r in calls] == [
+        (12, 12, "val/"), (12, 12, "val/"), (24, 12, "test/")
+    ]
+    assert record["chosen_rank"] == best and record["val_accuracy"] == {"1": val[1], "2": val[2]}
+    assert record["test_accuracy"] == calls[-1][-1]["test_accuracy"]
+    saved = json.loads((tmp_path / "select" / ranks.SELECTION_FILE).read_text())
+    assert saved == record
+    logs = {d: (tmp_path / "select" / d / "metrics.jsonl").read_bytes()
+            for d in ("rank1", "rank2", "final")}  # fmt: skip
+    assert ranks.select_rank(config, [1, 2], tmp_path / "select") == record  # all finished
+    for d, log in logs.items():
+        assert (tmp_path / "select" / d / "metrics.jsonl").read_bytes() == log  # not retrained
+
+
+def test_rank_selection_configs_for_every_dataset() -> None:
+    for spec, key in [("configs/vtab.py:dtd", "adapter"), ("configs/fgvc.py:cub", "adapter"),
+                      ("configs/tfds.py:cifar10", "adapter"),
+                      ("configs/vtab.py:dtd,method=lora", "lora")]:  # fmt: skip
+        config = cfglib.load_config(spec)
+        c = ranks.with_rank(config, 16, ranks.SELECTION_SPLITS[config.dataset])
+        assert c[key].dim == 16 and config[key].dim != 16
+        assert (c.train_split, c.eval_split) == ranks.SELECTION_SPLITS[config.dataset]
+    assert ranks.SELECTION_SPLITS["vtab"] == ("train800", "val200")  # the paper's choice
+    with pytest.raises(SetupError, match="needs adapters or LoRA"):
+        ranks.with_rank(cfglib.load_config("configs/vtab.py:dtd,method=vpt"), 4, ("a", "b"))

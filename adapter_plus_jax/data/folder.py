@@ -2,9 +2,11 @@
 
     ROOT/train/<class>/*   training images (required; the class names are these folder names,
                            sorted, and the labels their indices)
-    ROOT/val/<class>/*     optional: trained on with train (as VTAB's train800val200)
-    ROOT/test/<class>/*    optional: evaluated on; without it a seeded, stratified holdout of
-                           the training images (HOLDOUT_FRACTION of each class) is the test set
+    ROOT/val/<class>/*     optional: trained on with train (train_split 'train+val', as VTAB's
+                           train800val200), or the validation set of rank selection
+    ROOT/test/<class>/*    optional: evaluated on; without it (or without val/ when that is
+                           evaluated) a seeded, stratified holdout of the training images
+                           (HOLDOUT_FRACTION of each class) takes its place
 
 JPEG, PNG, BMP, GIF (first frame) and WebP files are read with Pillow; grayscale, palette, RGBA
 (alpha dropped) and 16-bit images become 8-bit RGB. A file that cannot be decoded is skipped and
@@ -34,13 +36,11 @@ HOLDOUT_SEED = 0  # the same holdout for every training seed
 
 @dataclasses.dataclass(frozen=True)
 class ImageFolder:
-    """The files of each split as (path, label), checked; `holdout` when there is no test."""
+    """The checked layout: the class names and each present split's files as (path, label)."""
 
     root: Path
     classes: tuple[str, ...]
-    train: tuple[tuple[Path, int], ...]
-    test: tuple[tuple[Path, int], ...]
-    holdout: bool
+    splits: dict[str, tuple[tuple[Path, int], ...]]  # 'train', and 'val' / 'test' if present
 
 
 def _class_files(split_dir: Path) -> dict[str, list[Path]]:
@@ -70,40 +70,62 @@ def scan(root: str) -> ImageFolder:
             f"Image folder {path} {what}: expected {path}/train/<class>/<images> "
             "(and optionally val/ and test/ with the same class folders)."
         )
-    train = _class_files(path / "train")
-    classes = tuple(train)
+    found = {"train": _class_files(path / "train")}
+    classes = tuple(found["train"])
     if len(classes) < 2:
         raise SetupError(f"{path / 'train'} has one class folder ({classes[0]}); need two or more.")
-    label = {c: i for i, c in enumerate(classes)}
-    splits = {}
     for name in ("val", "test"):
         if (path / name).is_dir():
-            files = _class_files(path / name)
-            unknown = sorted(set(files) - set(classes))
+            found[name] = _class_files(path / name)
+            unknown = sorted(set(found[name]) - set(classes))
             if unknown:
                 raise SetupError(
                     f"{path / name} has classes that train/ does not: {unknown}. Every class "
                     "must have training images."
                 )
-            splits[name] = files
-    pairs = {
-        name: [(f, label[c]) for c, fs in files.items() for f in fs]
-        for name, files in [("train", train), *splits.items()]
+    label = {c: i for i, c in enumerate(classes)}
+    splits = {
+        name: tuple((f, label[c]) for c, fs in files.items() for f in fs)
+        for name, files in found.items()
     }
-    train_pairs = pairs["train"] + pairs.get("val", [])
-    if "test" in pairs:
-        return ImageFolder(path, classes, tuple(train_pairs), tuple(pairs["test"]), False)
-    rng = np.random.default_rng(HOLDOUT_SEED)
-    held = set()
-    for c in range(len(classes)):
-        members = [i for i, (_, y) in enumerate(pairs["train"]) if y == c]
-        k = int(round(HOLDOUT_FRACTION * len(members)))
-        held.update(rng.choice(members, size=min(k, len(members) - 1), replace=False).tolist())
-    kept = [p for i, p in enumerate(pairs["train"]) if i not in held] + pairs.get("val", [])
-    test = [p for i, p in enumerate(pairs["train"]) if i in held]
-    if not test:
-        raise SetupError(f"{path} has no test/ folder and too few images to hold some out.")
-    return ImageFolder(path, classes, tuple(kept), tuple(test), True)
+    return ImageFolder(path, classes, splits)
+
+
+def select(
+    folder: ImageFolder, train_split: str, eval_split: str
+) -> tuple[tuple, tuple, str | None]:
+    """(train pairs, eval pairs, how the eval set was held out or None).
+
+    train_split 'train' or 'train+val' (val/ added when present); eval_split 'test' or 'val'.
+    A missing eval folder is replaced by a seeded, stratified holdout of train/.
+    """
+    if train_split not in ("train", "train+val") or eval_split not in ("test", "val"):
+        raise SetupError(
+            f"Image folders take train_split 'train' or 'train+val' and eval_split 'test' or "
+            f"'val'; got {train_split!r} and {eval_split!r}."
+        )
+    if eval_split == "val" and train_split == "train+val":
+        raise SetupError("eval_split='val' needs train_split='train' (val/ cannot be in both).")
+    train, note = folder.splits["train"], None
+    if eval_split in folder.splits:
+        evaluation = folder.splits[eval_split]
+    else:
+        rng = np.random.default_rng(HOLDOUT_SEED)
+        held = set()
+        for c in range(len(folder.classes)):
+            members = [i for i, (_, y) in enumerate(train) if y == c]
+            k = min(int(round(HOLDOUT_FRACTION * len(members))), len(members) - 1)
+            held.update(rng.choice(members, size=k, replace=False).tolist())
+        evaluation = tuple(p for i, p in enumerate(train) if i in held)
+        train = tuple(p for i, p in enumerate(train) if i not in held)
+        note = (f"no {eval_split}/ folder: {HOLDOUT_FRACTION:.0%} of each class of train/ held "
+                f"out (seed {HOLDOUT_SEED})")  # fmt: skip
+        if not evaluation:
+            raise SetupError(f"{folder.root} has no {eval_split}/ folder and too few images to "
+                             "hold some out.")  # fmt: skip
+    if train_split == "train+val" and "val" in folder.splits:
+        train = train + folder.splits["val"]
+    return train, evaluation, note
 
 
 def decode(path: Path) -> np.ndarray:
@@ -143,43 +165,47 @@ def _dataset(images: list[np.ndarray], labels: list[int]) -> tf.data.Dataset:
 
 
 @functools.lru_cache(maxsize=1)  # the suite's seeds decode a folder once
-def load(root: str) -> dict[str, Any]:
-    """Decode every image of the folder once: {'train': (images, labels), 'test': ...,
-    'skipped': [(path, error)]}."""
+def load(root: str, train_split: str, eval_split: str) -> dict[str, Any]:
+    """Decode every image of the two splits once: {'train': (images, labels), 'eval': ...,
+    'skipped': [(path, error)], 'holdout': note or None}."""
     folder = scan(root)
-    train_images, train_labels, skipped = _decode_all(folder.train)
-    test_images, test_labels, skipped_test = _decode_all(folder.test)
-    skipped += skipped_test
+    train_pairs, eval_pairs, note = select(folder, train_split, eval_split)
+    if note:
+        print(f"{folder.root}: {note}.", flush=True)
+    train_images, train_labels, skipped = _decode_all(train_pairs)
+    eval_images, eval_labels, skipped_eval = _decode_all(eval_pairs)
+    skipped += skipped_eval
     if skipped:
         names = ", ".join(str(p) for p, _ in skipped[:5]) + (" ..." if len(skipped) > 5 else "")
         print(f"WARNING: skipped {len(skipped)} image file(s) that cannot be decoded: {names}",
               flush=True)  # fmt: skip
-    for split, labels in (("training", train_labels), ("test", test_labels)):
+    for split, labels in ((train_split, train_labels), (eval_split, eval_labels)):
         if not labels:
-            raise SetupError(f"No readable {split} image in {folder.root}.")
-    return {"train": (train_images, train_labels), "test": (test_images, test_labels),
-            "skipped": skipped}  # fmt: skip
+            raise SetupError(f"No readable image for {split} in {folder.root}.")
+    return {"train": (train_images, train_labels), "eval": (eval_images, eval_labels),
+            "skipped": skipped, "holdout": note}  # fmt: skip
 
 
-def describe(root: str) -> dict[str, Any]:
+def describe(root: str, train_split: str, eval_split: str) -> dict[str, Any]:
     """What results.json records about the folder."""
-    folder, data = scan(root), load(root)
+    data = load(root, train_split, eval_split)
     return {
-        "class_names": list(folder.classes),
-        "test_set": "holdout" if folder.holdout else "test/",
-        "holdout": (f"{HOLDOUT_FRACTION:.0%} of each class of train/, seed {HOLDOUT_SEED}"
-                    if folder.holdout else None),  # fmt: skip
+        "class_names": list(scan(root).classes),
+        "eval_set": "holdout" if data["holdout"] else f"{eval_split}/",
+        "holdout": data["holdout"],
         "num_train": len(data["train"][1]),
-        "num_test": len(data["test"][1]),
+        "num_eval": len(data["eval"][1]),
         "skipped_images": [str(p) for p, _ in data["skipped"]],
     }
 
 
 def folder_loaders(
-    root: str, image_size: int, *, mean, std, seed: int, batch: int, eval_batch: int, mesh
+    root: str, splits: tuple[str, str], image_size: int, *, mean, std, seed: int, batch: int,
+    eval_batch: int, mesh
 ) -> tuple[TrainLoader, EvalLoader]:
-    """Train batches (shuffled per epoch, last partial batch dropped) and padded eval batches."""
-    data = load(root)
+    """Train batches (shuffled per epoch, last partial batch dropped) and padded eval batches
+    of `splits` = (train_split, eval_split), as `select` reads them."""
+    data = load(root, *splits)
     images, labels = data["train"]
     if len(labels) < batch:
         raise SetupError(f"{len(labels)} training images are fewer than batch_size={batch}.")
@@ -190,7 +216,7 @@ def folder_loaders(
         mean=mean, std=std, global_batch=batch, seed=seed, drop_remainder=True, cache=True,
         mesh=mesh,
     )  # fmt: skip
-    images, labels = data["test"]
+    images, labels = data["eval"]
     n, p, i = len(labels), jax.process_count(), jax.process_index()
     sizes = [n // p + (k < n % p) for k in range(p)]  # process 0 holds the largest slice
     start = sum(sizes[:i])

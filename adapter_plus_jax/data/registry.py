@@ -279,15 +279,16 @@ def _folder_loaders(config: Any, args: LoaderArgs) -> tuple[TrainLoader, EvalLoa
     from adapter_plus_jax.data import folder
 
     return folder.folder_loaders(
-        config.data_dir, args.image_size, mean=args.mean, std=args.std, seed=config.seed,
-        batch=config.batch_size, eval_batch=config.eval_batch_size, mesh=args.mesh,
+        config.data_dir, (config.train_split, config.eval_split), args.image_size,
+        mean=args.mean, std=args.std, seed=config.seed, batch=config.batch_size,
+        eval_batch=config.eval_batch_size, mesh=args.mesh,
     )  # fmt: skip
 
 
 def _folder_describe(config: Any) -> dict[str, Any]:
     from adapter_plus_jax.data import folder
 
-    return folder.describe(config.data_dir)
+    return folder.describe(config.data_dir, config.train_split, config.eval_split)
 
 
 DATASETS: dict[str, Dataset] = {
