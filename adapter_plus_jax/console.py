@@ -115,4 +115,6 @@ def summary() -> str | None:
     """'N library warnings in WORKDIR/log.txt' when there were any since `log_to`."""
     if _handler is None or not _handler.warnings or _handler.path is None:
         return None
+    if not _handler.path.exists():  # a failed start removed the workdir it created
+        return None
     return f"{_handler.warnings} library warning(s) in {_handler.path} (--verbose shows them)"
