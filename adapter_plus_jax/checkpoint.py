@@ -47,16 +47,22 @@ def _leaf_hash(leaf: Any) -> str:
 
 
 class Checkpointer:
-    """Saves and restores {'state': pytree, 'meta': json dict} under WORKDIR/checkpoints."""
+    """Saves and restores {'state': pytree, 'meta': json dict} under WORKDIR/checkpoints.
 
-    def __init__(self, workdir: str | os.PathLike, max_to_keep: int = 2):
+    `read_only` (for readers such as export, which may run beside the training run): nothing
+    is created, removed or moved, and damaged checkpoints are only skipped."""
+
+    def __init__(self, workdir: str | os.PathLike, max_to_keep: int = 2, read_only: bool = False):
         self.workdir = Path(workdir).absolute()
         self.directory = self.workdir / CHECKPOINTS_DIR
-        if jax.process_index() == 0 and self.directory.is_dir():
+        self.read_only = read_only
+        if jax.process_index() == 0 and self.directory.is_dir() and not read_only:
             # What a killed or failed save left; removed before Orbax reuses its name.
             for unfinished in self.directory.glob(f"*{TMP_MARK}*"):
                 shutil.rmtree(unfinished, ignore_errors=True)
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=not read_only, read_only=read_only
+        )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
@@ -106,8 +112,9 @@ class Checkpointer:
             for bad, _ in failures:
                 self._quarantine(bad)
             if failures:
-                print(f"Falling back to the checkpoint of step {step}; the damaged ones are in "
-                      f"{self.workdir / DAMAGED_DIR}.", flush=True)  # fmt: skip
+                where = "left in place" if self.read_only else f"in {self.workdir / DAMAGED_DIR}"
+                print(f"Falling back to the checkpoint of step {step}; the damaged ones are "
+                      f"{where}.", flush=True)  # fmt: skip
             return step, meta
         if failures:
             raise SetupError(
@@ -118,7 +125,7 @@ class Checkpointer:
         return None
 
     def _quarantine(self, step: int) -> None:
-        if jax.process_index() != 0:  # one process moves it; the others only stop using it
+        if jax.process_index() != 0 or self.read_only:  # one process moves it
             return
         target = self.workdir / DAMAGED_DIR / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
         target.parent.mkdir(exist_ok=True)

@@ -12,12 +12,13 @@ size (position embeddings resampled the way timm does) or with a new classificat
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import shutil
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -58,12 +59,24 @@ def save_pretrained(
     describe the saved weights. Raises FileExistsError if `out_dir` exists and is not empty,
     unless `overwrite`; ValueError if `params` do not fit `config`.
     """
-    out = Path(out_dir)
-    _check_target(out, overwrite)
-    flat = {
+    with atomic_directory(out_dir, overwrite) as tmp:
+        write_pretrained_files(tmp, config, params, pretrained_cfg)
+    return Path(out_dir)
+
+
+def _flat_float32(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    return {
         "/".join(path): np.ascontiguousarray(np.asarray(value, dtype=np.float32))
         for path, value in traverse_util.flatten_dict(dict(params)).items()
     }
+
+
+def write_pretrained_files(
+    directory: Path, config: ViTConfig, params: Mapping[str, Any], pretrained_cfg: Mapping
+) -> None:
+    """PARAMS_FILE and CONFIG_FILE of `save_pretrained` into an existing `directory` (not
+    atomic by itself: `atomic_directory` gives one to write into)."""
+    flat = _flat_float32(params)
     problems = _mismatches(config, flat)
     if problems:
         raise ValueError(f"params do not fit the config: {problems}")
@@ -74,26 +87,39 @@ def save_pretrained(
 
     from safetensors.numpy import save_file
 
+    save_file(flat, str(directory / PARAMS_FILE))
+    (directory / CONFIG_FILE).write_text(json.dumps(document, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """A temporary directory next to `out_dir` to write into; renamed to `out_dir` when the
+    block ends without an error, removed when it raises. Readers never see a half-written
+    `out_dir`. Raises FileExistsError for an existing, non-empty `out_dir` unless `overwrite`
+    (the old one is then replaced only once the new one is complete)."""
+    out = Path(out_dir)
+    check_target(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     # Same parent directory, hence same filesystem: the final rename is atomic.
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        save_file(flat, str(tmp / PARAMS_FILE))
-        # safetensors creates the file private (0600); give it the usual umask permissions.
-        os.chmod(tmp / PARAMS_FILE, 0o666 & ~_umask())
-        (tmp / CONFIG_FILE).write_text(json.dumps(document, indent=2) + "\n")
-        for path in (tmp / PARAMS_FILE, tmp / CONFIG_FILE, tmp):
+        yield tmp
+        for path in tmp.iterdir():
+            # safetensors creates files private (0600); give them the usual umask permissions.
+            os.chmod(path, 0o666 & ~_umask())
             _fsync(path)
+        _fsync(tmp)
         _swap_in(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _fsync(out.parent)
-    return out
 
 
-def _check_target(out: Path, overwrite: bool) -> None:
+def check_target(out: Path, overwrite: bool) -> None:
+    """Raise FileExistsError when `out` exists and is not an empty directory (unless
+    `overwrite`)."""
     if overwrite or not os.path.lexists(out):
         return
     if not out.is_dir():
@@ -107,7 +133,7 @@ def _check_target(out: Path, overwrite: bool) -> None:
 def _swap_in(tmp: Path, out: Path, overwrite: bool) -> None:
     """Rename `tmp` to `out`; with `overwrite`, move an existing `out` aside first and delete it
     only once the new directory is in place."""
-    _check_target(out, overwrite)  # again: `out` may have appeared while writing
+    check_target(out, overwrite)  # again: `out` may have appeared while writing
     if not os.path.lexists(out) or (
         out.is_dir() and not out.is_symlink() and not any(out.iterdir())
     ):

@@ -28,9 +28,10 @@ def load_config(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
     return module.get_config(arg)
 
 
-def tiny_demo(epochs: int = 3) -> ml_collections.ConfigDict:
-    """The demo config with TINY's values: 1 block, checkpoints every epoch, warmup 1 epoch."""
-    config = load_config("demo", f"epochs={epochs}")
+def tiny_demo(epochs: int = 3, arg: str = "") -> ml_collections.ConfigDict:
+    """The demo config (with the config argument `arg`, e.g. 'method=lora') and TINY's values:
+    1 block, checkpoints every epoch, warmup 1 epoch."""
+    config = load_config("demo", f"epochs={epochs}" + (f",{arg}" if arg else ""))
     config.model.timm_kwargs.depth = 1
     config.model.timm_kwargs.patch_size = 8
     config.checkpoint_every_epochs = 1

@@ -37,15 +37,7 @@ class SklearnDigits(tfds.core.GeneratorBasedBuilder):
         )
 
     def _split_generators(self, dl_manager):
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
-        order = np.random.default_rng(0).permutation(len(digits.target))
-        # 0..16 grey levels -> 0..255, 8x8 -> 32x32, grey -> RGB.
-        images = np.round(digits.images[order] * (255.0 / 16.0)).astype(np.uint8)
-        images = np.repeat(np.repeat(images, 4, axis=1), 4, axis=2)
-        images = np.repeat(images[..., None], 3, axis=-1)
-        labels = digits.target[order]
+        images, labels = _images()
         return {
             "train": self._generate_examples(images[:NUM_TRAIN], labels[:NUM_TRAIN]),
             "test": self._generate_examples(images[NUM_TRAIN:], labels[NUM_TRAIN:]),
@@ -54,6 +46,33 @@ class SklearnDigits(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, images: np.ndarray, labels: np.ndarray):
         for i, (image, label) in enumerate(zip(images, labels, strict=True)):
             yield i, {"image": image, "label": int(label)}
+
+
+def _images() -> tuple[np.ndarray, np.ndarray]:
+    """Every digit as uint8 32x32x3 with its label, in the dataset's seeded order."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    order = np.random.default_rng(0).permutation(len(digits.target))
+    # 0..16 grey levels -> 0..255, 8x8 -> 32x32, grey -> RGB.
+    images = np.round(digits.images[order] * (255.0 / 16.0)).astype(np.uint8)
+    images = np.repeat(np.repeat(images, 4, axis=1), 4, axis=2)
+    return np.repeat(images[..., None], 3, axis=-1), digits.target[order]
+
+
+def write_test_images(out: str | Path, count: int = 20) -> list[Path]:
+    """The first `count` test images as OUT/digit_<n>_label<k>.png (to try `predict` on)."""
+    from PIL import Image
+
+    images, labels = _images()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for n in range(min(count, len(labels) - NUM_TRAIN)):
+        path = out / f"digit_{n:03d}_label{labels[NUM_TRAIN + n]}.png"
+        Image.fromarray(images[NUM_TRAIN + n]).save(path)
+        paths.append(path)
+    return paths
 
 
 def prepare(data_dir: str | Path | None = None) -> tfds.core.DatasetBuilder:

@@ -28,8 +28,8 @@ import tensorflow as tf
 
 from adapter_plus_jax.data.pipeline import EvalLoader, TrainLoader, resize_bilinear_v1
 from adapter_plus_jax.errors import SetupError
+from adapter_plus_jax.images import EXTENSIONS, decode
 
-EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 HOLDOUT_FRACTION = 0.2
 HOLDOUT_SEED = 0  # the same holdout for every training seed
 
@@ -126,20 +126,6 @@ def select(
     if train_split == "train+val" and "val" in folder.splits:
         train = train + folder.splits["val"]
     return train, evaluation, note
-
-
-def decode(path: Path) -> np.ndarray:
-    """An image file as uint8 HxWx3 RGB."""
-    from PIL import Image
-
-    with Image.open(path) as image:
-        image.seek(0)  # GIF: the first frame
-        if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit (or 32-bit) grayscale
-            values = np.asarray(image).astype(np.float64)
-            peak = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
-            gray = np.clip(np.round(values * 255.0 / peak), 0, 255).astype(np.uint8)
-            return np.repeat(gray[..., None], 3, axis=-1)
-        return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
 def _decode_all(pairs: tuple[tuple[Path, int], ...]) -> tuple[list[np.ndarray], list[int], list]:

@@ -1,6 +1,7 @@
 """Download and prepare the TFDS datasets of VTAB-1k and FGVC.
 
     python -m adapter_plus_jax.data prepare --tasks all --data-dir DIR
+    python -m adapter_plus_jax.data demo-images --out digits   # the demo's test images as PNG
 """
 
 from __future__ import annotations
@@ -121,7 +122,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     prep.add_argument("--data-dir", default=None, help="TFDS data_dir (default: TFDS's)")
     prep.add_argument("--manual-dir", default=None, help="default: DATA_DIR/downloads/manual")
+    images = sub.add_parser("demo-images", help="write demo test images as PNG files "
+                            "(to try predict on)")  # fmt: skip
+    images.add_argument("--out", required=True, help="the folder to write")
+    images.add_argument("--count", type=int, default=20)
     args = parser.parse_args(argv)
+    if args.command == "demo-images":
+        from adapter_plus_jax.data import demo
+
+        paths = demo.write_test_images(args.out, args.count)
+        print(f"Wrote {len(paths)} test images of the demo to {args.out} (digit_<n>_label<k>.png)")
+        return
     names = [n for arg in args.tasks for n in arg.split(",") if n]
     try:
         prepare(names, args.data_dir, args.manual_dir)

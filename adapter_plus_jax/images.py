@@ -1,0 +1,96 @@
+"""Image files to model inputs without TensorFlow: decoding with Pillow, and the evaluation
+preprocessing of the training pipelines in numpy, for `predict` and exported tasks.
+
+    image = decode(path)                               # uint8 HxWx3 RGB
+    x = preprocess(image, {"kind": "resize", "size": [224, 224]})   # float32 in [0, 255]
+
+Two preprocessings exist (docs/recipe.md): 'resize' (VTAB-1k, TFDS datasets, image folders,
+the demo) is TF1's bilinear resize on the legacy grid, computed here as TF computes it;
+'resize_shorter_crop' (FGVC) resizes the shorter side (bicubic, antialiased) and centre-crops,
+with Pillow here where training used TF's resampler: pixels close to, not equal to, training's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+KINDS = ("resize", "resize_shorter_crop")
+
+
+def decode(path: str | Path) -> np.ndarray:
+    """An image file as uint8 HxWx3 RGB: grayscale, palette, RGBA (alpha dropped) and 16-bit
+    images become 8-bit RGB, GIFs give their first frame. Raises what Pillow raises for a file
+    it cannot read (OSError, ValueError, ...)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.seek(0)  # GIF: the first frame
+        if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit (or 32-bit) grayscale
+            values = np.asarray(image).astype(np.float64)
+            peak = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
+            gray = np.clip(np.round(values * 255.0 / peak), 0, 255).astype(np.uint8)
+            return np.repeat(gray[..., None], 3, axis=-1)
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def resize_bilinear_v1(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """HxWxC -> size[0] x size[1] x C float32 as `tf.compat.v1.image.resize(..., BILINEAR,
+    align_corners=False)` computes it: source coordinate = dst * (in / out) in float32, the
+    lower neighbour clamped below, the upper one at the border, and TF's lerp order."""
+    src = np.asarray(image, np.float32)
+    if src.shape[:2] == tuple(size):
+        return src
+    ys, y0, y1 = _grid(src.shape[0], size[0])
+    xs, x0, x1 = _grid(src.shape[1], size[1])
+    xs = xs[None, :, None]
+    top_left, top_right = src[y0][:, x0], src[y0][:, x1]
+    bottom_left, bottom_right = src[y1][:, x0], src[y1][:, x1]
+    top = top_left + (top_right - top_left) * xs
+    bottom = bottom_left + (bottom_right - bottom_left) * xs
+    return top + (bottom - top) * ys[:, None, None]
+
+
+def _grid(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    scale = np.float32(in_size) / np.float32(out_size)
+    coords = np.arange(out_size, dtype=np.float32) * scale
+    lower = np.floor(coords).astype(np.int64)
+    upper = np.minimum(lower + 1, in_size - 1)
+    return (coords - lower.astype(np.float32)).astype(np.float32), lower, upper
+
+
+def resize_shorter_crop(image: np.ndarray, shorter: int, crop: int) -> np.ndarray:
+    """Resize the shorter side to `shorter` (bicubic, antialiased; the other side rounded down,
+    as timm's Resize), then centre-crop `crop` x `crop`; float32 in [0, 255]."""
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    ratio = shorter / min(h, w)
+    new_h, new_w = (shorter, int(w * ratio)) if h <= w else (int(h * ratio), shorter)
+    resized = np.asarray(
+        Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BICUBIC), np.float32
+    )
+    top, left = int(round((new_h - crop) / 2)), int(round((new_w - crop) / 2))
+    return resized[top : top + crop, left : left + crop]
+
+
+def preprocess(image: np.ndarray, spec: Mapping[str, Any]) -> np.ndarray:
+    """uint8 HxWx3 -> the model's float32 input in [0, 255] (the mean/std normalisation is the
+    model's, done on the device), as `spec` (an exported task's 'preprocessing') says."""
+    kind = spec["kind"]
+    if kind == "resize":
+        return resize_bilinear_v1(image, tuple(spec["size"]))
+    if kind == "resize_shorter_crop":
+        return resize_shorter_crop(image, int(spec["shorter"]), int(spec["size"][0]))
+    raise ValueError(f"Unknown preprocessing {kind!r}; expected one of {KINDS}.")
+
+
+def find_images(folder: Path) -> list[Path]:
+    """The image files under `folder` (recursively, by extension), sorted."""
+    return sorted(
+        p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in EXTENSIONS
+    )
