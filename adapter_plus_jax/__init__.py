@@ -21,6 +21,8 @@ from adapter_plus_jax.params import merge_lora, trainable_count, trainable_mask
 from adapter_plus_jax.peft import METHODS, AdapterSpec, LoRASpec, Method, PromptSpec
 from adapter_plus_jax.preprocess import normalize
 from adapter_plus_jax.pretrained import PretrainedError, load_pretrained, save_pretrained
+from adapter_plus_jax.serving import TaskSet
+from adapter_plus_jax.task import Task, load_backbone, read_task, write_task
 from adapter_plus_jax.train import decay_mask
 
 __all__ = [
@@ -32,16 +34,21 @@ __all__ = [
     "PretrainedError",
     "PromptSpec",
     "SetupError",
+    "Task",
+    "TaskSet",
     "ViTConfig",
     "VisionTransformer",
     "create_model",
     "decay_mask",
     "from_timm",
+    "load_backbone",
     "load_pretrained",
     "merge_lora",
     "normalize",
+    "read_task",
     "save_pretrained",
     "to_adapter_plus",
     "trainable_count",
     "trainable_mask",
+    "write_task",
 ]

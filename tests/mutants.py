@@ -58,6 +58,9 @@ VIT = "tests/test_vit_parity.py"
 PEFT = "tests/test_peft_parity.py"
 TRAJECTORY = "tests/test_train_parity.py::test_six_epochs_match_the_reference"
 LIGHTNING = "tests/test_train.py::test_schedule_matches_lightning_bolts"
+SERVING = (
+    "tests/test_serving.py::test_a_shuffled_mixed_batch_gives_each_example_its_own_tasks_logits"
+)
 HOULSBY_INIT = (
     f"{PEFT}::test_initialisation_matches_the_reference[adapter_houlsby]",
     f"{PEFT}::test_initialisation_matches_the_reference[lora]",  # LoRA branches: houlsby
@@ -318,6 +321,36 @@ MUTANTS = [
             "bicubic = tf.random.stateless_uniform([], interp_seed) < 0.0",
         ),
         tests=("tests/test_fgvc.py::test_train_augmentation_flips_and_interpolates_at_random",),
+    ),
+    Mutant(
+        "serving_wrong_task",
+        "a mixed batch routes examples to the tasks in sorted order, not their own",
+        *_one(
+            "adapter_plus_jax/serving.py",
+            "per_example = jax.tree.map(lambda a: a[ids], stacked)",
+            "per_example = jax.tree.map(lambda a: a[jnp.sort(ids)], stacked)",
+        ),
+        tests=(SERVING,),
+    ),
+    Mutant(
+        "serving_pad_front",
+        "smaller ranks and heads are zero-padded in front instead of at the end",
+        *_one(
+            "adapter_plus_jax/serving.py",
+            "[(0, t - s) for s, t in zip(value.shape, shape, strict=True)]",
+            "[(t - s, 0) for s, t in zip(value.shape, shape, strict=True)]",
+        ),
+        tests=(SERVING,),
+    ),
+    Mutant(
+        "serving_fixed_scaling_lost",
+        "a task's fixed adapter/LoRA scaling becomes 1 in the shared model",
+        *_one(
+            "adapter_plus_jax/serving.py",
+            "return np.full(shape, spec.scaling, np.float32)",
+            "return np.ones(shape, np.float32)",
+        ),
+        tests=(SERVING,),
     ),
 ]
 
