@@ -161,15 +161,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SetupError as e:
         print(f"predict: error: {e}", file=sys.stderr)
         return 2
+    from tqdm import tqdm
+
     failed = bool(missing)
     for record in classify(serving, files, args.top_k, progress=folders):
         failed |= "error" in record
         if args.json:
-            print(json.dumps(record), flush=True)
+            text, stream = json.dumps(record), sys.stdout
+        elif "error" in record:
+            text, stream = "predict: " + _line(record), sys.stderr
         else:
-            stream = sys.stderr if "error" in record else sys.stdout
-            print(("predict: " if "error" in record else "") + _line(record), file=stream,
-                  flush=True)  # fmt: skip
+            text, stream = _line(record), sys.stdout
+        tqdm.write(text, file=stream)  # keeps the line clear of the progress bar
+        stream.flush()
     return 1 if failed else 0
 
 
