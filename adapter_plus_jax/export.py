@@ -26,7 +26,7 @@ from flax import traverse_util
 
 from adapter_plus_jax.checkpoint import CHECKPOINTS_DIR, Checkpointer, has_checkpoints
 from adapter_plus_jax.errors import SetupError
-from adapter_plus_jax.params import key_diff, merge_lora, param_count
+from adapter_plus_jax.params import key_diff, merge_lora, param_count, param_group
 from adapter_plus_jax.pretrained import PARAMS_FILE, check_target
 from adapter_plus_jax.runner import RESULTS_FILE, build_model
 from adapter_plus_jax.task import (
@@ -63,11 +63,14 @@ def _read_run(
 
 
 def _class_names(workdir: Path, path: str | None, num_classes: int) -> tuple[str, ...]:
-    names = None
-    if path:
-        names = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
-    elif (workdir / RESULTS_FILE).is_file():
-        names = json.loads((workdir / RESULTS_FILE).read_text()).get("class_names")
+    names, source = None, Path(path) if path else workdir / RESULTS_FILE
+    try:
+        if path:
+            names = [line.strip() for line in source.read_text().splitlines() if line.strip()]
+        elif source.is_file():
+            names = json.loads(source.read_text()).get("class_names")
+    except (OSError, ValueError) as e:  # a folder, unreadable, not UTF-8 or not JSON
+        raise SetupError(f"Cannot read the class names from {source}: {e}") from e
     if names is not None and len(names) != num_classes:
         raise SetupError(f"{len(names)} class names for a head of {num_classes} classes.")
     return default_class_names(num_classes, names)
@@ -118,8 +121,12 @@ def export_run(
         seed=None if m.pretrained else config.seed,
         num_classes=None if m.pretrained else num_classes, weights_dir=m.weights_dir,
     )  # fmt: skip
+    # The task's own parameters: every PEFT module and the head (trained or, with train_mode
+    # 'linear' on a PEFT method, frozen at their init), and whatever else was trained.
+    own = {k: v for k, v in flat_params.items() if param_group("/".join(k)) in ("peft", "head")}
+    own = traverse_util.unflatten_dict({**own, **flat_trained})
     task = Task(
-        out.name, module.config, trained, names, preprocessing_for(config.dataset, module.config),
+        out.name, module.config, own, names, preprocessing_for(config.dataset, module.config),
         record, module.adapter, module.lora, module.prompt, info=_info(workdir, config, meta),
     )  # fmt: skip
     if merge:
@@ -155,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         task = export_run(args.workdir, args.out, args.merge_lora, args.class_names,
                           args.overwrite, args.allow_unfinished)  # fmt: skip
-    except (SetupError, FileExistsError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # SetupError, PretrainedError, FileExistsError, ...
         print(f"export: error: {e}", file=sys.stderr)
         return 2
     size = sum(p.stat().st_size for p in Path(args.out).iterdir())

@@ -64,13 +64,17 @@ def _grid(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarr
 
 
 def resize_shorter_crop(image: np.ndarray, shorter: int, crop: int) -> np.ndarray:
-    """Resize the shorter side to `shorter` (bicubic, antialiased; the other side rounded down,
-    as timm's Resize), then centre-crop `crop` x `crop`; float32 in [0, 255]."""
+    """Resize the shorter side to `shorter` (bicubic, antialiased), then centre-crop `crop` x
+    `crop`, with the FGVC pipeline's sizes and offsets; float32 in [0, 255]."""
     from PIL import Image
 
     h, w = image.shape[:2]
-    ratio = shorter / min(h, w)
-    new_h, new_w = (shorter, int(w * ratio)) if h <= w else (int(h * ratio), shorter)
+    # As the FGVC pipeline: the longer side int(shorter * long / short) in float64, the width
+    # counting as the shorter side on a tie, offsets rounded half to even.
+    w_short = w <= h
+    short, long = (w, h) if w_short else (h, w)
+    new_long = int(shorter * np.float64(long) / np.float64(short))
+    new_h, new_w = (new_long, shorter) if w_short else (shorter, new_long)
     resized = np.asarray(
         Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BICUBIC), np.float32
     )

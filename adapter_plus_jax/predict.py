@@ -45,7 +45,7 @@ def load_tasks(
 ) -> TaskSet:  # fmt: skip
     """The tasks in `paths` on their (one) backbone, checked against its hash."""
     tasks = [read_task(p, name) for p, name in zip(paths, _task_names(paths), strict=True)]
-    sharing = [t for t in tasks if t.shares_backbone]
+    sharing = [t for t in tasks if t.needs_backbone]
     digests = {t.backbone.sha256: t for t in sharing}
     if len(digests) > 1:
         listed = ", ".join(f"{t.name}: {t.backbone.name} ({d[:12]})" for d, t in digests.items())
@@ -158,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         serving = load_tasks(args.task, args.backbone, args.weights_dir, args.dtype,
                              args.batch_size)  # fmt: skip
-    except SetupError as e:
+    except (ValueError, OSError) as e:  # SetupError included: bad task, foreign backbone
         print(f"predict: error: {e}", file=sys.stderr)
         return 2
     from tqdm import tqdm

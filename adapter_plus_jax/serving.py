@@ -123,10 +123,8 @@ def _group_params(tasks: Sequence[Task], module: VisionTransformer, backbone: Fl
     shapes = traverse_util.flatten_dict(abstract_params(module))
     own = [traverse_util.flatten_dict(t.params) for t in tasks]
     stacked_keys = [k for k in shapes if param_group("/".join(k)) in ("peft", "head")]
-    if len(tasks) == 1 and not tasks[0].shares_backbone:
-        base = {**backbone, **own[0]}
-    else:
-        base = backbone
+    # A task with weights of its own (merged, fine-tuned, trained norms) is alone in its group.
+    base = backbone if tasks[0].shares_backbone else {**backbone, **own[0]}
     shared = {k: base[k] for k in shapes if k not in stacked_keys}
     pairs = list(zip(tasks, own, strict=True))
     stacked = {
@@ -185,7 +183,7 @@ class TaskSet:
         sizes = {t.config.img_size for t in tasks}
         if len(sizes) > 1:
             raise SetupError(f"The tasks take different input sizes {sorted(sizes)}.")
-        sharing = [t for t in tasks if t.shares_backbone]
+        sharing = [t for t in tasks if t.needs_backbone]
         if sharing and backbone is None:
             raise ValueError(f"Task {sharing[0].name} needs the backbone's parameters.")
         digests = {t.backbone.sha256 for t in sharing}

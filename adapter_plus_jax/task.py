@@ -18,6 +18,7 @@ needs no backbone. `write_task` writes atomically; `read_task` checks what it re
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -94,6 +95,17 @@ class Task:
             for k in traverse_util.flatten_dict(self.params)
         )
 
+    @functools.cached_property
+    def needs_backbone(self) -> bool:
+        """Whether the task's parameters leave some of its model's to the backbone (all but
+        merged and fully fine-tuned tasks)."""
+        from adapter_plus_jax.convert import abstract_params
+
+        own = traverse_util.flatten_dict(self.params)
+        return not self.merged and any(
+            k not in own for k in traverse_util.flatten_dict(abstract_params(self.module()))
+        )
+
     def module(self, dtype: Any = "float32") -> VisionTransformer:
         """The task's own model (eval only: dropout and drop path are off)."""
         return VisionTransformer(
@@ -101,11 +113,11 @@ class Task:
         )
 
     def model(self, backbone: Mapping[str, Any] | None, dtype: Any = "float32"):
-        """(module, variables): the backbone's parameters with the task's on top. A merged
-        task needs no backbone (None)."""
-        flat = {} if self.merged else traverse_util.flatten_dict(dict(backbone or {}))
-        if not flat and not self.merged:
+        """(module, variables): the backbone's parameters with the task's on top. A task that
+        carries all its weights (merged, fine-tuned) needs no backbone (None)."""
+        if backbone is None and self.needs_backbone:
             raise ValueError(f"Task {self.name} needs its backbone's parameters.")
+        flat = traverse_util.flatten_dict(dict(backbone or {})) if self.needs_backbone else {}
         flat.update(traverse_util.flatten_dict(self.params))
         return self.module(dtype), {"params": traverse_util.unflatten_dict(flat)}
 
@@ -143,14 +155,17 @@ def load_backbone(
     pretrained = True if source is not None else record.pretrained
     kwargs = {} if pretrained else dict(record.timm_kwargs)
     rng = jax.random.key(record.seed if record.seed is not None else 0)
-    _, variables = create_model(
-        name,
-        num_classes=0 if pretrained else record.num_classes,
-        pretrained=pretrained,
-        rng=rng,
-        weights_dir=weights_dir or record.weights_dir,
-        **kwargs,
-    )
+    try:
+        _, variables = create_model(
+            name,
+            num_classes=0 if pretrained else record.num_classes,
+            pretrained=pretrained,
+            rng=rng,
+            weights_dir=weights_dir or record.weights_dir,
+            **kwargs,
+        )
+    except (OSError, ValueError) as e:  # a damaged ported directory, a bad timm name, ...
+        raise SetupError(f"Cannot build the backbone {name} of {what}: {e}") from e
     found = backbone_digest(variables["params"])
     if found != record.sha256:
         raise SetupError(
@@ -221,8 +236,9 @@ def read_task(path: str | os.PathLike, name: str | None = None) -> Task:
         )
     try:
         doc = json.loads((root / TASK_FILE).read_text())
-        if doc.get("format") != FORMAT or doc.get("version") != VERSION:
-            raise ValueError(f"format {doc.get('format')!r} version {doc.get('version')!r}")
+        found = (doc.get("format"), doc.get("version")) if isinstance(doc, dict) else doc
+        if found != (FORMAT, VERSION):
+            raise ValueError(f"expected format {FORMAT!r} version {VERSION}, found {found!r}")
         config = ViTConfig.from_dict(doc["model"])
         specs = {
             "adapter": _make(AdapterSpec, doc["adapter"]),
@@ -232,18 +248,26 @@ def read_task(path: str | os.PathLike, name: str | None = None) -> Task:
         record = BackboneRecord(**doc["backbone"])
         merged = bool(doc["merged"])
         class_names = tuple(str(c) for c in doc["class_names"])
+        preprocessing = dict(doc["preprocessing"])
+        if preprocessing.get("kind") not in KINDS:
+            raise ValueError(f"preprocessing kind {preprocessing.get('kind')!r} not in {KINDS}")
+        if len(class_names) != config.num_classes:
+            raise ValueError(f"{len(class_names)} class names for {config.num_classes} classes")
     except (ValueError, KeyError, TypeError) as e:
         raise SetupError(
             f"{root / TASK_FILE} is not a task file this version reads ({type(e).__name__}: {e})."
         ) from e
     if merged:
-        module, variables, _ = load_pretrained(root)
+        try:
+            module, variables, _ = load_pretrained(root)
+        except (OSError, ValueError) as e:
+            raise SetupError(f"Cannot read the merged model in {root}: {e}") from e
         params, config = variables["params"], module.config
     else:
         params = _read_params(root / PARAMS_FILE)
     task = Task(
         name or doc.get("name") or root.name, config, params, class_names,
-        doc["preprocessing"], record, merged=merged, info=doc.get("info", {}), **specs,
+        preprocessing, record, merged=merged, info=doc.get("info", {}), **specs,
     )  # fmt: skip
     _check_shapes(task, root)
     return task
@@ -269,13 +293,20 @@ def _read_params(path: Path) -> dict:
 
 
 def _check_shapes(task: Task, root: Path) -> None:
-    """Every parameter of the task must be one of its model's, with the model's shape."""
+    """Every parameter of the task must be one of its model's, with the model's shape, and
+    every PEFT and head parameter of the model must be the task's."""
     from adapter_plus_jax.convert import abstract_params
 
     expected = traverse_util.flatten_dict(abstract_params(task.module()))
+    own = traverse_util.flatten_dict(task.params)
     bad = [
-        "/".join(k) for k, v in traverse_util.flatten_dict(task.params).items()
+        "/".join(k) for k, v in own.items()
         if k not in expected or tuple(expected[k].shape) != tuple(np.shape(v))
+    ]  # fmt: skip
+    # The task's own modules must all be there: a backbone does not have them.
+    bad += [
+        f"{'/'.join(k)} (missing)" for k in expected
+        if k not in own and param_group("/".join(k)) not in SHARED_GROUPS
     ]  # fmt: skip
     if bad:
         raise SetupError(

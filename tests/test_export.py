@@ -80,6 +80,21 @@ def test_the_exported_task_is_the_runs_model(runs, exported):
     assert accuracy == pytest.approx(results["test_accuracy"], abs=1e-12)
 
 
+def test_a_linear_probe_on_a_peft_model_keeps_its_frozen_adapters(tmp_path):
+    """train_mode=linear with Adapter+: only the head trains, the adapters stay at their
+    (random) init, and the exported task must carry them."""
+    config = tiny_demo(1)
+    config.train_mode = "linear"
+    results = runner.run(config, tmp_path / "run")
+    task = export.export_run(tmp_path / "run", tmp_path / "task")
+    assert "adapter" in read_task(tmp_path / "task").params["blocks_0"]
+    test_images, labels = _test_split()
+    serving = TaskSet([task], load_backbone(task.backbone), batch_size=100)
+    logits = serving.logits(test_images, [0] * len(labels))
+    accuracy = np.mean(np.argmax(np.stack(logits), -1) == labels)
+    assert accuracy == pytest.approx(results["test_accuracy"], abs=1e-12)
+
+
 def test_predict_classifies_files_and_reports_bad_ones(exported, images, capsys):
     missing = str(images / "nothing.jpg")
     rc = predict.main(["--task", str(exported["digits"]), "--json", "--top-k", "3",

@@ -6,6 +6,7 @@ preprocessing is the training pipeline's."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import jax
 import numpy as np
@@ -119,6 +120,35 @@ def test_a_merged_lora_task_is_served_beside_unmerged_ones(tasks, backbone):
             np.testing.assert_allclose(logits[row], reference[row], atol=1e-5, rtol=0)
 
 
+def test_tasks_with_weights_of_their_own_are_served_alone(tasks, backbone):
+    """train_ln (norms trained: needs the rest of the backbone) and fine-tuned (all weights,
+    needs none) tasks form groups of their own and compute what their own models compute."""
+    rng = np.random.default_rng(7)
+    flat_backbone = traverse_util.flatten_dict(backbone)
+    norms = {k: np.asarray(v) + rng.normal(0, 0.1, v.shape).astype(np.float32)
+             for k, v in flat_backbone.items() if param_group("/".join(k)) == "norm"}  # fmt: skip
+    base = tasks[0]
+    train_ln = dataclasses.replace(base, name="train_ln", params=traverse_util.unflatten_dict(
+        {**traverse_util.flatten_dict(base.params), **norms}))  # fmt: skip
+    full = {k: np.asarray(v) + rng.normal(0, 0.02, v.shape).astype(np.float32)
+            for k, v in flat_backbone.items()}  # fmt: skip
+    finetuned = dataclasses.replace(base, name="finetuned", params=traverse_util.unflatten_dict(
+        {**full, **traverse_util.flatten_dict(base.params)}))  # fmt: skip
+    assert train_ln.needs_backbone and not finetuned.needs_backbone
+    serving = TaskSet([base, train_ln, finetuned], backbone, batch_size=4)
+    assert [g.members for g in serving.groups] == [[0], [1], [2]]
+    images = np.random.default_rng(2).uniform(0, 255, (6, 32, 32, 3)).astype(np.float32)
+    ids = [2, 1, 0, 1, 2, 0]
+    logits = serving.logits(images, ids)
+    for row, i in enumerate(ids):
+        task = [base, train_ln, finetuned][i]
+        expected = _own_logits(task, backbone if i < 2 else None, images[row : row + 1])[0]
+        np.testing.assert_allclose(logits[row], expected, atol=1e-5, rtol=0)
+    assert TaskSet([finetuned], None).logits(images[:1], [0])[0].shape == (5,)
+    with pytest.raises(ValueError, match="needs the backbone"):
+        TaskSet([train_ln], None)
+
+
 def test_tasks_of_another_backbone_are_refused(tasks, backbone):
     other = dict(backbone)
     other["norm"] = {**backbone["norm"], "scale": np.asarray(backbone["norm"]["scale"]) * 2}
@@ -145,6 +175,19 @@ def test_tasks_round_trip_through_their_files(tasks, backbone, tmp_path):
         read_task(tmp_path / "adapter_r4")
     with pytest.raises(SetupError, match="expected a task directory"):
         read_task(tmp_path / "missing")
+    # A task file without its head, or with a wrong number of class names: refused on reading.
+    lora = tasks[2]
+    flat = traverse_util.flatten_dict(lora.params)
+    headless = {k: v for k, v in flat.items() if k[0] != "head"}
+    write_task(tmp_path / "headless", dataclasses.replace(
+        lora, params=traverse_util.unflatten_dict(headless)))  # fmt: skip
+    with pytest.raises(SetupError, match="head/kernel .missing."):
+        read_task(tmp_path / "headless")
+    document = json.loads((tmp_path / "lora_qk_r2" / "task.json").read_text())
+    document["class_names"] = document["class_names"][:-1]
+    (tmp_path / "lora_qk_r2" / "task.json").write_text(json.dumps(document))
+    with pytest.raises(SetupError, match="6 class names for 7 classes"):
+        read_task(tmp_path / "lora_qk_r2")
 
 
 def test_an_adapter_plus_task_for_vit_b16_with_47_classes_is_under_1_mb(tmp_path):
@@ -164,6 +207,24 @@ def test_an_adapter_plus_task_for_vit_b16_with_47_classes_is_under_1_mb(tmp_path
     out = write_task(tmp_path / "dtd", task)
     size = sum(p.stat().st_size for p in out.iterdir())
     assert size < 1_000_000, size
+
+
+@pytest.mark.parametrize("shape", [(49, 49), (103, 103), (300, 200), (200, 301)])
+def test_predicts_fgvc_resize_has_the_training_pipelines_sizes(shape):
+    """Same output size and crop window as the FGVC eval pipeline (Pillow's bicubic vs TF's:
+    close pixels, not equal)."""
+    import tensorflow as tf
+
+    from adapter_plus_jax.data.fgvc import eval_image
+    from adapter_plus_jax.images import resize_shorter_crop
+
+    rng = np.random.default_rng(0)
+    smooth = rng.integers(0, 256, (shape[0] // 8 + 2, shape[1] // 8 + 2, 3)).astype(np.float32)
+    image = np.clip(resize_bilinear_v1(smooth, shape), 0, 255).astype(np.uint8)
+    expected = eval_image(tf.constant(image)).numpy()
+    got = resize_shorter_crop(image, 256, 224)
+    assert got.shape == expected.shape == (224, 224, 3)
+    assert np.abs(got - expected).mean() < 1.5
 
 
 @pytest.mark.parametrize("shape", [(37, 53), (20, 20), (32, 32), (300, 200)])
