@@ -4,10 +4,11 @@ preprocessing of the training pipelines in numpy, for `predict` and exported tas
     image = decode(path)                               # uint8 HxWx3 RGB
     x = preprocess(image, {"kind": "resize", "size": [224, 224]})   # float32 in [0, 255]
 
-Two preprocessings exist (docs/recipe.md): 'resize' (VTAB-1k, TFDS datasets, image folders,
-the demo) is TF1's bilinear resize on the legacy grid, computed here as TF computes it;
-'resize_shorter_crop' (FGVC) resizes the shorter side (bicubic, antialiased) and centre-crops,
-with Pillow here where training used TF's resampler: pixels close to, not equal to, training's.
+Two preprocessings exist (docs/recipe.md, sections 4 and 5): 'resize' (VTAB-1k, TFDS
+datasets, image folders, the demo) is TF1's bilinear resize on the legacy grid, computed here
+as TF computes it; 'resize_shorter_crop' (FGVC) resizes the shorter side (bicubic,
+antialiased) and centre-crops, with Pillow here where training used TF's resampler: pixels
+close to, not equal to, training's.
 """
 
 from __future__ import annotations
