@@ -143,3 +143,16 @@ def compiler_options(dtype: Any) -> dict[str, str] | None:
     if on_cpu() and jnp.dtype(dtype) == jnp.float32:
         return CPU_FLOAT32_OPTIONS
     return None
+
+
+def per_example(apply: Callable[[Any, jax.Array], jax.Array], dtype: Any) -> Callable:
+    """`apply(params, images)` for evaluation, in the form that is fastest on the backend.
+
+    On XLA:CPU in float32 that is `apply` vmapped over single examples: for ViT-B/16 Adapter+
+    it gave 1.27x (batch 8) and 1.36x (batch 32) the batched forward's images/s in the same run,
+    logits equal to 2.4e-6. The train step gains nothing from it (0.92x and 1.00x), so only
+    evaluation uses it; bfloat16 and other backends keep the batched form.
+    """
+    if not on_cpu() or low_precision(dtype):
+        return apply
+    return lambda params, images: jax.vmap(lambda x: apply(params, x[None])[0])(images)
