@@ -59,7 +59,7 @@ def _read_run(
         state, _ = ckpt.read(step)
     finally:
         ckpt.close()
-    return config, jax.tree.map(jax.numpy.asarray, state["params"]), {**meta, "step": step}
+    return config, state["params"], {**meta, "step": step}
 
 
 def _class_names(workdir: Path, path: str | None, num_classes: int) -> tuple[str, ...]:
@@ -102,6 +102,8 @@ def export_run(
     workdir, out = Path(workdir), Path(out)
     check_target(out, overwrite)  # before the expensive part
     config, trained, meta = _read_run(workdir, allow_unfinished)
+    if merge and (not config.lora or config.adapter or config.prompt):
+        raise SetupError(f"--merge-lora needs a LoRA run; {workdir} is {config.method}.")
     num_classes = int(trained["head"]["kernel"].shape[-1])
     names = _class_names(workdir, class_names, num_classes)
     module, params = build_model(config, num_classes, jax.random.key(config.seed))
@@ -130,12 +132,9 @@ def export_run(
         record, module.adapter, module.lora, module.prompt, info=_info(workdir, config, meta),
     )  # fmt: skip
     if merge:
-        if module.lora is None or module.adapter is not None or module.prompt is not None:
-            raise SetupError(f"--merge-lora needs a LoRA run; {workdir} is {config.method}.")
         flat_params.update(flat_trained)
         plain, merged = merge_lora(module, {"params": traverse_util.unflatten_dict(flat_params)})
-        full = jax.tree.map(jax.numpy.asarray, merged["params"])
-        task = Task(task.name, plain.config, full, names, task.preprocessing, record,
+        task = Task(task.name, plain.config, merged["params"], names, task.preprocessing, record,
                     merged=True, info=task.info)  # fmt: skip
     write_task(out, task, overwrite=overwrite)
     return task

@@ -64,7 +64,8 @@ def save_pretrained(
     return Path(out_dir)
 
 
-def _flat_float32(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+def flat_float32(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """A parameter tree as '/'-joined names -> contiguous float32 arrays (safetensors' input)."""
     return {
         "/".join(path): np.ascontiguousarray(np.asarray(value, dtype=np.float32))
         for path, value in traverse_util.flatten_dict(dict(params)).items()
@@ -76,7 +77,7 @@ def write_pretrained_files(
 ) -> None:
     """PARAMS_FILE and CONFIG_FILE of `save_pretrained` into an existing `directory` (not
     atomic by itself: `atomic_directory` gives one to write into)."""
-    flat = _flat_float32(params)
+    flat = flat_float32(params)
     problems = _mismatches(config, flat)
     if problems:
         raise ValueError(f"params do not fit the config: {problems}")

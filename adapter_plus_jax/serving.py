@@ -40,6 +40,7 @@ from adapter_plus_jax.params import param_group
 from adapter_plus_jax.peft import LORA_LOCATIONS
 from adapter_plus_jax.preprocess import normalize
 from adapter_plus_jax.task import Task, backbone_digest
+from adapter_plus_jax.train import merge
 
 Flat = dict[tuple[str, ...], Any]
 
@@ -136,26 +137,23 @@ def _group_params(tasks: Sequence[Task], module: VisionTransformer, backbone: Fl
 
 def _make_forward(module: VisionTransformer, single: bool):
     cfg = module.config
+    # One task: its own model, in the backend's fastest form for evaluation (no gather).
+    own_model = precision.per_example(
+        lambda params, x: module.apply({"params": params}, x), module.dtype
+    )
 
     def forward(shared, stacked, images, ids):
         x = normalize(images, cfg.mean, cfg.std)
-        if single:  # one task: its own model, no gather
-            own = jax.tree.map(lambda a: a[0], stacked)
-            return module.apply({"params": _merge(own, shared)}, x)
+        if single:
+            return own_model(merge(jax.tree.map(lambda a: a[0], stacked), shared), x)
 
         def one(image, own):
-            return module.apply({"params": _merge(own, shared)}, image[None])[0]
+            return module.apply({"params": merge(own, shared)}, image[None])[0]
 
         per_example = jax.tree.map(lambda a: a[ids], stacked)
         return jax.vmap(one)(x, per_example)
 
     return jax.jit(forward, compiler_options=precision.compiler_options(module.dtype))
-
-
-def _merge(own: Mapping[str, Any], shared: Mapping[str, Any]) -> dict:
-    flat = traverse_util.flatten_dict(dict(shared))
-    flat.update(traverse_util.flatten_dict(dict(own)))
-    return traverse_util.unflatten_dict(flat)
 
 
 class TaskSet:
@@ -187,11 +185,11 @@ class TaskSet:
         if sharing and backbone is None:
             raise ValueError(f"Task {sharing[0].name} needs the backbone's parameters.")
         digests = {t.backbone.sha256 for t in sharing}
-        if len(digests) > 1 or (sharing and backbone_digest(backbone) not in digests):
+        found = backbone_digest(backbone) if sharing else None
+        if len(digests) > 1 or (sharing and found not in digests):
             names = ", ".join(f"{t.name} ({t.backbone.sha256[:12]})" for t in sharing)
-            found = backbone_digest(backbone)[:12] if backbone is not None else "none"
             raise SetupError(
-                f"The tasks were not all trained on this backbone ({found}): {names}. Serve "
+                f"The tasks were not all trained on this backbone ({found[:12]}): {names}. Serve "
                 "tasks of different backbones in different TaskSets."
             )
         flat_backbone = traverse_util.flatten_dict(dict(backbone or {}))

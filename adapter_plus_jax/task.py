@@ -40,6 +40,7 @@ from adapter_plus_jax.peft import AdapterSpec, LoRASpec, PromptSpec
 from adapter_plus_jax.pretrained import (
     PARAMS_FILE,
     atomic_directory,
+    flat_float32,
     load_pretrained,
     write_pretrained_files,
 )
@@ -96,15 +97,19 @@ class Task:
         )
 
     @functools.cached_property
+    def model_shapes(self) -> dict[tuple[str, ...], tuple[int, ...]]:
+        """The shapes of every parameter of the task's model (flat paths)."""
+        from adapter_plus_jax.convert import abstract_params
+
+        flat = traverse_util.flatten_dict(abstract_params(self.module()))
+        return {k: tuple(v.shape) for k, v in flat.items()}
+
+    @functools.cached_property
     def needs_backbone(self) -> bool:
         """Whether the task's parameters leave some of its model's to the backbone (all but
         merged and fully fine-tuned tasks)."""
-        from adapter_plus_jax.convert import abstract_params
-
         own = traverse_util.flatten_dict(self.params)
-        return not self.merged and any(
-            k not in own for k in traverse_util.flatten_dict(abstract_params(self.module()))
-        )
+        return not self.merged and any(k not in own for k in self.model_shapes)
 
     def module(self, dtype: Any = "float32") -> VisionTransformer:
         """The task's own model (eval only: dropout and drop path are off)."""
@@ -215,11 +220,7 @@ def write_task(out: str | os.PathLike, task: Task, overwrite: bool = False) -> P
         else:
             from safetensors.numpy import save_file
 
-            flat = {
-                "/".join(k): np.ascontiguousarray(np.asarray(v, np.float32))
-                for k, v in traverse_util.flatten_dict(task.params).items()
-            }
-            save_file(flat, str(tmp / PARAMS_FILE))
+            save_file(flat_float32(task.params), str(tmp / PARAMS_FILE))
         (tmp / TASK_FILE).write_text(json.dumps(document, indent=2) + "\n")
     return Path(out)
 
@@ -295,13 +296,10 @@ def _read_params(path: Path) -> dict:
 def _check_shapes(task: Task, root: Path) -> None:
     """Every parameter of the task must be one of its model's, with the model's shape, and
     every PEFT and head parameter of the model must be the task's."""
-    from adapter_plus_jax.convert import abstract_params
-
-    expected = traverse_util.flatten_dict(abstract_params(task.module()))
+    expected = task.model_shapes
     own = traverse_util.flatten_dict(task.params)
     bad = [
-        "/".join(k) for k, v in own.items()
-        if k not in expected or tuple(expected[k].shape) != tuple(np.shape(v))
+        "/".join(k) for k, v in own.items() if expected.get(k) != tuple(np.shape(v))
     ]  # fmt: skip
     # The task's own modules must all be there: a backbone does not have them.
     bad += [
