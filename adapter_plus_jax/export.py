@@ -161,7 +161,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         task = export_run(args.workdir, args.out, args.merge_lora, args.class_names,
                           args.overwrite, args.allow_unfinished)  # fmt: skip
-    except (ValueError, OSError) as e:  # SetupError, PretrainedError, FileExistsError, ...
+    except FileExistsError:
+        print(f"export: error: {args.out} exists and is not empty; choose another --out or "
+              "pass --overwrite.", file=sys.stderr)  # fmt: skip
+        return 2
+    except (ValueError, OSError) as e:  # SetupError, PretrainedError, an unreadable file, ...
         print(f"export: error: {e}", file=sys.stderr)
         return 2
     size = sum(p.stat().st_size for p in Path(args.out).iterdir())

@@ -186,4 +186,4 @@ def test_export_refuses_what_it_cannot_export(runs, tmp_path, capsys):
                         "--allow-unfinished"]) == 0  # fmt: skip
     assert read_task(out).info["epoch"] == 1
     assert export.main(["--workdir", str(runs["adapter"]), "--out", str(out)]) == 2  # out exists
-    assert "not empty" in capsys.readouterr().err
+    assert "not empty; choose another --out or pass --overwrite" in capsys.readouterr().err
