@@ -11,7 +11,7 @@ they are plain `nn.Dense` / `jnp.einsum` arithmetic. In bfloat16 (or float16):
   gradient over 800 tokens was 5.7x less accurate than the reference's).
 
 This module is also the one place for backend-specific choices: every one of them is behind
-`on_cpu()` (XLA:CPU's dot layouts in `_f32_dot`, its compiler options in `compiler_options`).
+`on_cpu()` (XLA:CPU's dot layouts in `_f32_dot`, its evaluation form in `eval_form`).
 """
 
 from __future__ import annotations
@@ -127,32 +127,35 @@ class Dense(nn.Module):
         return y.astype(self.dtype).reshape(*x.shape[:-1], self.features)
 
 
-# XLA:CPU hands single dots to YNNPACK by default. For float32, its Eigen dots ran ViT-B/16's
-# train step 13-15% faster here (benchmarks/train_step.py); bfloat16 dots must stay with
-# YNNPACK, the only path with AMX kernels (and with bf16 x bf16 -> f32 support).
-CPU_FLOAT32_OPTIONS = {
-    "xla_cpu_experimental_ynn_fusion_type": (
-        "LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
-    )
-}
+# Images per chunk of `eval_form` on XLA:CPU (benchmarks/train_step.py; docs/performance.md).
+CPU_EVAL_CHUNK = 8
 
 
-def compiler_options(dtype: Any) -> dict[str, str] | None:
-    """XLA compiler options for jitting a model that computes in `dtype` on the default
-    backend: `CPU_FLOAT32_OPTIONS` for float32 on CPU, none otherwise."""
-    if on_cpu() and jnp.dtype(dtype) == jnp.float32:
-        return CPU_FLOAT32_OPTIONS
-    return None
-
-
-def per_example(apply: Callable[[Any, jax.Array], jax.Array], dtype: Any) -> Callable:
+def eval_form(
+    apply: Callable[[Any, jax.Array], jax.Array], dtype: Any, chunk: int = CPU_EVAL_CHUNK
+) -> Callable:
     """`apply(params, images)` for evaluation, in the form that is fastest on the backend.
 
-    On XLA:CPU in float32 that is `apply` vmapped over single examples: for ViT-B/16 Adapter+
-    it gave 1.27x (batch 8) and 1.36x (batch 32) the batched forward's images/s in the same run,
-    logits equal to 2.4e-6. The train step gains nothing from it (0.92x and 1.00x), so only
-    evaluation uses it; bfloat16 and other backends keep the batched form.
+    On XLA:CPU in float32 that is `apply` over chunks of `chunk` images one after another
+    (`jax.lax.map`; a last, smaller chunk for the remainder): a chunk's activations stay in the
+    CPU's caches between the ops of a block, where a whole batch's spill to memory
+    (docs/performance.md). bfloat16 and other backends keep the batched form, as does the
+    train step, whose backward pass needs every chunk's activations anyway.
     """
     if not on_cpu() or low_precision(dtype):
         return apply
-    return lambda params, images: jax.vmap(lambda x: apply(params, x[None])[0])(images)
+
+    def chunked(params: Any, images: jax.Array) -> jax.Array:
+        n = images.shape[0]
+        full = n - n % chunk
+        if full <= chunk:  # one chunk or less: nothing to split
+            return apply(params, images)
+        head = jax.lax.map(
+            lambda c: apply(params, c), images[:full].reshape(-1, chunk, *images.shape[1:])
+        )
+        head = head.reshape(full, *head.shape[2:])
+        if full == n:
+            return head
+        return jnp.concatenate([head, apply(params, images[full:])])
+
+    return chunked

@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from adapter_plus_jax import config as cfglib
-from adapter_plus_jax import console, precision, train
+from adapter_plus_jax import console, train
 from adapter_plus_jax import params as params_lib
 from adapter_plus_jax.checkpoint import CHECKPOINTS_DIR, Checkpointer, has_checkpoints
 from adapter_plus_jax.errors import SetupError
@@ -189,7 +189,6 @@ def train_epochs(
             exp.module, exp.tx, config.label_smoothing, jax.random.fold_in(exp.rng, 2)
         ),
         donate_argnums=0,
-        compiler_options=precision.compiler_options(exp.module.dtype),
     )
     start, images_seen = time.perf_counter(), 0
     with tqdm(total=epochs * steps, initial=resume.epoch * steps, unit="step",
@@ -239,10 +238,7 @@ def train_epochs(
 
 def evaluate(exp: Experiment) -> tuple[float, float]:
     """(accuracy on the eval split, seconds)."""
-    eval_step = jax.jit(
-        train.make_eval_step(exp.module),
-        compiler_options=precision.compiler_options(exp.module.dtype),
-    )
+    eval_step = jax.jit(train.make_eval_step(exp.module))
     start = time.perf_counter()
     params = train.merge(exp.state.params, exp.frozen)
     return train.evaluate(eval_step, params, exp.eval_loader), time.perf_counter() - start

@@ -138,7 +138,7 @@ def _group_params(tasks: Sequence[Task], module: VisionTransformer, backbone: Fl
 def _make_forward(module: VisionTransformer, single: bool):
     cfg = module.config
     # One task: its own model, in the backend's fastest form for evaluation (no gather).
-    own_model = precision.per_example(
+    own_model = precision.eval_form(
         lambda params, x: module.apply({"params": params}, x), module.dtype
     )
 
@@ -153,7 +153,7 @@ def _make_forward(module: VisionTransformer, single: bool):
         per_example = jax.tree.map(lambda a: a[ids], stacked)
         return jax.vmap(one)(x, per_example)
 
-    return jax.jit(forward, compiler_options=precision.compiler_options(module.dtype))
+    return jax.jit(forward)
 
 
 class TaskSet:

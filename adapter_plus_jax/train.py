@@ -169,8 +169,8 @@ def make_train_step(
 
 def make_eval_step(module: flax.linen.Module) -> Callable:
     """eval_step(params, images, labels, mask) -> (number correct, number counted); the forward
-    in the backend's fastest form (`precision.per_example`)."""
-    forward = precision.per_example(
+    in the backend's fastest form (`precision.eval_form`)."""
+    forward = precision.eval_form(
         lambda params, x: module.apply({"params": params}, x, train=False),
         getattr(module, "dtype", jnp.float32),
     )

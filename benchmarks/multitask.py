@@ -75,9 +75,8 @@ def sequential_peer(tasks: list[Task], backbone: dict):
         module, variables = task.model(backbone)
         cfg = module.config
         # Each model in the backend's fastest form for evaluation, as TaskSet runs one task.
-        own = precision.per_example(lambda p, x, m=module: m.apply({"params": p}, x), module.dtype)
-        fn = jax.jit(lambda p, x, c=cfg, f=own: f(p, normalize(x, c.mean, c.std)),
-                     compiler_options=precision.compiler_options(module.dtype))  # fmt: skip
+        own = precision.eval_form(lambda p, x, m=module: m.apply({"params": p}, x), module.dtype)
+        fn = jax.jit(lambda p, x, c=cfg, f=own: f(p, normalize(x, c.mean, c.std)))
         models.append((fn, variables["params"]))
 
     def run(images: np.ndarray, ids: np.ndarray) -> list:

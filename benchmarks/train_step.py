@@ -3,9 +3,9 @@
 Both sides train the same model on the same batch in one process, with the same weights:
 
 - ours: `VisionTransformer` with Adapter+ (converted from the reference model), the jitted
-  `train.make_train_step` (AdamW on the trainable subtree, `donate_argnums=0` and
-  `precision.compiler_options`, as runner.py); on CPUs in float32 also the same step with XLA's
-  default options (YNNPACK dots), to show what those options are worth;
+  `train.make_train_step` (AdamW on the trainable subtree, `donate_argnums=0`, XLA's default
+  options, as runner.py); on CPUs in float32 also the same step with XLA's Eigen dots instead of
+  YNNPACK's (`EIGEN_DOTS`), which is faster depends on the CPU;
 - reference: adapter-plus `VisionTransformerAdapter` on timm, torch.optim.AdamW, only adapters
   and head trainable; with `--torch-compile` also the same under `torch.compile`.
 
@@ -17,7 +17,8 @@ Measurements are interleaved: every round times `--steps` steps of each peer in 
 reversed every round, so that other load on the machine hits all peers alike. Images/s is
 batch / median step time. Also measured:
 
-- inference images/s of our LoRA model (r=8 on q, k) with and without `merge_lora`;
+- evaluation images/s (forward in eval mode, no gradients) of the reference and ours, and of
+  our LoRA model (r=8 on q, k) with and without `merge_lora`;
 - a big float32 matmul in torch and in jax (GFLOP/s); the better one is this machine's peak, and
   each training step's model FLOP/s (forward + input gradients, ~70 GFLOP per image for
   ViT-B/16, counted analytically) is reported as a fraction of it;
@@ -50,6 +51,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 # jax must not grab most of a GPU that torch shares in this process.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -78,8 +80,16 @@ from adapter_plus_jax.peft import LoRASpec  # noqa: E402
 
 SIZES = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}  # width, heads; depth 12
 DEPTH, PATCH, IMAGE = 12, 16, 224
-OURS, OURS_DEFAULT = "ours (jax)", "ours (jax, XLA default options)"
+OURS = "ours (jax)"
+# The other XLA:CPU dot back end for float32: Eigen instead of YNNPACK (XLA's default). Which is
+# faster depends on the CPU (docs/performance.md); the benchmark times both where it can.
+EIGEN_DOTS = {
+    "xla_cpu_experimental_ynn_fusion_type": (
+        "LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
+    )
+}
 COMPILED = "reference (torch.compile)"
+LORA, MERGED = "ours, LoRA r=8 q,k (unmerged)", "ours, LoRA merged (merge_lora)"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,6 +128,7 @@ class Peer:
     step: Callable[[], None]
     setup_s: float = 0.0  # compile / first-step time
     info: dict = dataclasses.field(default_factory=dict)
+    compiled: Any = None  # ours: the compiled XLA executable (profile_step.py reads its HLO)
 
 
 def sync() -> None:
@@ -176,13 +187,29 @@ def jax_train_peer(
         holder["state"], _ = compiled(holder["state"], frozen, x, y)
         jax.block_until_ready(holder["state"])
 
-    return Peer(name, step, compile_s, info)
+    return Peer(name, step, compile_s, info, compiled)
+
+
+def torch_eval_peer(name: str, model: torch.nn.Module, x: torch.Tensor, bf16: bool) -> Peer:
+    """The reference's evaluation forward: eval mode, no autograd."""
+    device = x.device.type
+
+    def step() -> None:
+        model.eval()
+        with torch.inference_mode(), torch.autocast(device, torch.bfloat16, enabled=bf16):
+            model(x)
+        sync()
+
+    return Peer(name, step)
 
 
 def jax_eval_peer(name: str, module: VisionTransformer, params: dict, x: jax.Array) -> Peer:
+    """The forward as runner.py evaluates it (`precision.eval_form`)."""
     start = time.perf_counter()
-    jitted = jax.jit(lambda p, images: module.apply({"params": p}, images))
-    compiled = jitted.lower(params, x).compile(precision.compiler_options(module.dtype))
+    forward = precision.eval_form(
+        lambda p, images: module.apply({"params": p}, images), module.dtype
+    )
+    compiled = jax.jit(forward).lower(params, x).compile()
     compile_s = time.perf_counter() - start
 
     def step() -> None:
@@ -393,16 +420,24 @@ def markdown(results: dict) -> str:
         "images/CPU-s: per second of process CPU time (all threads), which other processes' load "
         "hardly changes.",
         "",
-        "| Inference (ours, LoRA r=8 q,k) | images/s | vs unmerged | images/CPU-s |",
+        "| Evaluation forward | images/s | vs ref. | images/CPU-s |",
         "|---|---|---|---|",
     ]
-    base = results["inference"]["lora (unmerged)"]["images_per_s"]
-    for name, r in results["inference"].items():
+    evals = results["inference"]
+    base = next(r["images_per_s"] for n, r in evals.items() if n.startswith("reference"))
+    for name, r in evals.items():
         lo, hi = r["images_per_s_iqr"]
         lines.append(
             f"| {name} | {r['images_per_s']:.2f} [{lo:.2f}-{hi:.2f}] | "
             f"{r['images_per_s'] / base:.2f}x | {r['images_per_cpu_s']:.2f} |"
         )
+    lines += [
+        "",
+        f"Evaluation: Adapter+ unless named; ours as runner.py evaluates "
+        f"(`precision.eval_form`). Merging LoRA made it "
+        f"{evals[MERGED]['images_per_s'] / evals[LORA]['images_per_s']:.2f}x "
+        "the unmerged LoRA model's speed.",
+    ]
     info = results["train"].get(OURS, {}).get("info", {})
     if info:
         note = f"XLA's own count for our step: {info['xla_flops_per_image'] / 1e9:.1f} GFLOP/image"
@@ -486,10 +521,9 @@ def main(argv: list[str] | None = None) -> dict:
         for n in threads
     ]
     print("== compiling our step", flush=True)
-    options = precision.compiler_options(module.dtype)
-    peers.append(jax_train_peer(OURS, module, params, jx, jy, options))
-    if options is not None:
-        peers.append(jax_train_peer(OURS_DEFAULT, module, params, jx, jy))
+    peers.append(jax_train_peer(OURS, module, params, jx, jy))
+    if device == "cpu" and not bf16:  # the other float32 dot back end, for comparison
+        peers.append(jax_train_peer("ours (jax, Eigen dots)", module, params, jx, jy, EIGEN_DOTS))
     if a.torch_compile:
         compiled = torch.compile(copy.deepcopy(model))
         peers.append(torch_train_peer(COMPILED, compiled, tx, ty, bf16, threads[0]))
@@ -520,16 +554,16 @@ def main(argv: list[str] | None = None) -> dict:
     del peers
     gc.collect()
 
-    print("== inference: LoRA r=8 on q, k, unmerged and merged", flush=True)
-    lora = VisionTransformer(
-        module.config, lora=LoRASpec(), dtype=module.dtype
-    )
+    print("== evaluation forward: Adapter+, and LoRA r=8 on q, k unmerged and merged", flush=True)
+    lora = VisionTransformer(module.config, lora=LoRASpec(), dtype=module.dtype)
     backbone = {k: v for k, v in flatten_dict(params).items() if "adapter" not in k}
     lora_params = init_params(lora, unflatten_dict(backbone), jax.random.key(0))
     merged, merged_vars = merge_lora(lora, {"params": lora_params})
     eval_peers = [
-        jax_eval_peer("lora (unmerged)", lora, lora_params, jx),
-        jax_eval_peer("lora merged (merge_lora)", merged, merged_vars["params"], jx),
+        torch_eval_peer(f"reference (torch, {threads[0]} threads)", model, tx, bf16),
+        jax_eval_peer(OURS, module, params, jx),
+        jax_eval_peer(LORA, lora, lora_params, jx),
+        jax_eval_peer(MERGED, merged, merged_vars["params"], jx),
     ]
     for peer in eval_peers:
         warm_up(peer, a.warmup)

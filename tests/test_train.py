@@ -179,8 +179,10 @@ def test_remat_changes_memory_not_gradients() -> None:
     )
 
 
-def test_per_example_evaluation_matches_the_batched_forward() -> None:
-    """The eval step's CPU form (vmapped over single examples) computes the batched logits."""
+@pytest.mark.parametrize("n, chunk", [(6, 2), (7, 2), (7, 4), (3, 4)])
+def test_chunked_evaluation_matches_the_batched_forward(n: int, chunk: int) -> None:
+    """The eval step's CPU form (chunks in sequence, a smaller last chunk for the remainder, or
+    one batch when it has at most one full chunk) computes the batched logits, in order."""
     from adapter_plus_jax import precision
     from adapter_plus_jax.model import VisionTransformer, ViTConfig
     from adapter_plus_jax.peft import AdapterSpec
@@ -188,17 +190,19 @@ def test_per_example_evaluation_matches_the_batched_forward() -> None:
     config = ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
                        mlp_dim=64, num_classes=5)  # fmt: skip
     module = VisionTransformer(config, adapter=AdapterSpec(dim=4))
-    x = jax.random.normal(jax.random.key(1), (6, 32, 32, 3))
+    x = jax.random.normal(jax.random.key(1), (n, 32, 32, 3))
     params = module.init(jax.random.key(0), x)["params"]
 
     def apply(p, images):
         return module.apply({"params": p}, images)
 
-    fast = precision.per_example(apply, jnp.float32)
-    assert fast is not apply  # this machine is a CPU: the vmapped form
-    assert precision.per_example(apply, jnp.bfloat16) is apply
+    fast = precision.eval_form(apply, jnp.float32, chunk)
+    assert fast is not apply  # this machine is a CPU: the chunked form
+    assert precision.eval_form(apply, jnp.bfloat16) is apply
+    lowered = jax.jit(fast).lower(params, x).as_text()
+    assert ("while" in lowered) == (n >= 2 * chunk)  # chunks run in a loop, not unrolled
     np.testing.assert_allclose(jax.jit(fast)(params, x), jax.jit(apply)(params, x), atol=1e-5,
                                rtol=0)  # fmt: skip
     labels = jnp.argmax(apply(params, x), -1)
-    correct, count = jax.jit(train.make_eval_step(module))(params, x, labels, jnp.ones(6, bool))
-    assert (int(correct), int(count)) == (6, 6)
+    correct, count = jax.jit(train.make_eval_step(module))(params, x, labels, jnp.ones(n, bool))
+    assert (int(correct), int(count)) == (n, n)
