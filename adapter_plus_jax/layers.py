@@ -123,7 +123,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, drop: nn.Module, train: boo
     The products run heads-first ([batch, heads, tokens, head_dim], batch and heads leading in
     both operands): XLA:CPU then emits batched library dots without transposes inside them, and
     ViT-B/16's attention forward+backward took 0.75x the time of the tokens-first einsums
-    (docs/performance.md).
+    (44.2 vs 58.8 ms at batch 8 on a 2-core AMD EPYC).
     """
     scale = q.shape[-1] ** -0.5
     q, k, v = (t.transpose(0, 2, 1, 3) for t in (q * scale, k, v))

@@ -82,7 +82,7 @@ SIZES = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}  # width, heads
 DEPTH, PATCH, IMAGE = 12, 16, 224
 OURS = "ours (jax)"
 # The other XLA:CPU dot back end for float32: Eigen instead of YNNPACK (XLA's default). Which is
-# faster depends on the CPU (docs/performance.md); the benchmark times both where it can.
+# faster depends on the CPU; the benchmark times both where it can.
 EIGEN_DOTS = {
     "xla_cpu_experimental_ynn_fusion_type": (
         "LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
