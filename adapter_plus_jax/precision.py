@@ -11,7 +11,8 @@ they are plain `nn.Dense` / `jnp.einsum` arithmetic. In bfloat16 (or float16):
   gradient over 800 tokens was 5.7x less accurate than the reference's).
 
 This module is also the one place for backend-specific choices: every one of them is behind
-`on_cpu()` (XLA:CPU's dot layouts in `_f32_dot`, its evaluation form in `eval_form`).
+`on_cpu()` (XLA:CPU's dot layouts in `_f32_dot`, the chunks that evaluation and the train
+step process a batch in, `chunk_size`).
 """
 
 from __future__ import annotations
@@ -127,36 +128,52 @@ class Dense(nn.Module):
         return y.astype(self.dtype).reshape(*x.shape[:-1], self.features)
 
 
-# Images per chunk of `eval_form` on XLA:CPU: at batch 32, chunks of 8 ran ViT-B/16 1.29x the
-# batched forward, chunks of 4 1.25x, on a 2-core AMD EPYC (benchmarks/train_step.py).
-CPU_EVAL_CHUNK = 8
+# Images per chunk on XLA:CPU in float32 (`chunk_size`): at batch 32, evaluation in chunks of 8
+# ran ViT-B/16 1.29x the batched forward (chunks of 4: 1.25x), and the train step in chunks of 8
+# ran 1.72x the batched step (2.03 vs 1.18 img/s), on a 2-core AMD EPYC (benchmarks/train_step.py).
+CPU_CHUNK = 8
+
+
+def chunk_size(batch: int, dtype: Any, chunk: int | None = None) -> int | None:
+    """How many images `eval_form` and the train step process at a time out of `batch`: None
+    for the whole batch at once.
+
+    `chunk=None` is the backend's choice: chunks of `CPU_CHUNK` on XLA:CPU in float32, where a
+    chunk's activations stay in the CPU's caches between the ops of a block while a whole
+    batch's spill to memory; the batched form on accelerators and in 16-bit compute. A batch
+    that holds at most one full chunk is never split.
+    """
+    if chunk is None:
+        if not on_cpu() or low_precision(dtype):
+            return None
+        chunk = CPU_CHUNK
+    return chunk if batch - batch % chunk > chunk else None
+
+
+def split_chunks(x: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array | None]:
+    """(the full chunks of `x` stacked as [n // chunk, chunk, ...], the remainder or None)."""
+    full = x.shape[0] - x.shape[0] % chunk
+    head = x[:full].reshape(-1, chunk, *x.shape[1:])
+    return head, (x[full:] if full < x.shape[0] else None)
 
 
 def eval_form(
-    apply: Callable[[Any, jax.Array], jax.Array], dtype: Any, chunk: int = CPU_EVAL_CHUNK
+    apply: Callable[[Any, jax.Array], jax.Array], dtype: Any, chunk: int | None = None
 ) -> Callable:
-    """`apply(params, images)` for evaluation, in the form that is fastest on the backend.
-
-    On XLA:CPU in float32 that is `apply` over chunks of `chunk` images one after another
-    (`jax.lax.map`; a last, smaller chunk for the remainder): a chunk's activations stay in the
-    CPU's caches between the ops of a block, where a whole batch's would spill to memory.
-    bfloat16 and other backends keep the batched form, as does the train step, whose backward
-    pass needs every chunk's activations anyway.
+    """`apply(params, images)` for evaluation, in the form that is fastest on the backend: the
+    batch in chunks (`chunk_size`) one after another under `jax.lax.map`, a last, smaller chunk
+    for the remainder; or `apply` itself where the backend keeps the batched form.
     """
-    if not on_cpu() or low_precision(dtype):
+    if chunk is None and (not on_cpu() or low_precision(dtype)):
         return apply
 
     def chunked(params: Any, images: jax.Array) -> jax.Array:
-        n = images.shape[0]
-        full = n - n % chunk
-        if full <= chunk:  # one chunk or less: nothing to split
+        size = chunk_size(images.shape[0], dtype, chunk)
+        if size is None:
             return apply(params, images)
-        head = jax.lax.map(
-            lambda c: apply(params, c), images[:full].reshape(-1, chunk, *images.shape[1:])
-        )
-        head = head.reshape(full, *head.shape[2:])
-        if full == n:
-            return head
-        return jnp.concatenate([head, apply(params, images[full:])])
+        head, rest = split_chunks(images, size)
+        logits = jax.lax.map(lambda c: apply(params, c), head)
+        logits = logits.reshape(-1, *logits.shape[2:])
+        return logits if rest is None else jnp.concatenate([logits, apply(params, rest)])
 
     return chunked

@@ -108,6 +108,15 @@ class TrainState:
     opt_state: Any
 
 
+def _losses(logits: jax.Array, labels: jax.Array, label_smoothing: float) -> jax.Array:
+    """Per-example cross-entropy with torch's label smoothing, in float32."""
+    num_classes = logits.shape[-1]
+    targets = jax.nn.one_hot(labels, num_classes)
+    if label_smoothing:
+        targets = targets * (1 - label_smoothing) + label_smoothing / num_classes
+    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
 def cross_entropy(
     logits: jax.Array,
     labels: jax.Array,
@@ -116,11 +125,7 @@ def cross_entropy(
 ) -> jax.Array:
     """Mean cross-entropy (torch's `F.cross_entropy(label_smoothing=...)`) over the examples
     where `mask` is True (padding in a last partial batch does not count)."""
-    num_classes = logits.shape[-1]
-    targets = jax.nn.one_hot(labels, num_classes)
-    if label_smoothing:
-        targets = targets * (1 - label_smoothing) + label_smoothing / num_classes
-    losses = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+    losses = _losses(logits, labels, label_smoothing)
     if mask is None:
         return losses.mean()
     return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1)
@@ -131,12 +136,23 @@ def make_train_step(
     tx: optax.GradientTransformation,
     label_smoothing: float = 0.0,
     rng: jax.Array | None = None,
+    chunk: int | None = None,
+    preprocess: Callable[[jax.Array], jax.Array] | None = None,
 ) -> Callable:
     """train_step(state, frozen, images, labels, mask=None) -> (state, metrics).
 
+    `preprocess` maps the images before the model inside the step, e.g. the input
+    normalisation (`preprocess.normalize`) for loaders that yield images in [0, 255]: XLA fuses
+    it into the patch embedding instead of running a pass of its own over every batch.
+
     Dropout/drop-path randomness is `fold_in(rng, step)`, so a resumed run draws the same masks.
+    The gradient of the batch's mean loss is summed over chunks of images processed one after
+    another (`precision.chunk_size`; `chunk=None`: the backend's choice, chunks of 8 on CPUs in
+    float32, the whole batch at once elsewhere); a chunk's masks are drawn from
+    `fold_in(step_rng, chunk index)`, so on CPUs they differ from the batched form's.
     """
     rng = jax.random.key(0) if rng is None else rng
+    dtype = getattr(module, "dtype", jnp.float32)
 
     def train_step(
         state: TrainState,
@@ -146,37 +162,68 @@ def make_train_step(
         mask: jax.Array | None = None,
     ):
         step_rng = jax.random.fold_in(rng, state.step)
+        images = images if preprocess is None else preprocess(images)
+        mask = jnp.ones(labels.shape, bool) if mask is None else mask
+        count = jnp.maximum(jnp.sum(mask), 1)
 
-        def loss_fn(trainable):
+        def loss_fn(trainable, key, x, y, m):
+            """This chunk's share of the batch's mean loss, and its logits."""
             variables = {"params": merge(trainable, frozen)}
-            logits = module.apply(variables, images, train=True, rngs={"dropout": step_rng})
-            loss = cross_entropy(logits, labels, label_smoothing, mask)
-            return loss, logits
+            logits = module.apply(variables, x, train=True, rngs={"dropout": key})
+            return jnp.sum(_losses(logits, y, label_smoothing) * m) / count, logits
 
-        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        size = precision.chunk_size(images.shape[0], dtype, chunk)
+        if size is None:
+            (loss, logits), grads = grad_fn(state.params, step_rng, images, labels, mask)
+        else:
+            (loss, logits), grads = _chunked_grads(
+                grad_fn, state.params, step_rng, size, (images, labels, mask)
+            )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        correct = jnp.argmax(logits, -1) == labels
-        if mask is None:
-            accuracy = jnp.mean(correct)
-        else:
-            accuracy = jnp.sum(correct & mask) / jnp.maximum(jnp.sum(mask), 1)
-        metrics = {"loss": loss, "accuracy": accuracy}
+        correct = (jnp.argmax(logits, -1) == labels) & mask
+        metrics = {"loss": loss, "accuracy": jnp.sum(correct) / count}
         return TrainState(state.step + 1, params, opt_state), metrics
 
     return train_step
 
 
-def make_eval_step(module: flax.linen.Module) -> Callable:
+def _chunked_grads(grad_fn: Callable, params: Any, key: jax.Array, size: int, batch: tuple):
+    """`grad_fn(params, key, *batch)` summed over chunks of `size` examples under `lax.scan`
+    (a last, smaller chunk for the remainder), logits concatenated in order; chunk i draws its
+    randomness from fold_in(key, i)."""
+    heads, rests = zip(*(precision.split_chunks(a, size) for a in batch), strict=True)
+
+    def body(total, xs):
+        i, *chunk = xs
+        (loss, logits), grads = grad_fn(params, jax.random.fold_in(key, i), *chunk)
+        return jax.tree.map(jnp.add, total, (loss, grads)), logits
+
+    num = heads[0].shape[0]
+    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+    (loss, grads), logits = jax.lax.scan(body, zeros, (jnp.arange(num), *heads))
+    logits = logits.reshape(-1, *logits.shape[2:])
+    if rests[0] is not None:
+        (rest_loss, rest_logits), rest_grads = grad_fn(params, jax.random.fold_in(key, num), *rests)
+        loss, grads = jax.tree.map(jnp.add, (loss, grads), (rest_loss, rest_grads))
+        logits = jnp.concatenate([logits, rest_logits])
+    return (loss, logits), grads
+
+
+def make_eval_step(
+    module: flax.linen.Module, preprocess: Callable[[jax.Array], jax.Array] | None = None
+) -> Callable:
     """eval_step(params, images, labels, mask) -> (number correct, number counted); the forward
-    in the backend's fastest form (`precision.eval_form`)."""
+    in the backend's fastest form (`precision.eval_form`), after `preprocess` as in
+    `make_train_step`."""
     forward = precision.eval_form(
         lambda params, x: module.apply({"params": params}, x, train=False),
         getattr(module, "dtype", jnp.float32),
     )
 
     def eval_step(params, images, labels, mask):
-        logits = forward(params, images)
+        logits = forward(params, images if preprocess is None else preprocess(images))
         correct = (jnp.argmax(logits, -1) == labels) & mask
         return jnp.sum(correct), jnp.sum(mask)
 

@@ -4,8 +4,10 @@ Both sides train the same model on the same batch in one process, with the same 
 
 - ours: `VisionTransformer` with Adapter+ (converted from the reference model), the jitted
   `train.make_train_step` (AdamW on the trainable subtree, `donate_argnums=0`, XLA's default
-  options, as runner.py); on CPUs in float32 also the same step with XLA's Eigen dots instead of
-  YNNPACK's (`EIGEN_DOTS`), which is faster depends on the CPU;
+  options, as runner.py: on CPUs in float32 the batch in chunks of 8 images, gradients summed,
+  `precision.chunk_size`); on CPUs in float32 also the same step with XLA's Eigen dots instead
+  of YNNPACK's (`EIGEN_DOTS`), which is faster depends on the CPU, and, where the batch is
+  split, the step over the whole batch at once;
 - reference: adapter-plus `VisionTransformerAdapter` on timm, torch.optim.AdamW, only adapters
   and head trainable; with `--torch-compile` also the same under `torch.compile`.
 
@@ -88,7 +90,11 @@ EIGEN_DOTS = {
         "LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
     )
 }
+BATCHED = "ours (jax, whole batch at once)"
 COMPILED = "reference (torch.compile)"
+# Dense bfloat16 peaks from the vendors' datasheets (TFLOP/s), for MFU on GPUs; the most
+# specific name first.
+DATASHEET_BF16_TFLOPS = {"H100 PCIe": 756, "H200": 989, "H100": 989, "A100": 312, "L4": 121}
 LORA, MERGED = "ours, LoRA r=8 q,k (unmerged)", "ours, LoRA merged (merge_lora)"
 
 
@@ -167,17 +173,22 @@ def jax_train_peer(
     x: jax.Array,
     y: jax.Array,
     compiler_options: dict[str, str] | None = None,
+    chunk: int | None = None,
 ) -> Peer:
-    """Our step exactly as runner.py builds it (AOT-compiled here, to time compilation)."""
+    """Our step exactly as runner.py builds it (AOT-compiled here, to time compilation);
+    `chunk` as in `train.make_train_step`."""
     trainable, frozen = train.split(params, trainable_mask(params))
     trainable = jax.tree.map(jnp.copy, trainable)  # the step donates them; `params` lives on
     tx = train.adamw(train.reference_lr(1e-3, 10), 1e-4)
     state = train.TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable))
     start = time.perf_counter()
-    jitted = jax.jit(train.make_train_step(module, tx), donate_argnums=0)
+    jitted = jax.jit(train.make_train_step(module, tx, chunk=chunk), donate_argnums=0)
     compiled = jitted.lower(state, frozen, x, y).compile(compiler_options=compiler_options)
     compile_s = time.perf_counter() - start
-    info = {"xla_flops_per_image": compiled.cost_analysis()["flops"] / x.shape[0]}
+    # XLA counts a loop's body once: a chunked step's count covers one chunk (and the rest).
+    size = precision.chunk_size(x.shape[0], module.dtype, chunk)
+    counted = x.shape[0] if size is None else size + x.shape[0] % size
+    info = {"xla_flops_per_image": compiled.cost_analysis()["flops"] / counted}
     memory = compiled.memory_analysis()
     if memory is not None:
         info["xla_temp_mib"] = memory.temp_size_in_bytes / 2**20
@@ -438,6 +449,9 @@ def markdown(results: dict) -> str:
         f"{evals[MERGED]['images_per_s'] / evals[LORA]['images_per_s']:.2f}x "
         "the unmerged LoRA model's speed.",
     ]
+    mfu = model_flops_utilisation(results)
+    if mfu:
+        lines += ["", mfu]
     info = results["train"].get(OURS, {}).get("info", {})
     if info:
         note = f"XLA's own count for our step: {info['xla_flops_per_image'] / 1e9:.1f} GFLOP/image"
@@ -445,6 +459,25 @@ def markdown(results: dict) -> str:
             note += f"; XLA temp buffer {info['xla_temp_mib']:.0f} MiB"
         lines += ["", note + "."]
     return "\n".join(lines) + "\n"
+
+
+def model_flops_utilisation(results: dict) -> str | None:
+    """A line with each train peer's MFU: model FLOP/s over the GPU's datasheet bfloat16 dense
+    peak; None off GPUs or for a GPU not in `DATASHEET_BF16_TFLOPS`."""
+    if results["device_kind"] != "cuda":
+        return None
+    name = next((k for k in DATASHEET_BF16_TFLOPS if k in results["device"]), None)
+    if name is None:
+        return None
+    peak = DATASHEET_BF16_TFLOPS[name] * 1e3
+    parts = [
+        f"{peer} {r['images_per_s'] * results['gflop_per_image'] / peak:.1%}"
+        for peer, r in results["train"].items()
+        if "images_per_s" in r
+    ]
+    return f"MFU (model FLOP/s over the {name}'s {peak / 1e3:.0f} bf16 TFLOP/s): " + ", ".join(
+        parts
+    )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -524,6 +557,8 @@ def main(argv: list[str] | None = None) -> dict:
     peers.append(jax_train_peer(OURS, module, params, jx, jy))
     if device == "cpu" and not bf16:  # the other float32 dot back end, for comparison
         peers.append(jax_train_peer("ours (jax, Eigen dots)", module, params, jx, jy, EIGEN_DOTS))
+    if precision.chunk_size(a.batch, module.dtype) is not None:  # what chunks gain on this CPU
+        peers.append(jax_train_peer(BATCHED, module, params, jx, jy, chunk=a.batch))
     if a.torch_compile:
         compiled = torch.compile(copy.deepcopy(model))
         peers.append(torch_train_peer(COMPILED, compiled, tx, ty, bf16, threads[0]))

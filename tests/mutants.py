@@ -58,6 +58,7 @@ VIT = "tests/test_vit_parity.py"
 PEFT = "tests/test_peft_parity.py"
 TRAJECTORY = "tests/test_train_parity.py::test_six_epochs_match_the_reference"
 LIGHTNING = "tests/test_train.py::test_schedule_matches_lightning_bolts"
+CHUNKED_STEP = "tests/test_train.py::test_chunked_train_step_matches_the_batched_step"
 SERVING = (
     "tests/test_serving.py::test_a_shuffled_mixed_batch_gives_each_example_its_own_tasks_logits"
 )
@@ -351,6 +352,27 @@ MUTANTS = [
             "return np.ones(shape, np.float32)",
         ),
         tests=(SERVING,),
+    ),
+    Mutant(
+        "chunk_mean_per_chunk",
+        "the chunked train step averages each chunk's loss over the chunk, not over the batch",
+        *_one(
+            "adapter_plus_jax/train.py",
+            "return jnp.sum(_losses(logits, y, label_smoothing) * m) / count, logits",
+            "return jnp.sum(_losses(logits, y, label_smoothing) * m) / jnp.maximum(m.sum(), 1), "
+            "logits",
+        ),
+        tests=(f"{CHUNKED_STEP}[7-3]",),
+    ),
+    Mutant(
+        "chunk_rng_shared",
+        "every chunk of a train step draws the same dropout/drop-path masks",
+        *_one(
+            "adapter_plus_jax/train.py",
+            "grad_fn(params, jax.random.fold_in(key, i), *chunk)",
+            "grad_fn(params, key, *chunk)",
+        ),
+        tests=("tests/test_train.py::test_chunks_draw_their_own_randomness",),
     ),
 ]
 

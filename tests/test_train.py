@@ -183,7 +183,7 @@ def test_remat_changes_memory_not_gradients() -> None:
 def test_chunked_evaluation_matches_the_batched_forward(n: int, chunk: int) -> None:
     """The eval step's CPU form (chunks in sequence, a smaller last chunk for the remainder, or
     one batch when it has at most one full chunk) computes the batched logits, in order."""
-    from adapter_plus_jax import precision
+    from adapter_plus_jax import precision, preprocess
     from adapter_plus_jax.model import VisionTransformer, ViTConfig
     from adapter_plus_jax.peft import AdapterSpec
 
@@ -206,3 +206,74 @@ def test_chunked_evaluation_matches_the_batched_forward(n: int, chunk: int) -> N
     labels = jnp.argmax(apply(params, x), -1)
     correct, count = jax.jit(train.make_eval_step(module))(params, x, labels, jnp.ones(n, bool))
     assert (int(correct), int(count)) == (n, n)
+    # Images in [0, 255] normalised inside the step (runner.py's loaders) count the same.
+    raw = (x * 0.5 + 0.5) * 255.0  # normalize(raw, 0.5, 0.5) == x up to rounding
+    step = train.make_eval_step(module, lambda v: preprocess.normalize(v, (0.5,) * 3, (0.5,) * 3))
+    correct, count = jax.jit(step)(params, raw, labels, jnp.ones(n, bool))
+    assert (int(correct), int(count)) == (n, n)
+
+
+@pytest.mark.parametrize("n, chunk", [(6, 2), (7, 2), (7, 3)])
+def test_chunked_train_step_matches_the_batched_step(n: int, chunk: int) -> None:
+    """The train step's CPU form (chunks in sequence under a loop, gradients summed, a smaller
+    last chunk for the remainder) computes the batched step's loss, accuracy and gradients, and
+    a padded example counts in neither."""
+    import functools
+
+    import optax
+
+    from adapter_plus_jax import preprocess
+    from adapter_plus_jax.model import VisionTransformer, ViTConfig
+    from adapter_plus_jax.params import trainable_mask
+    from adapter_plus_jax.peft import AdapterSpec
+
+    config = ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                       mlp_dim=64, num_classes=5)  # fmt: skip
+    module = VisionTransformer(config, adapter=AdapterSpec(dim=4, drop_path=0.0))  # no randomness
+    x = jax.random.normal(jax.random.key(1), (n, 32, 32, 3))
+    labels = jnp.arange(n) % 5
+    mask = jnp.arange(n) < n - 1  # the last example is padding
+    params = module.init(jax.random.key(0), x)["params"]
+    trainable, frozen = train.split(params, trainable_mask(params))
+    tx = optax.sgd(1.0)  # new params = params - gradients
+    state = train.TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable))
+
+    def run(size, images):
+        step = jax.jit(train.make_train_step(module, tx, label_smoothing=0.1, chunk=size))
+        args = (state, frozen, images, labels, mask)
+        return step(*args), step.lower(*args).as_text()
+
+    (batched, metrics), text = run(n, x)  # one chunk of n: the batched form
+    (chunked, chunked_metrics), chunked_text = run(chunk, x)
+    # One more loop (random bits are drawn in loops too): chunks run in it, not unrolled.
+    assert chunked_text.count("stablehlo.while") == text.count("stablehlo.while") + 1
+    for key in ("loss", "accuracy"):
+        np.testing.assert_allclose(chunked_metrics[key], metrics[key], rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6),
+                 chunked.params, batched.params)  # fmt: skip
+    moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), batched.params, trainable)
+    assert max(jax.tree.leaves(moved)) > 1e-3  # the gradients compared are not all zero
+    (padded, _), _ = run(chunk, x.at[-1].set(100.0))  # padding changed: nothing else moves
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6),
+                 padded.params, chunked.params)  # fmt: skip
+    # Images in [0, 255] normalised inside the step (runner.py's loaders) train the same.
+    norm = functools.partial(preprocess.normalize, mean=(0.5,) * 3, std=(0.5,) * 3)
+    step = train.make_train_step(module, tx, 0.1, chunk=chunk, preprocess=norm)
+    from_raw, _ = jax.jit(step)(state, frozen, (x * 0.5 + 0.5) * 255.0, labels, mask)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5),
+                 from_raw.params, chunked.params)  # fmt: skip
+
+
+def test_chunks_draw_their_own_randomness() -> None:
+    """Chunk i of a chunked train step draws dropout/drop-path from fold_in(step key, i), the
+    remainder chunk too: no two chunks share masks."""
+
+    def grad_fn(params, key, x):  # "logits" = the chunk's random draws
+        return (jnp.zeros(()), jax.random.uniform(key, (x.shape[0], 1))), params
+
+    key = jax.random.key(3)
+    batch = (jnp.zeros((5, 1)),)  # chunks of 2, 2 and the remainder 1
+    (_, draws), _ = train._chunked_grads(grad_fn, {"w": jnp.zeros(2)}, key, 2, batch)
+    sizes = enumerate((2, 2, 1))
+    expected = [jax.random.uniform(jax.random.fold_in(key, i), (n, 1)) for i, n in sizes]
+    np.testing.assert_array_equal(draws, jnp.concatenate(expected))
