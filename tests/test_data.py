@@ -522,6 +522,26 @@ def test_eval_exact_pixels_each_example_once(tiny):
     assert not y[~mask].any()
 
 
+def test_unnormalised_images_for_the_step_to_normalise(tiny):
+    """mean=std=None (runner.py's loaders): the images stay in [0, 255], and the normalisation
+    the step applies gives the normalised loader's pixels bit for bit, ImageNet statistics
+    included (divisions by 0.5 would hide a multiplication by a reciprocal)."""
+    data_dir, images = tiny
+    stats = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    kw = dict(global_batch=8, data_dir=data_dir)
+    raw, y, _ = collect([next(iter(registry.vtab_eval_loader(TINY, "test", mean=None, std=None,
+                                                             **kw)))])  # fmt: skip
+    done, y2, _ = collect([next(iter(registry.vtab_eval_loader(TINY, "test", **stats, **kw)))])
+    assert raw.max() > 1.5 and raw.min() >= 0 and np.array_equal(y, y2)
+    for image, label in zip(raw, y, strict=True):
+        resized = tf.compat.v1.image.resize(images[label], [224, 224]).numpy()
+        np.testing.assert_array_equal(image, resized.astype(np.float32))
+    in_step = jax.jit(lambda x: preprocess.normalize(x, stats["mean"], stats["std"]))
+    np.testing.assert_array_equal(np.asarray(in_step(raw)), done)
+    with pytest.raises(ValueError, match="both mean and std"):
+        registry.vtab_eval_loader(TINY, "test", mean=None, std=(0.5,) * 3, **kw)
+
+
 def test_other_image_size(tiny):
     """A model built for another input size gets its size from both loaders."""
     data_dir, images = tiny
@@ -717,3 +737,6 @@ def test_normalize_is_exact():
     normalize = jax.jit(preprocess.normalize, static_argnums=(1, 2))
     out = np.asarray(normalize(x, tuple(mean), tuple(std)))
     np.testing.assert_array_equal(out, (x / np.float32(255) - mean) / std)
+    # One pass over the images: no image-sized temporaries (divisors, intermediate results).
+    compiled = normalize.lower(x, tuple(mean), tuple(std)).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes < x.nbytes / 4

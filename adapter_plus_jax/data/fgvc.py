@@ -17,8 +17,8 @@ Transforms, in tf.data with tf.image ops:
   a centre-crop fallback) to 224 with bilinear or bicubic picked at random, a horizontal flip
   with p=0.5;
 - eval: resize the shorter side to 256 = floor(224/0.875) (bicubic), centre crop 224;
-- both: round to uint8 as PIL does; /255 and (x - mean)/std then run on the devices
-  (`adapter_plus_jax.data`).
+- both: round to uint8 as PIL does; /255 and (x - mean)/std then run in JAX
+  (`adapter_plus_jax.data.pipeline`).
 
 The crop and flip parameters follow timm's algorithm, but the random numbers come from TF
 stateless ops (so the same seed gives other crops than timm), and TF's antialiased resize, its
@@ -326,8 +326,8 @@ def fgvc_train_loader(
     name: str,
     split: str = "trainval",
     *,
-    mean: Sequence[float],
-    std: Sequence[float],
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
     seed: int,
     global_batch: int = GLOBAL_BATCH,
     root: str | Path | None = None,
@@ -367,8 +367,8 @@ def fgvc_eval_loader(
     name: str,
     split: str = "test",
     *,
-    mean: Sequence[float],
-    std: Sequence[float],
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
     global_batch: int = GLOBAL_BATCH,
     root: str | Path | None = None,
     data_dir: str | Path | None = None,

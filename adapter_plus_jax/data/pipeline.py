@@ -6,10 +6,13 @@ VTAB-1k preprocessing (docs/recipe.md, "Preprocessing"), identical for train and
     `tf.compat.v1.image.resize` bilinear (legacy grid, align_corners=False) -> /255 ->
     (x - mean) / std with the mean/std of the ported model's pretrained config -> NHWC float32.
 
-tf.data does everything up to the resize; the two elementwise steps run on the devices, as one
-jitted function over each global batch, in the reference's order ((x / 255 - mean) / std in
-float32, so the values are the same): on the host they were memory passes over every 602 KB
-float image and halved the pipeline's throughput.
+tf.data does everything up to the resize. The two element-wise steps ((x / 255 - mean) / std in
+float32, the reference's order and true divisions, so the values are the same;
+`preprocess.normalize`) run in JAX: inside the consumer's own jitted step when the loaders get
+`mean=std=None` (runner.py does that: XLA fuses them into the patch embedding, for free), else
+as one jitted pass over each global batch here. As a pass of their own they cost what the resize
+costs: in tf.data on the host they halved its throughput, and as the jitted pass they take 6-24
+ms per batch of 64 images from the same CPU cores (0.55-0.88x tf.data alone on 2 cores).
 
 The small splits (train800, val200, train800val200) are cached as decoded uint8 images, before
 the resize, so that every epoch after the first one only resizes; the big test sets are
@@ -93,15 +96,17 @@ def _process_rows(sharding: NamedSharding, global_batch: int) -> tuple[int, int]
 
 class _Batcher:
     """Turns host-local numpy batches into global jax arrays sharded over the 'data' axis, and
-    normalises the images there."""
+    normalises the images there unless mean and std are None."""
 
     def __init__(
         self,
         global_batch: int,
-        mean: Sequence[float],
-        std: Sequence[float],
+        mean: Sequence[float] | None,
+        std: Sequence[float] | None,
         mesh: Mesh | None,
     ) -> None:
+        if (mean is None) != (std is None):
+            raise ValueError("give both mean and std, or neither (images stay in [0, 255])")
         mesh = data_mesh() if mesh is None else mesh
         if mesh.axis_names != (DATA_AXIS,):
             raise ValueError(f"expected a 1-D mesh with axis {DATA_AXIS!r}, got {mesh.axis_names}")
@@ -115,9 +120,11 @@ class _Batcher:
         self.sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
         self.rows = _process_rows(self.sharding, global_batch)
         self.local_batch = self.rows[1] - self.rows[0]
-        self._normalize = jax.jit(
-            lambda x: normalize(x, tuple(mean), tuple(std)), out_shardings=self.sharding
-        )
+        self._normalize = None
+        if mean is not None:
+            self._normalize = jax.jit(
+                lambda x: normalize(x, tuple(mean), tuple(std)), out_shardings=self.sharding
+            )
 
     def to_global(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
         arrays = {
@@ -126,7 +133,8 @@ class _Batcher:
             )
             for k, v in batch.items()
         }
-        arrays["image"] = self._normalize(arrays["image"])
+        if self._normalize is not None:
+            arrays["image"] = self._normalize(arrays["image"])
         return arrays
 
     def iterate(self, ds: tf.data.Dataset) -> Iterator[dict[str, jax.Array]]:
@@ -172,7 +180,9 @@ class TrainLoader:
       preprocess: (example, stateless seed [2]) -> (float32 HxWx3 image in [0, 255], label).
         The seed is unique per (run seed, epoch, position in the epoch), so augmentations are
         reproducible and independent of the number of processes.
-      mean, std: per-channel normalisation, applied on the devices after /255.
+      mean, std: per-channel normalisation, applied on the devices after /255; None for
+        images in [0, 255] (float32), for a consumer that normalises inside its own jitted step
+        (`preprocess.normalize`, as runner.py does).
       global_batch: batch size summed over all devices.
       seed: the run's seed.
       drop_remainder: drop the last incomplete global batch (VTAB: the reference's drop_last);
@@ -187,8 +197,8 @@ class TrainLoader:
         num_examples: int,
         preprocess: TrainPreprocess,
         *,
-        mean: Sequence[float],
-        std: Sequence[float],
+        mean: Sequence[float] | None,
+        std: Sequence[float] | None,
         global_batch: int,
         seed: int,
         drop_remainder: bool,
@@ -236,8 +246,8 @@ class TrainLoader:
 
     def dataset(self, first_epoch: int, num_epochs: int = 1) -> tf.data.Dataset:
         """This process's batches of epochs first_epoch .. first_epoch + num_epochs - 1 as one
-        tf.data pipeline (traced once, prefetching across epoch boundaries); images are not
-        normalised yet."""
+        tf.data pipeline (traced once, prefetching across epoch boundaries); images are in
+        [0, 255], not normalised yet."""
         seeds = np.array(
             [_epoch_seeds(self.seed, e) for e in range(first_epoch, first_epoch + num_epochs)],
             np.int64,
@@ -275,8 +285,8 @@ class EvalLoader:
         num_max_local: int,
         preprocess: EvalPreprocess,
         *,
-        mean: Sequence[float],
-        std: Sequence[float],
+        mean: Sequence[float] | None,
+        std: Sequence[float] | None,
         global_batch: int,
         cache: bool,
         mesh: Mesh | None = None,

@@ -62,8 +62,8 @@ def vtab_train_loader(
     task: str | TaskSpec,
     split: str = "train800val200",
     *,
-    mean: Sequence[float],
-    std: Sequence[float],
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
     seed: int,
     global_batch: int = GLOBAL_BATCH,
     image_size: int = IMAGE_SIZE,
@@ -72,7 +72,8 @@ def vtab_train_loader(
 ) -> TrainLoader:
     """Training batches of a VTAB-1k task (shuffled per epoch, last partial batch dropped).
 
-    `mean`/`std` are the ported model's `pretrained_cfg['mean'/'std']`.
+    `mean`/`std` are the ported model's `pretrained_cfg['mean'/'std']`, or None for images in
+    [0, 255] that the consumer's jitted step normalises (`pipeline.TrainLoader`).
     """
     spec, builder, split_str = _vtab_split(task, split, data_dir)
     return tfds_train_loader(
@@ -94,8 +95,8 @@ def vtab_eval_loader(
     task: str | TaskSpec,
     split: str = "test",
     *,
-    mean: Sequence[float],
-    std: Sequence[float],
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
     global_batch: int = GLOBAL_BATCH,
     image_size: int = IMAGE_SIZE,
     data_dir: str | Path | None = None,
@@ -127,8 +128,8 @@ class LoaderArgs:
     """What every dataset's loaders take besides the config."""
 
     image_size: int
-    mean: Sequence[float]
-    std: Sequence[float]
+    mean: Sequence[float] | None  # None: images in [0, 255], normalised by the consumer
+    std: Sequence[float] | None
     mesh: Mesh
 
 
