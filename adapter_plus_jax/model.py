@@ -119,6 +119,13 @@ class ViTConfig:
     def num_prefix_tokens(self) -> int:
         return int(self.class_token) + self.reg_tokens
 
+    @property
+    def token_bytes(self) -> int:
+        """Bytes of one image's float32 [tokens, embed_dim] activation: what
+        `precision.chunk_size` sizes CPU chunks by."""
+        tokens = self.grid_size[0] * self.grid_size[1] + self.num_prefix_tokens
+        return tokens * self.embed_dim * 4
+
     def replace(self, **changes: Any) -> ViTConfig:
         return dataclasses.replace(self, **changes)
 

@@ -128,25 +128,33 @@ class Dense(nn.Module):
         return y.astype(self.dtype).reshape(*x.shape[:-1], self.features)
 
 
-# Images per chunk on XLA:CPU in float32 (`chunk_size`): at batch 32, evaluation in chunks of 8
-# ran ViT-B/16 1.29x the batched forward (chunks of 4: 1.25x), and the train step in chunks of 8
-# ran 1.72x the batched step (2.03 vs 1.18 img/s), on a 2-core AMD EPYC (benchmarks/train_step.py).
+# Chunks on XLA:CPU in float32 (`chunk_size`) hold this many bytes of token activations: 8
+# ViT-B/16 images (8 x 197 tokens x 768 x 4 bytes, 4.8 MB). At batch 32, evaluation in chunks
+# of 8 ran ViT-B/16 1.29x the batched forward (chunks of 4: 1.25x), and the train step in chunks
+# of 8 ran 1.72x the batched step (2.03 vs 1.18 img/s; chunks of 4 or 16: 1.89, 1.90), on a
+# 2-core AMD EPYC (benchmarks/train_step.py). Small models are not split: there the loop's
+# overhead is all a chunk would add.
 CPU_CHUNK = 8
+CPU_CHUNK_BYTES = CPU_CHUNK * 197 * 768 * 4
 
 
-def chunk_size(batch: int, dtype: Any, chunk: int | None = None) -> int | None:
+def chunk_size(
+    batch: int, dtype: Any, chunk: int | None = None, image_bytes: int | None = None
+) -> int | None:
     """How many images `eval_form` and the train step process at a time out of `batch`: None
     for the whole batch at once.
 
-    `chunk=None` is the backend's choice: chunks of `CPU_CHUNK` on XLA:CPU in float32, where a
-    chunk's activations stay in the CPU's caches between the ops of a block while a whole
-    batch's spill to memory; the batched form on accelerators and in 16-bit compute. A batch
-    that holds at most one full chunk is never split.
+    `chunk=None` is the backend's choice: on XLA:CPU in float32, as many images as fit in
+    `CPU_CHUNK_BYTES` of token activations (`image_bytes` per image, e.g.
+    `ViTConfig.token_bytes`; `CPU_CHUNK` images if not given), so that a chunk's activations stay
+    in the CPU's caches between the ops of a block while a whole batch's spill to memory; the
+    batched form on accelerators and in 16-bit compute. A batch that holds at most one full
+    chunk is never split.
     """
     if chunk is None:
         if not on_cpu() or low_precision(dtype):
             return None
-        chunk = CPU_CHUNK
+        chunk = CPU_CHUNK if image_bytes is None else max(1, CPU_CHUNK_BYTES // image_bytes)
     return chunk if batch - batch % chunk > chunk else None
 
 
@@ -158,7 +166,10 @@ def split_chunks(x: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array | None]
 
 
 def eval_form(
-    apply: Callable[[Any, jax.Array], jax.Array], dtype: Any, chunk: int | None = None
+    apply: Callable[[Any, jax.Array], jax.Array],
+    dtype: Any,
+    chunk: int | None = None,
+    image_bytes: int | None = None,
 ) -> Callable:
     """`apply(params, images)` for evaluation, in the form that is fastest on the backend: the
     batch in chunks (`chunk_size`) one after another under `jax.lax.map`, a last, smaller chunk
@@ -168,7 +179,7 @@ def eval_form(
         return apply
 
     def chunked(params: Any, images: jax.Array) -> jax.Array:
-        size = chunk_size(images.shape[0], dtype, chunk)
+        size = chunk_size(images.shape[0], dtype, chunk, image_bytes)
         if size is None:
             return apply(params, images)
         head, rest = split_chunks(images, size)

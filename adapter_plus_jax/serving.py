@@ -139,7 +139,9 @@ def _make_forward(module: VisionTransformer, single: bool):
     cfg = module.config
     # One task: its own model, in the backend's fastest form for evaluation (no gather).
     own_model = precision.eval_form(
-        lambda params, x: module.apply({"params": params}, x), module.dtype
+        lambda params, x: module.apply({"params": params}, x),
+        module.dtype,
+        image_bytes=cfg.token_bytes,
     )
 
     def forward(shared, stacked, images, ids):

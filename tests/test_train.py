@@ -277,3 +277,21 @@ def test_chunks_draw_their_own_randomness() -> None:
     sizes = enumerate((2, 2, 1))
     expected = [jax.random.uniform(jax.random.fold_in(key, i), (n, 1)) for i, n in sizes]
     np.testing.assert_array_equal(draws, jnp.concatenate(expected))
+
+
+def test_cpu_chunks_are_sized_by_activation_bytes() -> None:
+    """On this CPU in float32: 8 ViT-B/16 images per chunk (4.8 MB of token activations),
+    fewer for wider models, none for the demo's tiny model; 16-bit compute is never split."""
+    from adapter_plus_jax import precision
+    from adapter_plus_jax.model import ViTConfig
+
+    base = ViTConfig()  # ViT-B/16 at 224: 197 tokens x 768
+    large = ViTConfig(embed_dim=1024, depth=24, num_heads=16, mlp_dim=4096)
+    demo = ViTConfig(img_size=32, patch_size=8, embed_dim=128, depth=4, num_heads=2,
+                     mlp_dim=512, class_token=False, global_pool="avg")  # fmt: skip
+    assert base.token_bytes == 197 * 768 * 4
+    assert precision.chunk_size(32, jnp.float32, image_bytes=base.token_bytes) == 8
+    assert precision.chunk_size(8, jnp.float32, image_bytes=base.token_bytes) is None
+    assert precision.chunk_size(32, jnp.float32, image_bytes=large.token_bytes) == 6
+    assert precision.chunk_size(50, jnp.float32, image_bytes=demo.token_bytes) is None
+    assert precision.chunk_size(32, jnp.bfloat16, image_bytes=base.token_bytes) is None
