@@ -140,8 +140,8 @@ def setup(config: ml_collections.ConfigDict, workdir: Path) -> Experiment:
     rng = jax.random.key(config.seed)
     module, params = build_model(config, num_classes, rng)
     cfg = module.config
-    # Images in [0, 255]: the jitted steps normalise them (`input_fn`), fused into the patch
-    # embedding, where a pass of its own would cost the input pipeline half its throughput.
+    # Images in [0, 255]: the jitted steps normalise them (`input_fn`); a pass in the input
+    # pipeline cost it half its throughput.
     args = registry.LoaderArgs(cfg.img_size[0], None, None, mesh)
     train_loader, eval_loader = dataset.loaders(config, args)
 

@@ -142,8 +142,8 @@ def make_train_step(
     """train_step(state, frozen, images, labels, mask=None) -> (state, metrics).
 
     `preprocess` maps the images before the model inside the step, e.g. the input
-    normalisation (`preprocess.normalize`) for loaders that yield images in [0, 255]: XLA fuses
-    it into the patch embedding instead of running a pass of its own over every batch.
+    normalisation (`preprocess.normalize`) for loaders that yield images in [0, 255], so that
+    the input pipeline does not spend its host cores on it.
 
     Dropout/drop-path randomness is `fold_in(rng, step)`, so a resumed run draws the same masks.
     The gradient of the batch's mean loss is summed over chunks of images processed one after

@@ -75,7 +75,11 @@ def sequential_peer(tasks: list[Task], backbone: dict):
         module, variables = task.model(backbone)
         cfg = module.config
         # Each model in the backend's fastest form for evaluation, as TaskSet runs one task.
-        own = precision.eval_form(lambda p, x, m=module: m.apply({"params": p}, x), module.dtype)
+        own = precision.eval_form(
+            lambda p, x, m=module: m.apply({"params": p}, x),
+            module.dtype,
+            image_bytes=module.config.token_bytes,
+        )
         fn = jax.jit(lambda p, x, c=cfg, f=own: f(p, normalize(x, c.mean, c.std)))
         models.append((fn, variables["params"]))
 

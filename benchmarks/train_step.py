@@ -175,8 +175,8 @@ def jax_train_peer(
     compiler_options: dict[str, str] | None = None,
     chunk: int | None = None,
 ) -> Peer:
-    """Our step exactly as runner.py builds it (AOT-compiled here, to time compilation);
-    `chunk` as in `train.make_train_step`."""
+    """Our step as runner.py builds it, less the input normalisation (the batch here is already
+    normalised); AOT-compiled to time compilation; `chunk` as in `train.make_train_step`."""
     trainable, frozen = train.split(params, trainable_mask(params))
     trainable = jax.tree.map(jnp.copy, trainable)  # the step donates them; `params` lives on
     tx = train.adamw(train.reference_lr(1e-3, 10), 1e-4)
@@ -186,7 +186,7 @@ def jax_train_peer(
     compiled = jitted.lower(state, frozen, x, y).compile(compiler_options=compiler_options)
     compile_s = time.perf_counter() - start
     # XLA counts a loop's body once: a chunked step's count covers one chunk (and the rest).
-    size = precision.chunk_size(x.shape[0], module.dtype, chunk)
+    size = precision.chunk_size(x.shape[0], module.dtype, chunk, module.config.token_bytes)
     counted = x.shape[0] if size is None else size + x.shape[0] % size
     info = {"xla_flops_per_image": compiled.cost_analysis()["flops"] / counted}
     memory = compiled.memory_analysis()
@@ -557,7 +557,7 @@ def main(argv: list[str] | None = None) -> dict:
     peers.append(jax_train_peer(OURS, module, params, jx, jy))
     if device == "cpu" and not bf16:  # the other float32 dot back end, for comparison
         peers.append(jax_train_peer("ours (jax, Eigen dots)", module, params, jx, jy, EIGEN_DOTS))
-    if precision.chunk_size(a.batch, module.dtype) is not None:  # what chunks gain on this CPU
+    if precision.chunk_size(a.batch, module.dtype, image_bytes=module.config.token_bytes):
         peers.append(jax_train_peer(BATCHED, module, params, jx, jy, chunk=a.batch))
     if a.torch_compile:
         compiled = torch.compile(copy.deepcopy(model))

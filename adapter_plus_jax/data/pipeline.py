@@ -9,10 +9,10 @@ VTAB-1k preprocessing (docs/recipe.md, "Preprocessing"), identical for train and
 tf.data does everything up to the resize. The two element-wise steps ((x / 255 - mean) / std in
 float32, the reference's order and true divisions, so the values are the same;
 `preprocess.normalize`) run in JAX: inside the consumer's own jitted step when the loaders get
-`mean=std=None` (runner.py does that: XLA fuses them into the patch embedding, for free), else
-as one jitted pass over each global batch here. As a pass of their own they cost what the resize
-costs: in tf.data on the host they halved its throughput, and as the jitted pass they take 6-24
-ms per batch of 64 images from the same CPU cores (0.55-0.88x tf.data alone on 2 cores).
+`mean=std=None` (runner.py does that, so the input pipeline does not pay for them), else as one
+jitted pass over each global batch here. As a pass in the pipeline they cost what the resize
+costs: in tf.data on the host they halved its throughput, and as the jitted pass they took 23-28
+ms per batch of 64 images from the same CPU cores (0.35-0.64x tf.data alone on 2 cores).
 
 The small splits (train800, val200, train800val200) are cached as decoded uint8 images, before
 the resize, so that every epoch after the first one only resizes; the big test sets are
