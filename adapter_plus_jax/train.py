@@ -163,13 +163,13 @@ def make_train_step(
         mask: jax.Array | None = None,
     ):
         step_rng = jax.random.fold_in(rng, state.step)
-        images = images if preprocess is None else preprocess(images)
         mask = jnp.ones(labels.shape, bool) if mask is None else mask
         count = jnp.maximum(jnp.sum(mask), 1)
 
         def loss_fn(trainable, key, x, y, m):
             """This chunk's share of the batch's mean loss, and its logits."""
             variables = {"params": merge(trainable, frozen)}
+            x = x if preprocess is None else preprocess(x)  # per chunk: stays in cache
             logits = module.apply(variables, x, train=True, rngs={"dropout": key})
             return jnp.sum(_losses(logits, y, label_smoothing) * m) / count, logits
 
@@ -223,14 +223,16 @@ def make_eval_step(
     """eval_step(params, images, labels, mask) -> (number correct, number counted); the forward
     in the backend's fastest form (`precision.eval_form`), after `preprocess` as in
     `make_train_step`."""
-    forward = precision.eval_form(
-        lambda params, x: module.apply({"params": params}, x, train=False),
+    prepare = (lambda x: x) if preprocess is None else preprocess
+
+    forward = precision.eval_form(  # preprocess per chunk, as in the train step
+        lambda params, x: module.apply({"params": params}, prepare(x), train=False),
         getattr(module, "dtype", jnp.float32),
         image_bytes=_token_bytes(module),
     )
 
     def eval_step(params, images, labels, mask):
-        logits = forward(params, images if preprocess is None else preprocess(images))
+        logits = forward(params, images)
         correct = (jnp.argmax(logits, -1) == labels) & mask
         return jnp.sum(correct), jnp.sum(mask)
 
