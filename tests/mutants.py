@@ -58,6 +58,7 @@ VIT = "tests/test_vit_parity.py"
 PEFT = "tests/test_peft_parity.py"
 TRAJECTORY = "tests/test_train_parity.py::test_six_epochs_match_the_reference"
 LIGHTNING = "tests/test_train.py::test_schedule_matches_lightning_bolts"
+RUN_STEPS = "tests/test_runner.py::test_runs_steps_take_images_in_0_255_and_normalise_them"
 CHUNKED_STEP = "tests/test_train.py::test_chunked_train_step_matches_the_batched_step"
 SERVING = (
     "tests/test_serving.py::test_a_shuffled_mixed_batch_gives_each_example_its_own_tasks_logits"
@@ -373,6 +374,26 @@ MUTANTS = [
             "grad_fn(params, key, *chunk)",
         ),
         tests=("tests/test_train.py::test_chunks_draw_their_own_randomness",),
+    ),
+    Mutant(
+        "run_trains_unnormalised",
+        "runs train on the loaders' [0, 255] images without normalising them",
+        *_one(
+            "adapter_plus_jax/runner.py",
+            "module, tx, label_smoothing, rng, preprocess=input_fn(module)",
+            "module, tx, label_smoothing, rng",
+        ),
+        tests=(RUN_STEPS,),
+    ),
+    Mutant(
+        "run_evaluates_unnormalised",
+        "runs evaluate the loaders' [0, 255] images without normalising them",
+        *_one(
+            "adapter_plus_jax/runner.py",
+            "eval_step = train.make_eval_step(module, input_fn(module))",
+            "eval_step = train.make_eval_step(module)",
+        ),
+        tests=(RUN_STEPS,),
     ),
 ]
 

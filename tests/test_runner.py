@@ -248,3 +248,45 @@ def test_tfds_config_needs_a_name() -> None:
 
     with pytest.raises(ValueError, match="needs a TFDS builder name"):
         cfglib.load_config("configs/tfds.py")
+
+
+def test_runs_steps_take_images_in_0_255_and_normalise_them() -> None:
+    """runner.py's loaders yield images in [0, 255]: the steps runs use (`jitted_steps`) train
+    and evaluate on them exactly as the plain steps do on the normalised images."""
+    import optax
+
+    from adapter_plus_jax.model import VisionTransformer, ViTConfig
+    from adapter_plus_jax.preprocess import normalize
+
+    config = ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                       mlp_dim=64, num_classes=5, mean=(0.485, 0.456, 0.406),
+                       std=(0.229, 0.224, 0.225))  # fmt: skip
+    module = VisionTransformer(config, adapter=peft.AdapterSpec(dim=4))
+    raw = jax.random.uniform(jax.random.key(1), (6, 32, 32, 3), maxval=255.0)
+    x = normalize(raw, config.mean, config.std)
+    labels, mask = jnp.arange(6) % 5, jnp.ones(6, bool)
+    params = module.init(jax.random.key(0), x)["params"]
+    trainable, frozen = train.split(params, trainable_mask(params))
+    tx, rng = optax.sgd(1.0), jax.random.key(3)
+
+    def state() -> train.TrainState:  # a fresh copy: the run's train step donates it
+        own = jax.tree.map(jnp.copy, trainable)
+        return train.TrainState(jnp.zeros((), jnp.int32), own, tx.init(own))
+
+    run_train, run_eval = runner.jitted_steps(module, tx, 0.1, rng)
+    got, got_metrics = run_train(state(), frozen, raw, labels, mask)
+    want, want_metrics = jax.jit(train.make_train_step(module, tx, 0.1, rng))(
+        state(), frozen, x, labels, mask
+    )
+    np.testing.assert_allclose(got_metrics["loss"], want_metrics["loss"], rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6),
+                 got.params, want.params)  # fmt: skip
+    # Weights far from init (its zero head gives every image class 0, normalised or not).
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(5), len(leaves))
+    noisy = jax.tree.unflatten(tree, [v + 0.2 * jax.random.normal(k, v.shape)
+                                      for v, k in zip(leaves, keys, strict=True)])  # fmt: skip
+    labels = jnp.argmax(module.apply({"params": noisy}, x), -1)  # all correct when normalised
+    assert (jnp.argmax(module.apply({"params": noisy}, raw), -1) != labels).any()
+    correct, count = run_eval(noisy, raw, labels, mask)
+    assert (int(correct), int(count)) == (6, 6)
