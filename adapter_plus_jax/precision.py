@@ -138,6 +138,11 @@ CPU_CHUNK = 8
 CPU_CHUNK_BYTES = CPU_CHUNK * 197 * 768 * 4
 
 
+def _chunks_by_default(dtype: Any) -> bool:
+    """Whether the backend's choice splits batches into chunks: on XLA:CPU in float32."""
+    return on_cpu() and not low_precision(dtype)
+
+
 def chunk_size(
     batch: int, dtype: Any, chunk: int | None = None, image_bytes: int | None = None
 ) -> int | None:
@@ -152,7 +157,7 @@ def chunk_size(
     chunk is never split.
     """
     if chunk is None:
-        if not on_cpu() or low_precision(dtype):
+        if not _chunks_by_default(dtype):
             return None
         chunk = CPU_CHUNK if image_bytes is None else max(1, CPU_CHUNK_BYTES // image_bytes)
     return chunk if batch - batch % chunk > chunk else None
@@ -175,7 +180,7 @@ def eval_form(
     batch in chunks (`chunk_size`) one after another under `jax.lax.map`, a last, smaller chunk
     for the remainder; or `apply` itself where the backend keeps the batched form.
     """
-    if chunk is None and (not on_cpu() or low_precision(dtype)):
+    if chunk is None and not _chunks_by_default(dtype):
         return apply
 
     def chunked(params: Any, images: jax.Array) -> jax.Array:

@@ -173,16 +173,17 @@ def input_fn(module: Any) -> Callable[[jax.Array], jax.Array]:
     return functools.partial(normalize, mean=tuple(cfg.mean), std=tuple(cfg.std))
 
 
-def jitted_steps(
-    module: Any, tx: Any, label_smoothing: float, rng: jax.Array
-) -> tuple[Callable, Callable]:
-    """(train step, eval step) as runs use them: jitted, the state donated, and both taking the
-    loaders' images in [0, 255] (`input_fn`)."""
-    train_step = train.make_train_step(
-        module, tx, label_smoothing, rng, preprocess=input_fn(module)
-    )
+def run_train_step(module: Any, tx: Any, label_smoothing: float, rng: jax.Array) -> Callable:
+    """The train step as runs use it: jitted, the state donated, taking the loaders' images in
+    [0, 255] (`input_fn`)."""
+    step = train.make_train_step(module, tx, label_smoothing, rng, preprocess=input_fn(module))
+    return jax.jit(step, donate_argnums=0)
+
+
+def run_eval_step(module: Any) -> Callable:
+    """The eval step as runs use it: jitted, taking the loaders' images in [0, 255]."""
     eval_step = train.make_eval_step(module, input_fn(module))
-    return jax.jit(train_step, donate_argnums=0), jax.jit(eval_step)
+    return jax.jit(eval_step)
 
 
 def restore_state(exp: Experiment, ckpt: Checkpointer, resume: Resume) -> None:
@@ -208,7 +209,7 @@ def train_epochs(
 
     config, steps, epochs = exp.config, exp.steps_per_epoch, exp.config.epochs
     schedule = lr_schedule(config, steps)
-    train_step, _ = jitted_steps(
+    train_step = run_train_step(
         exp.module, exp.tx, config.label_smoothing, jax.random.fold_in(exp.rng, 2)
     )
     start, images_seen = time.perf_counter(), 0
@@ -259,7 +260,7 @@ def train_epochs(
 
 def evaluate(exp: Experiment) -> tuple[float, float]:
     """(accuracy on the eval split, seconds)."""
-    _, eval_step = jitted_steps(exp.module, exp.tx, exp.config.label_smoothing, exp.rng)
+    eval_step = run_eval_step(exp.module)
     start = time.perf_counter()
     params = train.merge(exp.state.params, exp.frozen)
     return train.evaluate(eval_step, params, exp.eval_loader), time.perf_counter() - start

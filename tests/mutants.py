@@ -380,8 +380,8 @@ MUTANTS = [
         "runs train on the loaders' [0, 255] images without normalising them",
         *_one(
             "adapter_plus_jax/runner.py",
-            "module, tx, label_smoothing, rng, preprocess=input_fn(module)",
-            "module, tx, label_smoothing, rng",
+            "module, tx, label_smoothing, rng, preprocess=input_fn(module))",
+            "module, tx, label_smoothing, rng)",
         ),
         tests=(RUN_STEPS,),
     ),

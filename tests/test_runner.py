@@ -251,8 +251,9 @@ def test_tfds_config_needs_a_name() -> None:
 
 
 def test_runs_steps_take_images_in_0_255_and_normalise_them() -> None:
-    """runner.py's loaders yield images in [0, 255]: the steps runs use (`jitted_steps`) train
-    and evaluate on them exactly as the plain steps do on the normalised images."""
+    """runner.py's loaders yield images in [0, 255]: the steps runs use (`run_train_step`,
+    `run_eval_step`) train and evaluate on them exactly as the plain steps do on the normalised
+    images."""
     import optax
 
     from adapter_plus_jax.model import VisionTransformer, ViTConfig
@@ -273,7 +274,7 @@ def test_runs_steps_take_images_in_0_255_and_normalise_them() -> None:
         own = jax.tree.map(jnp.copy, trainable)
         return train.TrainState(jnp.zeros((), jnp.int32), own, tx.init(own))
 
-    run_train, run_eval = runner.jitted_steps(module, tx, 0.1, rng)
+    run_train, run_eval = runner.run_train_step(module, tx, 0.1, rng), runner.run_eval_step(module)
     got, got_metrics = run_train(state(), frozen, raw, labels, mask)
     want, want_metrics = jax.jit(train.make_train_step(module, tx, 0.1, rng))(
         state(), frozen, x, labels, mask
