@@ -6,26 +6,32 @@ measures with the real loaders (`adapter_plus_jax.data`):
 - train: train800val200 (1000 images) after the first epoch, i.e. from the uint8 cache: shuffle,
   TF1 bilinear resize to 224, batch, global jax arrays, as medians over `--rounds` rounds:
   - tf.data alone (the numpy batches, no jax arrays) and jax arrays as runner.py gets them
-    (`mean=std=None`: images in [0, 255], normalised inside its jitted steps), interleaved;
+    (`mean=std=None`: images in [0, 255], normalised inside its jitted steps), interleaved and
+    timed alike: the steady rate from the first batch to the last (what every step of a run
+    pays), and the one-time costs of an iterator (building it up to its first batch; closing
+    it, where tf.data's AUTOTUNE thread sometimes takes 0.3-0.5 s), which a run pays once;
   - then jax arrays normalised by the loader (mean and std given: one jitted pass per batch),
     for code that uses the loaders directly;
-- test: a streamed split (TFDS read, JPEG decode, resize, jax arrays);
+- test: a streamed split (TFDS read, JPEG decode, resize), tf.data alone then jax arrays;
 - peak host RAM of the process (ru_maxrss).
 
-Usage: python benchmarks/data_pipeline.py [--workdir DIR] [--epochs 3] [--test-size 2000]
-       [--batch 64] [--rounds 3] [--height 375 --width 500] [--out FILE.md]
+Usage: python benchmarks/data_pipeline.py [--workdir DIR] [--epochs 6] [--test-size 2000]
+       [--batch 64] [--rounds 5] [--height 375 --width 500] [--out FILE.md]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import resource
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
@@ -99,17 +105,82 @@ def rate(batches) -> tuple[float, int]:
     return images / (time.perf_counter() - start), n
 
 
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """One pass over an iterator: its steady rate and its one-time costs."""
+
+    steady: float  # real images/s from the first batch to the last (the first not counted)
+    setup_s: float  # building the iterator and getting its first batch
+    close_s: float  # from the last batch to the iterator gone (its end and its deletion)
+    batches: int
+
+
+def timed(make: Callable[[], Iterator[Mapping[str, Any]]]) -> Timing:
+    """Times consuming `make()` the same way for every form: a generator that closes its
+    tf.data iterator inside its last `next` and a bare iterator deleted here both count their
+    closing in `close_s`."""
+    start = time.perf_counter()
+    iterator, images, n = iter(make()), 0, 0
+    for batch in iterator:
+        real = int(np.asarray(batch["mask"]).sum())  # also waits for the jax arrays
+        last = time.perf_counter()  # the arrival of the last batch, once the loop is over
+        if n == 0:
+            first = last
+        else:
+            images += real
+        n += 1
+    del iterator, batch
+    end = time.perf_counter()
+    return Timing(images / (last - first), first - start, end - last, n)
+
+
+def interleaved(
+    label: str, forms: Mapping[str, Callable[[], Iterator[Mapping[str, Any]]]], rounds: int
+) -> dict[str, list[Timing]]:
+    """`rounds` timed passes of every form, interleaved, the order reversed every round."""
+    timings: dict[str, list[Timing]] = {k: [] for k in forms}
+    for r in range(rounds):
+        for name in list(forms)[:: 1 if r % 2 == 0 else -1]:
+            t = timed(forms[name])
+            timings[name].append(t)
+            print(
+                f"{label} round {r + 1}/{rounds}: {name} {t.steady:,.0f} img/s steady, "
+                f"setup {t.setup_s * 1e3:.0f} ms, close {t.close_s * 1e3:.0f} ms",
+                flush=True,
+            )
+    return timings
+
+
+def steady(timings: list[Timing]) -> float:
+    return statistics.median(t.steady for t in timings)
+
+
+def one_time(timings: Mapping[str, list[Timing]]) -> str:
+    """The one-time costs of the iterators of each form: median setup, largest close."""
+    return "; ".join(
+        f"{name}: setup {statistics.median(t.setup_s for t in ts) * 1e3:.0f} ms, close at most "
+        f"{max(t.close_s for t in ts) * 1e3:.0f} ms"
+        for name, ts in timings.items()
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary dir")
-    parser.add_argument("--epochs", type=int, default=3, help="timed epochs after the first")
+    parser.add_argument("--epochs", type=int, default=6, help="timed epochs after the first")
     parser.add_argument("--test-size", type=int, default=2000)
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per form")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per form")
     parser.add_argument("--height", type=int, default=HEIGHT, help="of the JPEGs written")
     parser.add_argument("--width", type=int, default=WIDTH)
     parser.add_argument("--out", type=Path, default=None, help="also write the table here")
     args = parser.parse_args()
+    train_steps = TRAIN_SIZE * 4 // 5 // max(args.batch, 1) * args.epochs
+    if args.batch < 1 or train_steps < 2 or args.test_size < 2 * args.batch:
+        parser.error(  # a steady rate is timed from a pass's first batch to its last
+            f"need at least 2 batches per pass: batch {args.batch} gives {train_steps} train "
+            f"steps and {args.test_size} test images; lower --batch or raise --epochs/--test-size"
+        )
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or Path(tmp)
@@ -120,25 +191,29 @@ def main() -> None:
         kw = dict(global_batch=args.batch, data_dir=data_dir)
         raw = registry.vtab_train_loader(spec, "train800val200", seed=0, mean=None, std=None, **kw)
         first, _ = rate(raw.epoch(0))
-        forms = {
-            "tf": lambda: raw.dataset(1, args.epochs).as_numpy_iterator(),
-            "runner": lambda: raw.epochs(1, args.epochs),
-        }
-        rates: dict[str, list[float]] = {k: [] for k in forms}
-        for r in range(args.rounds):  # interleaved, the order reversed every round
-            for name in list(forms)[:: 1 if r % 2 == 0 else -1]:
-                value, steps = rate(forms[name]())
-                rates[name].append(value)
-                print(f"round {r + 1}/{args.rounds}: {name} {value:,.0f} img/s", flush=True)
-        tf_only, train = (statistics.median(rates[k]) for k in forms)
+        train = interleaved(
+            "train",
+            {
+                "tf.data": lambda: raw.dataset(1, args.epochs).as_numpy_iterator(),
+                "jax": lambda: raw.epochs(1, args.epochs),
+            },
+            args.rounds,
+        )
         # After the others, not among them: its jitted passes slowed the rounds that followed.
         normed = registry.vtab_train_loader(spec, "train800val200", seed=0, mean=MEAN, std=STD,
                                             **kw)  # fmt: skip
         rate(normed.epoch(0))  # fills its cache
-        train_normed = statistics.median(
-            rate(normed.epochs(1, args.epochs))[0] for _ in range(args.rounds)
+        train_normed = steady([timed(lambda: normed.epochs(1, args.epochs))
+                               for _ in range(args.rounds)])  # fmt: skip
+        test_loader = registry.vtab_eval_loader(spec, "test", mean=None, std=None, **kw)
+        test = interleaved(
+            "test",
+            {
+                "tf.data": lambda: test_loader.dataset().as_numpy_iterator(),
+                "jax": lambda: test_loader,
+            },
+            args.rounds,
         )
-        test, _ = rate(registry.vtab_eval_loader(spec, "test", mean=None, std=None, **kw))
         peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     cores = len(os.sched_getaffinity(0))
@@ -146,20 +221,27 @@ def main() -> None:
     size = f"{args.height}x{args.width}"
     lines = [
         f"# Input pipeline: {cores} CPU cores, load average {load}; batch {args.batch}, "
-        f"{size} JPEGs; median of {args.rounds} interleaved rounds",
+        f"{size} JPEGs; medians of {args.rounds} interleaved rounds",
         "",
         "| pipeline | images/s | vs tf.data alone |",
         "|---|---|---|",
         f"| train, epoch 0 (decode + fill the uint8 cache) | {first:,.0f} | |",
-        f"| train, epochs 1-{args.epochs} from cache ({steps} steps), tf.data alone | "
-        f"{tf_only:,.0f} | 1.00x |",
+        f"| train, epochs 1-{args.epochs} from cache ({train['jax'][0].batches} steps), "
+        f"tf.data alone | {steady(train['tf.data']):,.0f} | 1.00x |",
         f"| the same as jax arrays, as runner.py gets them (normalised in its steps) | "
-        f"{train:,.0f} | {train / tf_only:.2f}x |",
+        f"{steady(train['jax']):,.0f} | {steady(train['jax']) / steady(train['tf.data']):.2f}x |",
         f"| the same as jax arrays normalised by the loader (a jitted pass per batch, measured "
         "after the others) | "
-        f"{train_normed:,.0f} | {train_normed / tf_only:.2f}x |",
-        f"| test, streamed ({args.test_size} images, decode each time), jax arrays | {test:,.0f} "
-        "| |",
+        f"{train_normed:,.0f} | {train_normed / steady(train['tf.data']):.2f}x |",
+        f"| test, streamed ({args.test_size} images, decode each time), tf.data alone | "
+        f"{steady(test['tf.data']):,.0f} | 1.00x |",
+        f"| the same as jax arrays, as evaluation gets them | {steady(test['jax']):,.0f} | "
+        f"{steady(test['jax']) / steady(test['tf.data']):.2f}x |",
+        "",
+        "Steady rates, from each pass's first batch to its last. Once per iterator (a run makes "
+        "one for all its epochs, and one per evaluation), building it up to its first batch and "
+        "closing it (tf.data's AUTOTUNE thread sometimes holds the close for up to a second): "
+        f"train {one_time(train)}; test {one_time(test)}.",
         "",
         f"peak host RAM (ru_maxrss): {peak_mib:,.0f} MiB",
     ]
