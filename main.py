@@ -84,4 +84,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    from adapter_plus_jax.hostmem import reexec_with_huge_pages
+
+    reexec_with_huge_pages()  # once, before any work: XLA:CPU's steps ran 1.33x faster
     main()

@@ -301,4 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from adapter_plus_jax.hostmem import reexec_with_huge_pages
+
+    reexec_with_huge_pages()  # once, before any work (see hostmem.py)
     sys.exit(main())

@@ -41,6 +41,7 @@ import torch
 import train_step as ts  # benchmarks/: puts the repository and tests/ on sys.path
 from torch.profiler import ProfilerActivity, profile
 
+from adapter_plus_jax import hostmem
 from adapter_plus_jax.convert import from_timm
 
 # Op classes, in the order the tables list them.
@@ -289,4 +290,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    hostmem.reexec_with_huge_pages()  # as main.py runs; ADAPTER_PLUS_JAX_HUGE_PAGES=0: without
     sys.exit(main() and 0)

@@ -395,6 +395,16 @@ MUTANTS = [
         ),
         tests=(RUN_STEPS,),
     ),
+    Mutant(
+        "reexec_loops",
+        "the huge-page restart does not see that the process already has the tunable",
+        *_one(
+            "adapter_plus_jax/hostmem.py",
+            ' or "glibc.malloc.hugetlb" in environ.get("GLIBC_TUNABLES", "")',
+            "",
+        ),
+        tests=("tests/test_hostmem.py::test_never_restarts_a_process_that_has_the_tunable",),
+    ),
 ]
 
 
