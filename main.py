@@ -68,7 +68,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         config = cfglib.load_config(args.config)
         cfglib.apply_overrides(config, overrides)
-        cfglib.validate(config)
+        # The GPU check of model.attention starts JAX's backend: runner.run makes it after
+        # jax.distributed.initialize.
+        cfglib.validate(config, backend=not args.distributed)
     except ValueError as e:  # SetupError included
         sys.exit(f"main.py: error: {e}")
     import jax

@@ -23,7 +23,7 @@ from typing import Any
 
 import ml_collections
 
-from adapter_plus_jax import peft
+from adapter_plus_jax import peft, precision
 from adapter_plus_jax.errors import SetupError
 
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
@@ -152,6 +152,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.drop_path_rate = 0.1
     c.model.dtype = "bfloat16"  # compute dtype; parameters stay float32 (bf16-mixed, as Lightning)
     c.model.remat = False
+    # 'cudnn': cuDNN's fused attention, an opt-in for NVIDIA GPUs in bfloat16 (1.18x our train
+    # step on an H200; docs/performance.md, 'GPU').
+    c.model.attention = "xla"
 
     c.method = "adapter_plus"
     c.train_mode = "peft"  # peft | linear | train_ln | finetune
@@ -231,9 +234,10 @@ _RULES: dict[str, tuple[Any, str]] = {
 }
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
+def validate(config: ml_collections.ConfigDict, backend: bool = True) -> None:
     """Raise SetupError naming every bad value of `config` (one line), before any data or
-    model is loaded."""
+    model is loaded. `backend=False` leaves out the one check that starts JAX's backend
+    (whether `model.attention='cudnn'` has a GPU), for before `jax.distributed.initialize`."""
     problems = []
     for key, (ok, expected) in _RULES.items():
         *parents, leaf = key.split(".")
@@ -250,5 +254,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 spec.from_config(config[key])
             except (ValueError, TypeError) as e:
                 problems.append(f"{key}: {str(e).rstrip('.')}")
+    model = config.get("model") or {}
+    # timm_kwargs build only random backbones; configs from before model.attention: the default
+    timm_kwargs = {} if model.get("pretrained", True) else model.get("timm_kwargs") or {}
+    try:
+        precision.check_attention(
+            model.get("attention", "xla"),
+            model.get("dtype", "float32"),
+            timm_kwargs.get("attn_drop_rate", 0.0),
+            backend,
+        )
+        precision.check_cpu_dots_env()
+    except (ValueError, TypeError) as e:  # TypeError: a dtype name jax does not know
+        problems.append(
+            f"model.{str(e).rstrip('.')}" if str(e).startswith("attention") else str(e).rstrip(".")
+        )
     if problems:
         raise SetupError("Bad config value(s): " + "; ".join(problems) + ".")

@@ -106,6 +106,10 @@ def export_run(
         raise SetupError(f"--merge-lora needs a LoRA run; {workdir} is {config.method}.")
     num_classes = int(trained["head"]["kernel"].shape[-1])
     names = _class_names(workdir, class_names, num_classes)
+    # Only the parameters' shapes are needed: a run trained with cuDNN's attention on a GPU
+    # exports anywhere (a task does not record the kernel).
+    config = config.copy_and_resolve_references()
+    config.model.attention = "xla"
     module, params = build_model(config, num_classes, jax.random.key(config.seed))
     flat_trained = traverse_util.flatten_dict(trained)
     flat_params = traverse_util.flatten_dict(params)

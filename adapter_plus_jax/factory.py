@@ -26,6 +26,7 @@ from adapter_plus_jax.errors import SetupError
 from adapter_plus_jax.model import VisionTransformer
 from adapter_plus_jax.params import init_params
 from adapter_plus_jax.peft import AdapterSpec, LoRASpec, PromptSpec
+from adapter_plus_jax.precision import check_attention
 from adapter_plus_jax.pretrained import CONFIG_FILE, load_pretrained
 
 DEFAULT_WEIGHTS_DIR = "~/.cache/adapter_plus_jax"
@@ -117,6 +118,7 @@ def create_model(
     drop_path_rate: float = 0.1,
     dtype: Any = "float32",
     remat: bool = False,
+    attention: str = "xla",
     weights_dir: str | os.PathLike | None = None,
     **timm_kwargs: Any,
 ) -> tuple[VisionTransformer, dict]:
@@ -135,13 +137,17 @@ def create_model(
       drop_path_rate: stochastic depth at the last block (linear over depth, as timm).
       dtype: compute dtype ('float32' or 'bfloat16'); parameters stay float32.
       remat: recompute block activations in the backward pass (less memory, more time).
+      attention: 'xla', or 'cudnn' for cuDNN's fused attention (NVIDIA GPUs, bfloat16, no
+        attention dropout; an opt-in, see docs/performance.md, 'GPU').
       weights_dir: where ported timm names live (default ~/.cache/adapter_plus_jax).
       **timm_kwargs: `timm.create_model` arguments for `pretrained=False` (e.g. depth=4).
 
     Raises SetupError (a ValueError) with what to do when the weights cannot be found or
-    ported, ValueError for bad PEFT settings.
+    ported or `attention` cannot run here (`precision.check_attention`), ValueError for bad
+    PEFT settings.
     """
     rng = _key(rng)
+    check_attention(attention, dtype, 0.0 if pretrained else timm_kwargs.get("attn_drop_rate", 0))
     specs = dict(
         adapter=_spec(adapter, AdapterSpec),
         lora=_spec(lora, LoRASpec),
@@ -166,7 +172,9 @@ def create_model(
             str(name_or_dir), num_classes, rng, img_size, timm_kwargs
         )
     config = backbone.config.replace(drop_path_rate=drop_path_rate)
-    module = VisionTransformer(config, dtype=jnp.dtype(dtype), remat=remat, **specs)
+    module = VisionTransformer(
+        config, dtype=jnp.dtype(dtype), remat=remat, attention=attention, **specs
+    )
     try:
         params = init_params(module, variables["params"], rng)
     except ValueError as e:

@@ -33,6 +33,7 @@ from adapter_plus_jax.layers import (
     trunc_normal,
 )
 from adapter_plus_jax.peft import Adapter, AdapterSpec, LoRASpec, PromptSpec, prompt_init
+from adapter_plus_jax.precision import check_attention
 
 GLOBAL_POOLS = ("", "token", "avg", "max", "avgmax", "map")
 BLOCK_TYPES = ("pre_norm", "res_post")  # timm `Block` and `ResPostBlock`
@@ -157,6 +158,7 @@ class Attention(nn.Module):
     act: str = "gelu"
     lora: LoRASpec | None = None
     dtype: Any = jnp.float32
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -179,7 +181,8 @@ class Attention(nn.Module):
         if self.qk_norm:
             q = nn.LayerNorm(epsilon=self.norm_eps, name="q_norm")(q)
             k = nn.LayerNorm(epsilon=self.norm_eps, name="k_norm")(k)
-        x = attend(q, k, v, nn.Dropout(self.attn_drop), train).reshape(b, n, c)
+        x = attend(q, k, v, nn.Dropout(self.attn_drop), train, self.attention)
+        x = x.reshape(b, n, c)
         x = dense(c, "proj", self.dtype)(x)
         if self.lora is not None and "o" in self.lora.location:
             x = x + branch(name="lora_o")(x, train=train)
@@ -196,6 +199,7 @@ class Block(nn.Module):
     lora: LoRASpec | None = None
     prompt: PromptSpec | None = None
     dtype: Any = jnp.float32
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -215,6 +219,7 @@ class Block(nn.Module):
             cfg.act,
             self.lora,
             self.dtype,
+            self.attention,
             name="attn",
         )
         mlp = Mlp(cfg.mlp_dim, cfg.act, cfg.proj_drop_rate, self.dtype, name="mlp")
@@ -302,6 +307,8 @@ class VisionTransformer(nn.Module):
       dtype: compute dtype of the matmuls (e.g. jnp.bfloat16); parameters stay float32,
         LayerNorm, softmax and the residual stream run in float32.
       remat: recompute block activations in the backward pass (saves memory, costs time).
+      attention: 'xla' (default: the einsums of `layers.attend`) or 'cudnn' (cuDNN's fused
+        attention; NVIDIA GPUs with a 16-bit dtype and no attention dropout only).
     """
 
     config: ViTConfig
@@ -310,6 +317,7 @@ class VisionTransformer(nn.Module):
     prompt: PromptSpec | None = None
     dtype: Any = jnp.float32
     remat: bool = False
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False, pre_logits: bool = False):
@@ -323,6 +331,7 @@ class VisionTransformer(nn.Module):
                 f"(NHWC), got {tuple(images.shape)}. Resize the inputs, or build the model for "
                 "this size (load_pretrained(..., img_size=...) resamples position embeddings)."
             )
+        check_attention(self.attention, self.dtype, cfg.attn_drop_rate)
         x = self._embed(images.astype(self.dtype), train)
         # remat recomputes each block's activations in the backward pass instead of storing them.
         block_cls = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
@@ -330,9 +339,9 @@ class VisionTransformer(nn.Module):
             # Stochastic depth rises linearly over depth, as in timm.
             rate = float(np.linspace(0.0, cfg.drop_path_rate, cfg.depth)[i])
             prompt = self.prompt if self.prompt and (self.prompt.deep or i == 0) else None
-            x = block_cls(
-                cfg, rate, self.adapter, self.lora, prompt, self.dtype, name=f"blocks_{i}"
-            )(x, train)
+            specs = (self.adapter, self.lora, prompt)
+            block = block_cls(cfg, rate, *specs, self.dtype, self.attention, name=f"blocks_{i}")
+            x = block(x, train)
         norm = functools.partial(nn.LayerNorm, epsilon=cfg.norm_eps)
         if cfg.final_norm and not cfg.fc_norm:
             x = norm(name="norm")(x)

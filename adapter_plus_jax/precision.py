@@ -10,20 +10,24 @@ they are plain `nn.Dense` / `jnp.einsum` arithmetic. In bfloat16 (or float16):
   that a trainable bias's gradient is summed in float32 (summed in bfloat16, an adapter bias's
   gradient over 800 tokens was 5.7x less accurate than the reference's).
 
-This module is also the one place for backend-specific choices: every one of them is behind
+This module is also the one place for backend-specific choices: the XLA:CPU ones are behind
 `on_cpu()` (XLA:CPU's dot layouts in `_f32_dot`, the chunks that evaluation and the train
-step process a batch in, `chunk_size`).
+step process a batch in, `chunk_size`, the dot library, `compiler_options`); the GPU one is
+the opt-in cuDNN attention, checked by `check_attention`.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+
+from adapter_plus_jax.errors import SetupError
 
 
 def on_cpu() -> bool:
@@ -34,6 +38,42 @@ def on_cpu() -> bool:
 def low_precision(dtype: Any) -> bool:
     """True for 16-bit compute dtypes (bfloat16, float16)."""
     return jnp.dtype(dtype).itemsize < 4
+
+
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+
+
+def check_attention(
+    implementation: str, dtype: Any, attn_drop_rate: float, backend: bool = True
+) -> None:
+    """Raise SetupError (a ValueError), saying what to change, where `layers.attend` cannot run
+    this way.
+
+    cuDNN's fused attention (jax.nn.dot_product_attention) runs on NVIDIA GPUs only, has
+    bfloat16/float16 kernels only, and takes no attention dropout. `backend=False` skips the
+    GPU check, which starts JAX's backend (too early before `jax.distributed.initialize`).
+    """
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise SetupError(
+            f"attention={implementation!r}: expected one of {ATTENTION_IMPLEMENTATIONS}."
+        )
+    if implementation != "cudnn":
+        return
+    if not low_precision(dtype):
+        raise SetupError(
+            f"attention='cudnn' has no {jnp.dtype(dtype).name} kernel: use dtype='bfloat16' "
+            "or attention='xla'."
+        )
+    if attn_drop_rate:
+        raise SetupError(
+            f"attention='cudnn' takes no attention dropout (attn_drop_rate={attn_drop_rate}): "
+            "set it to 0 or use attention='xla'."
+        )
+    if backend and jax.default_backend() != "gpu":
+        raise SetupError(
+            f"attention='cudnn' needs an NVIDIA GPU; JAX computes on {jax.default_backend()} "
+            "here. Use attention='xla'."
+        )
 
 
 def _swap(spec: str) -> tuple[str, str]:
@@ -136,6 +176,47 @@ class Dense(nn.Module):
 # overhead is all a chunk would add.
 CPU_CHUNK = 8
 CPU_CHUNK_BYTES = CPU_CHUNK * 197 * 768 * 4
+
+
+# XLA:CPU's float32 dots through oneDNN instead of YNNPACK (XLA's default): on a 2-core Xeon
+# with AMX, ViT-B/16's train step ran 1.05-1.07x and evaluation 1.09-1.10x faster at batch 8
+# and 32 (benchmarks/train_step.py times both; docs/performance.md, "Intel CPUs"). Only on
+# Intel CPUs, where it was measured; the AMD EPYC the chunks were tuned on keeps XLA's default.
+# ADAPTER_PLUS_JAX_CPU_DOTS=onednn|xla overrides.
+ONEDNN_DOTS = {
+    "xla_cpu_use_onednn": True,
+    "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
+}
+CPU_DOTS_ENV = "ADAPTER_PLUS_JAX_CPU_DOTS"
+
+
+def cpu_vendor(path: str = "/proc/cpuinfo") -> str | None:
+    """The CPU's vendor_id ('GenuineIntel', 'AuthenticAMD', ...), None where unknown."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def check_cpu_dots_env() -> None:
+    """Raise SetupError for a value of ADAPTER_PLUS_JAX_CPU_DOTS other than onednn or xla."""
+    choice = os.environ.get(CPU_DOTS_ENV)
+    if choice and choice not in ("onednn", "xla"):
+        raise SetupError(f"{CPU_DOTS_ENV}={choice!r}: expected 'onednn' or 'xla'.")
+
+
+def compiler_options(dtype: Any) -> dict[str, Any] | None:
+    """XLA compiler options for the jitted train, eval and serving steps: oneDNN's float32 dots
+    on Intel CPUs (`ONEDNN_DOTS`), XLA's defaults (None) everywhere else."""
+    check_cpu_dots_env()
+    if not on_cpu() or low_precision(dtype):
+        return None
+    choice = os.environ.get(CPU_DOTS_ENV) or ("onednn" if cpu_vendor() == "GenuineIntel" else "xla")
+    return dict(ONEDNN_DOTS) if choice == "onednn" else None
 
 
 def _chunks_by_default(dtype: Any) -> bool:

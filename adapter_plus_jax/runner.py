@@ -27,7 +27,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from adapter_plus_jax import config as cfglib
-from adapter_plus_jax import console, train
+from adapter_plus_jax import console, precision, train
 from adapter_plus_jax import params as params_lib
 from adapter_plus_jax.checkpoint import CHECKPOINTS_DIR, Checkpointer, has_checkpoints
 from adapter_plus_jax.errors import SetupError
@@ -70,6 +70,7 @@ def build_model(
         drop_path_rate=m.drop_path_rate,
         dtype=m.dtype,
         remat=m.remat,
+        attention=m.get("attention", "xla"),
         weights_dir=m.weights_dir,
         **({} if m.pretrained else dict(m.timm_kwargs or {})),
     )
@@ -177,13 +178,14 @@ def run_train_step(module: Any, tx: Any, label_smoothing: float, rng: jax.Array)
     """The train step as runs use it: jitted, the state donated, taking the loaders' images in
     [0, 255] (`input_fn`)."""
     step = train.make_train_step(module, tx, label_smoothing, rng, preprocess=input_fn(module))
-    return jax.jit(step, donate_argnums=0)
+    options = precision.compiler_options(module.dtype)
+    return jax.jit(step, donate_argnums=0, compiler_options=options)
 
 
 def run_eval_step(module: Any) -> Callable:
     """The eval step as runs use it: jitted, taking the loaders' images in [0, 255]."""
     eval_step = train.make_eval_step(module, input_fn(module))
-    return jax.jit(eval_step)
+    return jax.jit(eval_step, compiler_options=precision.compiler_options(module.dtype))
 
 
 def restore_state(exp: Experiment, ckpt: Checkpointer, resume: Resume) -> None:

@@ -155,7 +155,7 @@ def _make_forward(module: VisionTransformer, single: bool):
         per_example = jax.tree.map(lambda a: a[ids], stacked)
         return jax.vmap(one)(x, per_example)
 
-    return jax.jit(forward)
+    return jax.jit(forward, compiler_options=precision.compiler_options(module.dtype))
 
 
 class TaskSet:

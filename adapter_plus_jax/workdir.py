@@ -37,7 +37,7 @@ METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
 # Config fields that may differ on resume: they change how a run logs, stores, evaluates in
-# batches or finds its files, not what it computes.
+# batches, finds its files or which kernels compute it (remat, attention), not what it computes.
 RESUMABLE_KEYS = frozenset(
     {
         "log_every_steps",
@@ -47,6 +47,7 @@ RESUMABLE_KEYS = frozenset(
         "fgvc_root",
         "model.weights_dir",
         "model.remat",
+        "model.attention",
     }
 )
 

@@ -1,19 +1,24 @@
 #!/usr/bin/env bash
-# The prepared GPU check for one H100/H200-class GPU, under 8 minutes: each train-step part runs
-# under a 170 s limit and the pipeline (writing its JPEGs included) under 120 s; a part that
-# fails or runs out is reported, not fatal.
+# The prepared GPU check for one H100/H200-class GPU, about 8 minutes: each train-step part runs
+# under a 200 s limit, the product forms and the pipeline (writing its JPEGs included) under 40 s
+# each; a part that fails or runs out is reported, not fatal, and the pipeline part is skipped,
+# saying so, where tensorflow-datasets is not installed.
 #
 #   benchmarks/gpu.sh [OUT]         # on the GPU machine, from anywhere, default OUT=gpu_results
 #   benchmarks/gpu.sh --tiny [OUT]  # the same parts at toy sizes, on any machine (CPU: ~2 min)
 #
-# 1. The train step in bfloat16 at batch 64 and 128: ours against the reference (adapter-plus
-#    on timm) in torch eager bf16 autocast and under torch.compile, one interleaved run per
-#    batch size, with evaluation throughput, peak device memory and MFU (model FLOP/s over the
-#    GPU's datasheet bf16 peak and over the measured matmul peak): benchmarks/train_step.py.
-# 2. The input pipeline on this host's cores at batch 128: benchmarks/data_pipeline.py.
-# Writes OUT/train_step_b<batch>/*.{md,json}, OUT/data_pipeline.md, OUT/nvidia-smi.txt, the
-# log of every part in OUT/*.log, and everything in OUT/summary.md. --tiny skips torch.compile
-# (minutes of compilation on a CPU) and uses ViT-Ti at batch 4, 75x100 JPEGs.
+# 1. The train step in bfloat16 at batch 64 and 128: ours (XLA attention, and the opt-in cuDNN
+#    fused attention) against the reference (adapter-plus on timm) in torch eager bf16 autocast
+#    and under torch.compile, one interleaved run per batch size, with evaluation throughput,
+#    peak device memory and MFU (model FLOP/s over the GPU's datasheet bf16 peak and over the
+#    measured matmul peak): benchmarks/train_step.py.
+# 2. The bfloat16 product forms at ViT-B/16's layer shapes, batch 64 (our float32 result and
+#    one rounding against a bfloat16 result): benchmarks/dot_forms.py.
+# 3. The input pipeline on this host's cores at batch 128: benchmarks/data_pipeline.py.
+# Writes OUT/train_step_b<batch>/*.{md,json}, OUT/dot_forms.md, OUT/data_pipeline.md,
+# OUT/nvidia-smi.txt, OUT/versions.txt, the log of every part in OUT/*.log, and everything in
+# OUT/summary.md. --tiny skips torch.compile (minutes of compilation on a CPU) and uses ViT-Ti
+# at batch 4, 75x100 JPEGs, and tiny products.
 set -uo pipefail
 
 tiny=0
@@ -30,14 +35,16 @@ if ((tiny)); then
     batches=(4)
     train_args=(--model-size tiny --warmup 1 --rounds 1 --steps 1 --matmul-n 256)
     pipeline_args=(--batch 16 --epochs 1 --test-size 64 --height 75 --width 100)
+    dot_args=(--batch 1 --width 0.125 --calls 2 --rounds 1)
     limit=300
-    pipeline_limit=300
+    short_limit=300
 else
     batches=(64 128)
     train_args=(--model-size base --warmup 3 --rounds 3 --steps 10 --torch-compile)
-    pipeline_args=(--batch 128 --epochs 3 --test-size 2000)
-    limit=170
-    pipeline_limit=120
+    pipeline_args=(--batch 128 --epochs 2 --test-size 1000)
+    dot_args=(--batch 64)
+    limit=200
+    short_limit=40
 fi
 
 failed=0
@@ -58,16 +65,25 @@ if command -v nvidia-smi >/dev/null; then
     nvidia-smi >"$out/nvidia-smi.txt" 2>&1
     head -n 12 "$out/nvidia-smi.txt"
 fi
+"$python" -c "import jax, flax, optax, torch, timm; print('jax', jax.__version__, jax.devices(),
+    '| flax', flax.__version__, '| optax', optax.__version__, '| torch', torch.__version__,
+    '| timm', timm.__version__)" 2>&1 | tee "$out/versions.txt"
 for b in "${batches[@]}"; do
     part "train_step_b$b" "$limit" "$python" "$here/train_step.py" --dtype bfloat16 \
         --batch "$b" "${train_args[@]}" --out "$out/train_step_b$b"
 done
-part data_pipeline "$pipeline_limit" "$python" "$here/data_pipeline.py" "${pipeline_args[@]}" \
-    --out "$out/data_pipeline.md"
+part dot_forms "$short_limit" "$python" "$here/dot_forms.py" "${dot_args[@]}" \
+    --out "$out/dot_forms.md"
+if "$python" -c "import tensorflow_datasets" 2>/dev/null; then
+    part data_pipeline "$short_limit" "$python" "$here/data_pipeline.py" \
+        "${pipeline_args[@]}" --out "$out/data_pipeline.md"
+else
+    echo "== data_pipeline skipped: tensorflow-datasets is not installed for $python"
+fi
 
 {
     echo "# benchmarks/gpu.sh$( ((tiny)) && echo " --tiny"), $(date -u +%Y-%m-%dT%H:%MZ)"
-    for f in "$out"/train_step_b*/*.md "$out/data_pipeline.md"; do
+    for f in "$out"/train_step_b*/*.md "$out/dot_forms.md" "$out/data_pipeline.md"; do
         [[ -f "$f" ]] && { echo; cat "$f"; }
     done
 } >"$out/summary.md"

@@ -41,7 +41,7 @@ import torch
 import train_step as ts  # benchmarks/: puts the repository and tests/ on sys.path
 from torch.profiler import ProfilerActivity, profile
 
-from adapter_plus_jax import hostmem
+from adapter_plus_jax import hostmem, precision
 from adapter_plus_jax.convert import from_timm
 
 # Op classes, in the order the tables list them.
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> dict:
     results["ours"] = profile_ours(
         module, variables["params"], jnp.asarray(x_np), jnp.asarray(y_np, jnp.int32),
         a.warmup, a.steps,
-        ts.EIGEN_DOTS if a.eigen_dots else None,
+        ts.EIGEN_DOTS if a.eigen_dots else precision.compiler_options(module.dtype),
     )  # fmt: skip
     print("== profiling the reference", flush=True)
     results["reference"] = profile_reference(

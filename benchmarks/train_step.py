@@ -3,13 +3,20 @@
 Both sides train the same model on the same batch in one process, with the same weights:
 
 - ours: `VisionTransformer` with Adapter+ (converted from the reference model), the jitted
-  `train.make_train_step` (AdamW on the trainable subtree, `donate_argnums=0`, XLA's default
-  options, as runner.py: on CPUs in float32 the batch in chunks of 8 images, gradients summed,
-  `precision.chunk_size`); on CPUs in float32 also the same step with XLA's Eigen dots instead
-  of YNNPACK's (`EIGEN_DOTS`), which is faster depends on the CPU, and, where the batch is
-  split, the step over the whole batch at once;
+  `train.make_train_step` (AdamW on the trainable subtree, `donate_argnums=0`, the compiler
+  options of `precision.compiler_options`, as runner.py: on CPUs in float32 the batch in chunks
+  of 8 images, gradients summed, `precision.chunk_size`, and oneDNN's dots on Intel CPUs); on
+  CPUs in float32 also the same step, and the evaluation forward, with the other dot library
+  (XLA's default YNNPACK where ours is oneDNN, else oneDNN), and, where the batch is split,
+  the step over the whole batch at once;
+- on NVIDIA GPUs in bfloat16, ours with the opt-in cuDNN fused attention (`attention='cudnn'`),
+  train and evaluation, and how far its logits are from the default's;
 - reference: adapter-plus `VisionTransformerAdapter` on timm, torch.optim.AdamW, only adapters
   and head trainable; with `--torch-compile` also the same under `torch.compile`.
+
+Like main.py, the script restarts itself once with glibc's huge-page tunable where that helps
+(`hostmem.reexec_with_huge_pages`); both sides then run under it, and the table says whether it
+was on. `ADAPTER_PLUS_JAX_HUGE_PAGES=0 python benchmarks/train_step.py ...` measures without.
 
 Adapter+ everywhere: post position, channel scaling, r=8, no norm, bias, houlsby init, drop path
 0.1 on the adapters and stochastic depth 0.1 in the ViT. `--dtype bfloat16` runs torch under
@@ -74,7 +81,7 @@ from reference import (  # noqa: E402
     reference_vit,
 )
 
-from adapter_plus_jax import precision, train  # noqa: E402
+from adapter_plus_jax import hostmem, precision, train  # noqa: E402
 from adapter_plus_jax.convert import from_timm  # noqa: E402
 from adapter_plus_jax.model import VisionTransformer  # noqa: E402
 from adapter_plus_jax.params import init_params, merge_lora, trainable_mask  # noqa: E402
@@ -83,19 +90,27 @@ from adapter_plus_jax.peft import LoRASpec  # noqa: E402
 SIZES = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}  # width, heads; depth 12
 DEPTH, PATCH, IMAGE = 12, 16, 224
 OURS = "ours (jax)"
-# The other XLA:CPU dot back end for float32: Eigen instead of YNNPACK (XLA's default). Which is
-# faster depends on the CPU; the benchmark times both where it can.
+# XLA's Eigen dots instead of YNNPACK (XLA's default) for float32, for profile_step.py
+# --eigen-dots (train_step.py times oneDNN's against YNNPACK's: `other_dots`).
 EIGEN_DOTS = {
     "xla_cpu_experimental_ynn_fusion_type": (
         "LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
     )
 }
 BATCHED = "ours (jax, whole batch at once)"
+CUDNN = "ours (jax, attention='cudnn')"
 COMPILED = "reference (torch.compile)"
 # Dense bfloat16 peaks from the vendors' datasheets (TFLOP/s), for MFU on GPUs; the most
 # specific name first.
 DATASHEET_BF16_TFLOPS = {"H100 PCIe": 756, "H200": 989, "H100": 989, "A100": 312, "L4": 121}
 LORA, MERGED = "ours, LoRA r=8 q,k (unmerged)", "ours, LoRA merged (merge_lora)"
+
+
+def other_dots(options: dict[str, Any] | None) -> tuple[str, dict[str, Any] | None]:
+    """(peer name, compiler options) of the float32 dot library that `options` does not use."""
+    if options == precision.ONEDNN_DOTS:
+        return "ours (jax, XLA's default YNNPACK dots)", None
+    return "ours (jax, oneDNN dots)", dict(precision.ONEDNN_DOTS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,7 +187,7 @@ def jax_train_peer(
     params: dict,
     x: jax.Array,
     y: jax.Array,
-    compiler_options: dict[str, str] | None = None,
+    compiler_options: dict[str, Any] | None = None,
     chunk: int | None = None,
 ) -> Peer:
     """Our step as runner.py builds it, less the input normalisation (the batch here is already
@@ -214,13 +229,19 @@ def torch_eval_peer(name: str, model: torch.nn.Module, x: torch.Tensor, bf16: bo
     return Peer(name, step)
 
 
-def jax_eval_peer(name: str, module: VisionTransformer, params: dict, x: jax.Array) -> Peer:
+def jax_eval_peer(
+    name: str,
+    module: VisionTransformer,
+    params: dict,
+    x: jax.Array,
+    compiler_options: dict[str, Any] | None = None,
+) -> Peer:
     """The forward as runner.py evaluates it (`precision.eval_form`)."""
     start = time.perf_counter()
     forward = precision.eval_form(
         lambda p, images: module.apply({"params": p}, images), module.dtype
     )
-    compiled = jax.jit(forward).lower(params, x).compile()
+    compiled = jax.jit(forward).lower(params, x).compile(compiler_options=compiler_options)
     compile_s = time.perf_counter() - start
 
     def step() -> None:
@@ -389,6 +410,7 @@ def markdown(results: dict) -> str:
         f"(default {results['torch_threads']} threads), jax {results['versions']['jax']}; "
         f"load average {results['load_before']:.1f} before, {results['load_after']:.1f} after"
         + (f"; XLA_FLAGS={results['xla_flags']}" if results["xla_flags"] else "")
+        + f"; malloc huge pages {'on' if results.get('huge_pages') else 'off'} (hostmem.py)"
         + ". "
         f"{a['rounds']} interleaved rounds x {a['steps']} steps after {a['warmup']} warmup "
         "steps; images/s = batch / median step time (interquartile range in brackets).",
@@ -449,6 +471,13 @@ def markdown(results: dict) -> str:
         f"{evals[MERGED]['images_per_s'] / evals[LORA]['images_per_s']:.2f}x "
         "the unmerged LoRA model's speed.",
     ]
+    if "cudnn_max_abs_logit_diff" in results:
+        lines += [
+            "",
+            f"attention='cudnn' against the default: logits differ by at most "
+            f"{results['cudnn_max_abs_logit_diff']:.2e} (largest logit "
+            f"{results['max_abs_logit']:.2f}).",
+        ]
     mfu = model_flops_utilisation(results)
     if mfu:
         lines += ["", mfu]
@@ -515,6 +544,7 @@ def main(argv: list[str] | None = None) -> dict:
         "torch_threads": torch.get_num_threads(),
         "versions": {"torch": torch.__version__, "jax": jax.__version__},
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "huge_pages": hostmem.huge_pages_on(),  # both sides run under it; see hostmem.py
         "load_before": os.getloadavg()[0],  # other users' load skews everything; say how much
     }
     results["device"] = (
@@ -554,17 +584,27 @@ def main(argv: list[str] | None = None) -> dict:
         for n in threads
     ]
     print("== compiling our step", flush=True)
-    peers.append(jax_train_peer(OURS, module, params, jx, jy))
-    if device == "cpu" and not bf16:  # the other float32 dot back end, for comparison
-        peers.append(jax_train_peer("ours (jax, Eigen dots)", module, params, jx, jy, EIGEN_DOTS))
+    options = precision.compiler_options(module.dtype)  # as runner.py compiles its steps
+    peers.append(jax_train_peer(OURS, module, params, jx, jy, options))
+    other = other_dots(options) if device == "cpu" and not bf16 else None
+    if other is not None:  # the other float32 dot library, for comparison
+        peers.append(jax_train_peer(other[0], module, params, jx, jy, other[1]))
     if precision.chunk_size(a.batch, module.dtype, image_bytes=module.config.token_bytes):
-        peers.append(jax_train_peer(BATCHED, module, params, jx, jy, chunk=a.batch))
+        peers.append(jax_train_peer(BATCHED, module, params, jx, jy, options, chunk=a.batch))
+    # The opt-in cuDNN fused attention (precision.check_attention says where it runs).
+    results["train"] = {}
+    cudnn = module.clone(attention="cudnn") if device == "cuda" and bf16 else None
+    if cudnn is not None:
+        try:
+            peers.append(jax_train_peer(CUDNN, cudnn, params, jx, jy))
+        except Exception as e:  # cuDNN's kernel needs a recent cuDNN, and rejects some shapes
+            results["train"][CUDNN] = {"skipped": f"{type(e).__name__}: {str(e)[:300]}"}
+            cudnn = None
     if a.torch_compile:
         compiled = torch.compile(copy.deepcopy(model))
         peers.append(torch_train_peer(COMPILED, compiled, tx, ty, bf16, threads[0]))
 
     results["gflop_per_image"] = model_gflop_per_image(a.model_size, a.classes)
-    results["train"] = {}
     print(f"== warmup: {a.warmup} steps per peer", flush=True)
     for peer in list(peers):
         why = warm_up(peer, a.warmup)
@@ -572,6 +612,8 @@ def main(argv: list[str] | None = None) -> dict:
         if why is not None:
             results["train"][peer.name] = {"skipped": why}
             peers.remove(peer)
+            if peer.name == CUDNN:
+                cudnn = None
 
     print(f"== timing: {a.rounds} rounds x {a.steps} steps", flush=True)
     times = interleaved(peers, a.rounds, a.steps)
@@ -596,10 +638,21 @@ def main(argv: list[str] | None = None) -> dict:
     merged, merged_vars = merge_lora(lora, {"params": lora_params})
     eval_peers = [
         torch_eval_peer(f"reference (torch, {threads[0]} threads)", model, tx, bf16),
-        jax_eval_peer(OURS, module, params, jx),
-        jax_eval_peer(LORA, lora, lora_params, jx),
-        jax_eval_peer(MERGED, merged, merged_vars["params"], jx),
+        jax_eval_peer(OURS, module, params, jx, options),
+        jax_eval_peer(LORA, lora, lora_params, jx, options),
+        jax_eval_peer(MERGED, merged, merged_vars["params"], jx, options),
     ]
+    if other is not None:
+        eval_peers.append(jax_eval_peer(other[0], module, params, jx, other[1]))
+    if cudnn is not None:
+        try:
+            eval_peers.append(jax_eval_peer(CUDNN, cudnn, params, jx))
+            # The same logits both ways, within bfloat16 rounding: what the opt-in changes.
+            xla_logits, cudnn_logits = (m.apply({"params": params}, jx) for m in (module, cudnn))
+            results["cudnn_max_abs_logit_diff"] = float(jnp.abs(xla_logits - cudnn_logits).max())
+            results["max_abs_logit"] = float(jnp.abs(xla_logits).max())
+        except Exception as e:  # as for the train peer: report, keep the other figures
+            print(f"  {CUDNN} evaluation skipped: {type(e).__name__}: {str(e)[:300]}", flush=True)
     for peer in eval_peers:
         warm_up(peer, a.warmup)
     times = interleaved(eval_peers, a.rounds, a.steps)
@@ -618,4 +671,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    hostmem.reexec_with_huge_pages()  # as main.py runs; ADAPTER_PLUS_JAX_HUGE_PAGES=0: without
     main()

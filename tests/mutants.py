@@ -405,6 +405,17 @@ MUTANTS = [
         ),
         tests=("tests/test_hostmem.py::test_never_restarts_a_process_that_has_the_tunable",),
     ),
+    Mutant(
+        "fused_attention_pad_unmasked",
+        "the token padded for cuDNN's attention is attended to like a real one",
+        *_one(
+            "adapter_plus_jax/layers.py",
+            "q, k, v, query_seq_lengths=lengths, key_value_seq_lengths=lengths,",
+            "q, k, v,",
+        ),
+        tests=("tests/test_mixed_precision.py::"
+               "test_fused_attention_pads_odd_token_counts_without_changing_the_result[7]",),
+    ),
 ]
 
 

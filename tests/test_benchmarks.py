@@ -1,5 +1,6 @@
 """The prepared GPU check runs end to end: `benchmarks/gpu.sh --tiny` on this CPU, the same
-parts as on a GPU (train step ours vs the reference, evaluation, input pipeline) at toy sizes."""
+parts as on a GPU (train step ours vs the reference, evaluation, the bfloat16 product forms,
+input pipeline) at toy sizes."""
 
 from __future__ import annotations
 
@@ -25,4 +26,5 @@ def test_gpu_script_tiny_mode_writes_every_table(tmp_path: Path) -> None:
         assert table in summary
     assert "| reference (torch, " in summary and "| ours (jax) |" in summary
     assert "as runner.py gets them" in summary  # the input pipeline's table
+    assert "| qkv 96->288 | float32 result + float32 bias, rounded once (ours) |" in summary
     assert (out / "train_step_b4" / "train_step_tiny_bfloat16.json").is_file()

@@ -100,8 +100,12 @@ def test_a_killed_evaluation_is_finished_by_the_rerun(finished, tmp_path) -> Non
         (["--config.batch_size=-3"], "batch_size=-3 (expected a positive integer)"),
         (["--config.lr=0"], "lr=0.0 (expected a positive number)"),
         (["--config.adapter.dim=0"], "adapter: Bad PEFT config field 'dim'"),
+        (
+            ["--config.model.dtype=bfloat16", "--config.model.attention=cudnn"],
+            "model.attention='cudnn' needs an NVIDIA GPU; JAX computes on cpu here",
+        ),
     ],
-    ids=["eval_only_empty", "batch_size", "lr", "adapter_dim"],
+    ids=["eval_only_empty", "batch_size", "lr", "adapter_dim", "cudnn_on_cpu"],
 )
 def test_bad_input_fails_in_one_line_and_leaves_nothing(tmp_path, args, message) -> None:
     (tmp_path / "empty").mkdir()
