@@ -179,7 +179,7 @@ CPU_CHUNK_BYTES = CPU_CHUNK * 197 * 768 * 4
 
 
 # XLA:CPU's float32 dots through oneDNN instead of YNNPACK (XLA's default): on a 2-core Xeon
-# with AMX, ViT-B/16's train step ran 1.05-1.07x and evaluation 1.09-1.10x faster at batch 8
+# with AMX, ViT-B/16's train step ran 1.08-1.11x and evaluation 1.12x faster at batch 8
 # and 32 (benchmarks/train_step.py times both; docs/performance.md, "Intel CPUs"). Only on
 # Intel CPUs, where it was measured; the AMD EPYC the chunks were tuned on keeps XLA's default.
 # ADAPTER_PLUS_JAX_CPU_DOTS=onednn|xla overrides.

@@ -23,7 +23,9 @@ Adapter+ everywhere: post position, channel scaling, r=8, no norm, bias, houlsby
 bf16 autocast and our model with bfloat16 compute (parameters float32 in both).
 
 Measurements are interleaved: every round times `--steps` steps of each peer in turn, the order
-reversed every round, so that other load on the machine hits all peers alike. Images/s is
+reversed every round, so that other load on the machine hits all peers alike; torch's OpenMP
+threads wait passively (`OMP_WAIT_POLICY=PASSIVE` unless set), so that they do not spin on the
+cores of the peer timed after torch. Images/s is
 batch / median step time. Also measured:
 
 - evaluation images/s (forward in eval mode, no gradients) of the reference and ours, and of
@@ -64,6 +66,10 @@ from typing import Any
 
 # jax must not grab most of a GPU that torch shares in this process.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# torch's OpenMP threads otherwise spin on after each op and take the cores from the peer timed
+# next: on a 2-core Xeon that made our step 0.84x instead of 0.94x the reference, whose own step
+# did not change (2.38-2.43 s spinning, 2.33-2.39 s passive). Set before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 sys.path.insert(0, str(ROOT / "tests"))  # the torch reference (tests/reference.py)
