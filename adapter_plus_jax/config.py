@@ -264,10 +264,13 @@ def validate(config: ml_collections.ConfigDict, backend: bool = True) -> None:
             timm_kwargs.get("attn_drop_rate", 0.0),
             backend,
         )
+    except ValueError as e:
+        problems.append(f"model.{str(e).rstrip('.')}")
+    except TypeError:  # a dtype name jax does not know: the model.dtype rule reports it
+        pass
+    try:
         precision.check_cpu_dots_env()
-    except (ValueError, TypeError) as e:  # TypeError: a dtype name jax does not know
-        problems.append(
-            f"model.{str(e).rstrip('.')}" if str(e).startswith("attention") else str(e).rstrip(".")
-        )
+    except SetupError as e:
+        problems.append(str(e).rstrip("."))
     if problems:
         raise SetupError("Bad config value(s): " + "; ".join(problems) + ".")

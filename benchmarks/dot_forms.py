@@ -22,16 +22,22 @@ import jax
 import jax.numpy as jnp
 
 SHAPES = {"qkv": (768, 2304), "fc1": (768, 3072), "fc2": (3072, 768)}  # (in, out)
+OURS_BIAS = "float32 result + float32 bias, rounded once (ours)"
+BF16_BIAS = "bfloat16 result + bfloat16 bias"
+OURS_PLAIN = "float32 result, rounded, no bias (ours)"
+BF16_PLAIN = "bfloat16 result, no bias"
 FORMS: dict[str, Callable] = {
-    "float32 result + float32 bias, rounded once (ours)": lambda x, w, b: (
-        jnp.dot(x, w, preferred_element_type=jnp.float32) + b
-    ).astype(jnp.bfloat16),
-    "bfloat16 result + bfloat16 bias": lambda x, w, b: jnp.dot(x, w) + b.astype(jnp.bfloat16),
-    "float32 result, rounded, no bias (ours)": lambda x, w, b: jnp.dot(
-        x, w, preferred_element_type=jnp.float32
-    ).astype(jnp.bfloat16),
-    "bfloat16 result, no bias": lambda x, w, b: jnp.dot(x, w),
+    OURS_BIAS: lambda x, w, b: (jnp.dot(x, w, preferred_element_type=jnp.float32) + b).astype(
+        jnp.bfloat16
+    ),
+    BF16_BIAS: lambda x, w, b: jnp.dot(x, w) + b.astype(jnp.bfloat16),
+    OURS_PLAIN: lambda x, w, b: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(
+        jnp.bfloat16
+    ),
+    BF16_PLAIN: lambda x, w, b: jnp.dot(x, w),
 }
+# Each form against the bfloat16-result form with the same bias ('+') or none.
+BASELINE = {form: BF16_BIAS if "+" in form else BF16_PLAIN for form in FORMS}
 
 
 def seconds_per_call(fn: Callable, args: tuple, calls: int) -> float:
@@ -82,8 +88,7 @@ def main(argv: list[str] | None = None) -> str:
             compiled[form] = kernels(jitted.lower(x, w, b).compile().as_text())
             times[form] = min(seconds_per_call(jitted, (x, w, b), a.calls) for _ in range(a.rounds))
         for form, s in times.items():
-            base = times["bfloat16 result + bfloat16 bias" if "bias" in form and "no bias"
-                         not in form else "bfloat16 result, no bias"]  # fmt: skip
+            base = times[BASELINE[form]]
             lines.append(
                 f"| {layer} {k}->{m} | {form} | {s * 1e6:.1f} | {2 * rows * k * m / s / 1e12:.1f} "
                 f"| {s / base:.2f}x | {compiled[form]} |"
