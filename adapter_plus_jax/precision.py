@@ -252,25 +252,31 @@ def split_chunks(x: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array | None]
 
 
 def eval_form(
-    apply: Callable[[Any, jax.Array], jax.Array],
+    apply: Callable[[Any, Any], jax.Array],
     dtype: Any,
     chunk: int | None = None,
     image_bytes: int | None = None,
 ) -> Callable:
-    """`apply(params, images)` for evaluation, in the form that is fastest on the backend: the
+    """`apply(params, batch)` for evaluation, in the form that is fastest on the backend: the
     batch in chunks (`chunk_size`) one after another under `jax.lax.map`, a last, smaller chunk
     for the remainder; or `apply` itself where the backend keeps the batched form.
+
+    `batch` is the images, or a pytree of arrays that share the leading batch axis (images and
+    per-example task ids, say), split alike.
     """
     if chunk is None and not _chunks_by_default(dtype):
         return apply
 
-    def chunked(params: Any, images: jax.Array) -> jax.Array:
-        size = chunk_size(images.shape[0], dtype, chunk, image_bytes)
+    def chunked(params: Any, batch: Any) -> jax.Array:
+        leaves, tree = jax.tree.flatten(batch)
+        size = chunk_size(leaves[0].shape[0], dtype, chunk, image_bytes)
         if size is None:
-            return apply(params, images)
-        head, rest = split_chunks(images, size)
-        logits = jax.lax.map(lambda c: apply(params, c), head)
+            return apply(params, batch)
+        heads, rests = zip(*(split_chunks(a, size) for a in leaves), strict=True)
+        logits = jax.lax.map(lambda c: apply(params, c), tree.unflatten(heads))
         logits = logits.reshape(-1, *logits.shape[2:])
-        return logits if rest is None else jnp.concatenate([logits, apply(params, rest)])
+        if rests[0] is None:
+            return logits
+        return jnp.concatenate([logits, apply(params, tree.unflatten(rests))])
 
     return chunked

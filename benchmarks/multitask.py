@@ -69,7 +69,8 @@ def make_tasks(size: str, n: int) -> tuple[list[Task], dict]:
 
 
 def sequential_peer(tasks: list[Task], backbone: dict):
-    """Each task's examples through its own jitted model, one task after another."""
+    """Each task's examples through its own jitted model, one task after another, compiled as
+    TaskSet compiles (`precision.compiler_options`)."""
     models = []
     for task in tasks:
         module, variables = task.model(backbone)
@@ -80,7 +81,8 @@ def sequential_peer(tasks: list[Task], backbone: dict):
             module.dtype,
             image_bytes=module.config.token_bytes,
         )
-        fn = jax.jit(lambda p, x, c=cfg, f=own: f(p, normalize(x, c.mean, c.std)))
+        fn = jax.jit(lambda p, x, c=cfg, f=own: f(p, normalize(x, c.mean, c.std)),
+                     compiler_options=precision.compiler_options(module.dtype))  # as TaskSet
         models.append((fn, variables["params"]))
 
     def run(images: np.ndarray, ids: np.ndarray) -> list:

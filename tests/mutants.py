@@ -329,8 +329,8 @@ MUTANTS = [
         "a mixed batch routes examples to the tasks in sorted order, not their own",
         *_one(
             "adapter_plus_jax/serving.py",
-            "per_example = jax.tree.map(lambda a: a[ids], stacked)",
-            "per_example = jax.tree.map(lambda a: a[jnp.sort(ids)], stacked)",
+            "jax.tree.map(lambda a: a[ids], stacked)",
+            "jax.tree.map(lambda a: a[jnp.sort(ids)], stacked)",
         ),
         tests=(SERVING,),
     ),
