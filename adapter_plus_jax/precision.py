@@ -178,15 +178,17 @@ CPU_CHUNK = 8
 CPU_CHUNK_BYTES = CPU_CHUNK * 197 * 768 * 4
 
 
-# XLA:CPU's float32 dots through oneDNN instead of YNNPACK (XLA's default): on a 2-core Xeon
-# with AMX, ViT-B/16's train step ran 1.08-1.11x and evaluation 1.12x faster at batch 8
-# and 32 (benchmarks/train_step.py times both; docs/performance.md, "Intel CPUs"). Only on
-# Intel CPUs, where it was measured; the AMD EPYC the chunks were tuned on keeps XLA's default.
-# ADAPTER_PLUS_JAX_CPU_DOTS=onednn|xla overrides.
+# XLA:CPU's float32 dots through oneDNN instead of YNNPACK (XLA's default), measured against
+# it with benchmarks/train_step.py (docs/performance.md, "oneDNN's dots"): on a 2-core Intel
+# Xeon with AMX the train step ran 1.08-1.11x and evaluation 1.12x faster at batch 8 and 32; on
+# a 2-core AMD EPYC (Zen 4) the train step 0.96x / 1.10x at batch 8 (two runs) and 1.05x at 32,
+# evaluation 1.05-1.12x. Only on those vendors' CPUs; ADAPTER_PLUS_JAX_CPU_DOTS=onednn|xla
+# overrides.
 ONEDNN_DOTS = {
     "xla_cpu_use_onednn": True,
     "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
 }
+ONEDNN_VENDORS = ("GenuineIntel", "AuthenticAMD")
 CPU_DOTS_ENV = "ADAPTER_PLUS_JAX_CPU_DOTS"
 
 
@@ -211,11 +213,11 @@ def check_cpu_dots_env() -> None:
 
 def compiler_options(dtype: Any) -> dict[str, Any] | None:
     """XLA compiler options for the jitted train, eval and serving steps: oneDNN's float32 dots
-    on Intel CPUs (`ONEDNN_DOTS`), XLA's defaults (None) everywhere else."""
+    on Intel and AMD CPUs (`ONEDNN_DOTS`), XLA's defaults (None) everywhere else."""
     check_cpu_dots_env()
     if not on_cpu() or low_precision(dtype):
         return None
-    choice = os.environ.get(CPU_DOTS_ENV) or ("onednn" if cpu_vendor() == "GenuineIntel" else "xla")
+    choice = os.environ.get(CPU_DOTS_ENV) or ("onednn" if cpu_vendor() in ONEDNN_VENDORS else "xla")
     return dict(ONEDNN_DOTS) if choice == "onednn" else None
 
 

@@ -298,10 +298,13 @@ def test_cpu_vendor_reads_proc_cpuinfo(tmp_path: Path) -> None:
 
 @CPU_ONLY
 def test_compiler_options_choose_the_float32_dot_library(monkeypatch: pytest.MonkeyPatch) -> None:
-    """oneDNN's dots on Intel CPUs in float32, XLA's defaults otherwise; the environment
-    variable overrides the vendor, and a bad value is refused."""
+    """oneDNN's dots on Intel and AMD CPUs in float32, XLA's defaults otherwise (another vendor,
+    an unreadable /proc/cpuinfo); the environment variable overrides the vendor, and a bad value
+    is refused."""
     monkeypatch.delenv(precision.CPU_DOTS_ENV, raising=False)
-    for vendor, expected in (("GenuineIntel", precision.ONEDNN_DOTS), ("AuthenticAMD", None)):
+    cases = [("GenuineIntel", precision.ONEDNN_DOTS), ("AuthenticAMD", precision.ONEDNN_DOTS),
+             ("ARM", None), (None, None)]  # fmt: skip
+    for vendor, expected in cases:
         monkeypatch.setattr(precision, "cpu_vendor", lambda v=vendor: v)
         assert precision.compiler_options(jnp.float32) == expected
         assert precision.compiler_options(jnp.bfloat16) is None
