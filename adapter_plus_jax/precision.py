@@ -181,8 +181,8 @@ CPU_CHUNK_BYTES = CPU_CHUNK * 197 * 768 * 4
 # XLA:CPU's float32 dots through oneDNN instead of YNNPACK (XLA's default), measured against
 # it with benchmarks/train_step.py (docs/performance.md, "oneDNN's dots"): on a 2-core Intel
 # Xeon with AMX the train step ran 1.08-1.11x and evaluation 1.12x faster at batch 8 and 32; on
-# a 2-core AMD EPYC (Zen 4) the train step 0.96x / 1.10x at batch 8 (two runs) and 1.05x at 32,
-# evaluation 1.05-1.12x. Only on those vendors' CPUs; ADAPTER_PLUS_JAX_CPU_DOTS=onednn|xla
+# a 2-core AMD EPYC (Zen 4) the train step 0.96-1.11x at batch 8 (three runs) and 1.05x at 32,
+# evaluation 1.02-1.12x. Only on those vendors' CPUs; ADAPTER_PLUS_JAX_CPU_DOTS=onednn|xla
 # overrides.
 ONEDNN_DOTS = {
     "xla_cpu_use_onednn": True,

@@ -86,7 +86,12 @@ def _own_logits(task: Task, backbone: dict, images: np.ndarray) -> np.ndarray:
                                                             task.config.std)))  # fmt: skip
 
 
-@pytest.mark.parametrize("cpu_chunk", [None, 3], ids=["whole", "cpu_chunks"])
+CPU_ONLY = pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's chunked form")
+
+
+@pytest.mark.parametrize(
+    "cpu_chunk", [None, pytest.param(3, marks=CPU_ONLY)], ids=["whole", "cpu_chunks"]
+)
 def test_a_shuffled_mixed_batch_gives_each_example_its_own_tasks_logits(
     tasks, backbone, cpu_chunk, monkeypatch
 ):
