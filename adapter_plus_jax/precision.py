@@ -253,6 +253,14 @@ def split_chunks(x: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array | None]
     return head, (x[full:] if full < x.shape[0] else None)
 
 
+def split_batch(batch: Any, chunk: int) -> tuple[Any, Any | None]:
+    """`split_chunks` on every array of a pytree whose arrays share the leading batch axis:
+    (the full chunks, as the same pytree; the remainder as the same pytree, or None)."""
+    leaves, tree = jax.tree.flatten(batch)
+    heads, rests = zip(*(split_chunks(a, chunk) for a in leaves), strict=True)
+    return tree.unflatten(heads), (None if rests[0] is None else tree.unflatten(rests))
+
+
 def eval_form(
     apply: Callable[[Any, Any], jax.Array],
     dtype: Any,
@@ -270,15 +278,12 @@ def eval_form(
         return apply
 
     def chunked(params: Any, batch: Any) -> jax.Array:
-        leaves, tree = jax.tree.flatten(batch)
-        size = chunk_size(leaves[0].shape[0], dtype, chunk, image_bytes)
+        size = chunk_size(jax.tree.leaves(batch)[0].shape[0], dtype, chunk, image_bytes)
         if size is None:
             return apply(params, batch)
-        heads, rests = zip(*(split_chunks(a, size) for a in leaves), strict=True)
-        logits = jax.lax.map(lambda c: apply(params, c), tree.unflatten(heads))
+        head, rest = split_batch(batch, size)
+        logits = jax.lax.map(lambda c: apply(params, c), head)
         logits = logits.reshape(-1, *logits.shape[2:])
-        if rests[0] is None:
-            return logits
-        return jnp.concatenate([logits, apply(params, tree.unflatten(rests))])
+        return logits if rest is None else jnp.concatenate([logits, apply(params, rest)])
 
     return chunked

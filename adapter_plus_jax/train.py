@@ -199,7 +199,7 @@ def _chunked_grads(grad_fn: Callable, params: Any, key: jax.Array, size: int, ba
     """`grad_fn(params, key, *batch)` summed over chunks of `size` examples under `lax.scan`
     (a last, smaller chunk for the remainder), logits concatenated in order; chunk i draws its
     randomness from fold_in(key, i)."""
-    heads, rests = zip(*(precision.split_chunks(a, size) for a in batch), strict=True)
+    heads, rest = precision.split_batch(batch, size)
 
     def body(total, xs):
         i, *chunk = xs
@@ -210,8 +210,8 @@ def _chunked_grads(grad_fn: Callable, params: Any, key: jax.Array, size: int, ba
     zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
     (loss, grads), logits = jax.lax.scan(body, zeros, (jnp.arange(num), *heads))
     logits = logits.reshape(-1, *logits.shape[2:])
-    if rests[0] is not None:
-        (rest_loss, rest_logits), rest_grads = grad_fn(params, jax.random.fold_in(key, num), *rests)
+    if rest is not None:
+        (rest_loss, rest_logits), rest_grads = grad_fn(params, jax.random.fold_in(key, num), *rest)
         loss, grads = jax.tree.map(jnp.add, (loss, grads), (rest_loss, rest_grads))
         logits = jnp.concatenate([logits, rest_logits])
     return (loss, logits), grads
