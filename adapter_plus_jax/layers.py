@@ -46,7 +46,7 @@ def torch_linear_uniform(fan_in: int):
 
 
 def _gelu(x: jax.Array) -> jax.Array:
-    # torch's formula; jax.nn.gelu's erfc form costs XLA:CPU twice the time.
+    # torch's formula; XLA:CPU runs it faster than jax.nn.gelu's erfc form.
     return 0.5 * x * (1.0 + jax.lax.erf(x * np.float32(0.5**0.5)))
 
 
@@ -128,12 +128,12 @@ def attend(
     """softmax(q k^T / sqrt(d)) v on [batch, tokens, heads, head_dim]; the softmax in float32.
 
     The products run heads-first ([batch, heads, tokens, head_dim], batch and heads leading in
-    both operands): XLA:CPU then emits batched library dots without transposes inside them, and
-    ViT-B/16's attention forward+backward took 0.75x the time of the tokens-first einsums
-    (44.2 vs 58.8 ms at batch 8 on a 2-core AMD EPYC).
+    both operands): XLA:CPU then emits batched library dots without transposes inside them,
+    faster than tokens-first einsums (docs/performance.md, "The train step, op class by op
+    class").
 
     implementation='cudnn' (opt-in, NVIDIA GPUs, 16-bit compute, no attention dropout: checked
-    by `precision.check_attention`) runs cuDNN's fused attention kernel instead.
+    by `backend.check_attention`) runs cuDNN's fused attention kernel instead.
     """
     if implementation == "cudnn":  # one dtype for the kernel (qk_norm, LoRA scales: float32)
         return fused_attention(q.astype(v.dtype), k.astype(v.dtype), v, "cudnn")

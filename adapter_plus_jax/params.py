@@ -1,6 +1,7 @@
 """Parameter trees: which parameters a method trains (big_vision style: regex rules over
-'/'-joined paths), counting them, filling a model from pretrained weights, folding LoRA into
-the frozen weights, and the one report of how two sets of named arrays differ.
+'/'-joined paths), counting them, splitting them into trainable and frozen subtrees, filling a
+model from pretrained weights, folding LoRA into the frozen weights, and the one report of how
+two sets of named arrays differ.
 """
 
 from __future__ import annotations
@@ -105,6 +106,22 @@ def trainable_count(params: Any, mode: str = "peft") -> int:
 def param_count(tree: Any) -> int:
     """The number of scalars in a tree of arrays (or ShapeDtypeStructs)."""
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def split(params: Mapping[str, Any], mask: Mapping[str, Any]) -> tuple[dict, dict]:
+    """(trainable, frozen) subtrees of `params` by a boolean `mask` of the same structure."""
+    flat = traverse_util.flatten_dict(dict(params))
+    flat_mask = traverse_util.flatten_dict(dict(mask))
+    trainable = {k: v for k, v in flat.items() if flat_mask[k]}
+    frozen = {k: v for k, v in flat.items() if not flat_mask[k]}
+    return traverse_util.unflatten_dict(trainable), traverse_util.unflatten_dict(frozen)
+
+
+def merge(trainable: Mapping[str, Any], frozen: Mapping[str, Any]) -> dict:
+    """Inverse of `split`."""
+    flat = traverse_util.flatten_dict(dict(frozen))
+    flat.update(traverse_util.flatten_dict(dict(trainable)))
+    return traverse_util.unflatten_dict(flat)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -32,15 +32,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from adapter_plus_jax import precision
+from adapter_plus_jax import backend
 from adapter_plus_jax.convert import abstract_params
 from adapter_plus_jax.errors import SetupError
+from adapter_plus_jax.images import normalize
 from adapter_plus_jax.model import VisionTransformer
-from adapter_plus_jax.params import param_group
+from adapter_plus_jax.params import merge, param_group
 from adapter_plus_jax.peft import LORA_LOCATIONS
-from adapter_plus_jax.preprocess import normalize
 from adapter_plus_jax.task import Task, backbone_digest
-from adapter_plus_jax.train import merge
 
 Flat = dict[tuple[str, ...], Any]
 
@@ -149,14 +148,15 @@ def _make_forward(module: VisionTransformer, single: bool):
 
         return jax.vmap(one)(x, jax.tree.map(lambda a: a[ids], stacked))
 
-    # The backend's fastest form for evaluation: on CPUs in float32, chunks of a few images that
-    # stay in cache, each gathering only its own examples' task parameters.
-    form = precision.eval_form(run, module.dtype, image_bytes=cfg.token_bytes)
+    # The backend's form, as evaluation's: where it runs a batch in chunks, each chunk gathers
+    # only its own examples' task parameters.
+    plan = backend.plan(module)
+    form = backend.map_chunks(run, plan.chunk)
 
     def forward(shared, stacked, images, ids):
         return form((shared, stacked), (images, ids))
 
-    return jax.jit(forward, compiler_options=precision.compiler_options(module.dtype))
+    return plan.jit(forward)
 
 
 class TaskSet:

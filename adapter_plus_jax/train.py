@@ -1,23 +1,31 @@
 """The training step: AdamW on the trainable subtree only, with the reference's schedule and
 weight-decay rule (docs/recipe.md, "Optimizer and schedule"), and the exact evaluation step.
 
+    state, frozen = init_state(params, tx)
+    train_step = make_train_step(module, tx)          # jitted, in the backend's plan
+    state, metrics = train_step(state, frozen, images, labels)
+
 Parameters are split by a boolean mask into a trainable and a frozen tree. Gradients are taken
 with respect to the trainable tree alone, so XLA computes no weight gradients for the frozen
-backbone and the optimizer holds state only for the trainable parameters.
+backbone and the optimizer holds state only for the trainable parameters. The steps are written
+once; how a backend runs them (chunks, compiler options) is `backend.plan`'s, and every example
+draws its dropout and drop-path masks from its own key (`example_keys`), whatever the chunks.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax
 import jax
+import jax.extend
 import jax.numpy as jnp
 import optax
-from flax import traverse_util
 
-from adapter_plus_jax import precision
+from adapter_plus_jax import backend
+from adapter_plus_jax.params import merge, split, trainable_mask
 
 # timm's VisionTransformer.no_weight_decay(): these get no decay whatever their rank.
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token")
@@ -54,18 +62,20 @@ def reference_lr(
     return schedule
 
 
-def decay_mask(params: Mapping[str, Any]) -> Any:
+def decay_mask(params: Any) -> Any:
     """True where the reference applies weight decay: not 1-D, not a bias or scaling, and not
-    pos_embed / cls_token / dist_token. Prompts (2-D) are decayed, as in the reference."""
+    pos_embed / cls_token / dist_token. Prompts (2-D) are decayed, as in the reference.
 
-    def decays(path: tuple[str, ...], value: Any) -> bool:
-        name = path[-1]
-        # getattr: inside optax.multi_transform the frozen leaves arrive as MaskedNode.
+    The mask has the structure of `params` (a dict, a FrozenDict or an NNX State), as `optax`'s
+    `mask=` wants it; a parameter's name is the last dict key on its path.
+    """
+
+    def decays(path: tuple[Any, ...], value: Any) -> bool:
+        name = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)][-1]
         ndim = getattr(value, "ndim", 0)
         return ndim > 1 and name not in ("bias", "scaling") and name not in NO_DECAY_NAMES
 
-    flat = traverse_util.flatten_dict(dict(params))
-    return traverse_util.unflatten_dict({k: decays(k, v) for k, v in flat.items()})
+    return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def adamw(
@@ -83,22 +93,6 @@ def adamw(
     return tx
 
 
-def split(params: Mapping[str, Any], mask: Mapping[str, Any]) -> tuple[dict, dict]:
-    """(trainable, frozen) subtrees of `params` by a boolean `mask` of the same structure."""
-    flat = traverse_util.flatten_dict(dict(params))
-    flat_mask = traverse_util.flatten_dict(dict(mask))
-    trainable = {k: v for k, v in flat.items() if flat_mask[k]}
-    frozen = {k: v for k, v in flat.items() if not flat_mask[k]}
-    return traverse_util.unflatten_dict(trainable), traverse_util.unflatten_dict(frozen)
-
-
-def merge(trainable: Mapping[str, Any], frozen: Mapping[str, Any]) -> dict:
-    """Inverse of `split`."""
-    flat = traverse_util.flatten_dict(dict(frozen))
-    flat.update(traverse_util.flatten_dict(dict(trainable)))
-    return traverse_util.unflatten_dict(flat)
-
-
 @flax.struct.dataclass
 class TrainState:
     """What changes during training; the frozen backbone lives outside it."""
@@ -106,6 +100,15 @@ class TrainState:
     step: jax.Array
     params: Any  # the trainable subtree
     opt_state: Any
+
+
+def init_state(
+    params: Mapping[str, Any], tx: optax.GradientTransformation, mode: str = "peft"
+) -> tuple[TrainState, dict]:
+    """(the TrainState of the parameters `mode` trains, the frozen rest): what the train step of
+    `make_train_step` takes, from a model's 'params' (see `params.trainable_mask`)."""
+    trainable, frozen = split(params, trainable_mask(params, mode))
+    return TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable)), frozen
 
 
 def _losses(logits: jax.Array, labels: jax.Array, label_smoothing: float) -> jax.Array:
@@ -131,29 +134,112 @@ def cross_entropy(
     return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1)
 
 
+@functools.cache
+def _per_example_prng(n: int) -> Any:
+    """A PRNG implementation whose one key holds n threefry keys, one per example: its random
+    bits of shape [n, ...] are row i's bits of shape [...] from key i, and folding data in folds
+    it into every row. Flax's dropout then draws each example's mask from that example's key."""
+    threefry = jax.extend.random.threefry_prng_impl
+
+    def seed(_):
+        raise NotImplementedError("per-example keys are made by `example_keys`")
+
+    def split(keys, shape):
+        return jnp.moveaxis(jax.vmap(lambda k: threefry.split(k, shape))(keys), 0, len(shape))
+
+    def fold_in(keys, data):
+        return jax.vmap(lambda k: threefry.fold_in(k, data))(keys)
+
+    def random_bits(keys, bit_width, shape):
+        if not shape or shape[0] != n:
+            raise ValueError(f"per-example keys of {n} examples draw [{n}, ...], not {shape}")
+        return jax.vmap(lambda k: threefry.random_bits(k, bit_width, shape[1:]))(keys)
+
+    return jax.extend.random.define_prng_impl(
+        key_shape=(n, *threefry.key_shape), seed=seed, split=split, random_bits=random_bits,
+        fold_in=fold_in, name=f"per_example_threefry{n}",
+    )  # fmt: skip
+
+
+def example_keys(key: jax.Array, start: jax.Array | int, n: int) -> jax.Array:
+    """One key for a batch of the n examples start, ..., start + n - 1 of a step: example i's
+    randomness comes from fold_in(key, i) whatever batch or chunk it is computed in."""
+    index = start + jnp.arange(n)
+    rows = jax.vmap(lambda i: jax.random.key_data(jax.random.fold_in(key, i)))(index)
+    return jax.random.wrap_key_data(rows, impl=_per_example_prng(n))
+
+
+def loss_and_grads(
+    apply: Callable[[Any, jax.Array, jax.Array], jax.Array],
+    params: Any,
+    key: jax.Array,
+    images: jax.Array,
+    labels: jax.Array,
+    mask: jax.Array,
+    label_smoothing: float = 0.0,
+    chunk: int | None = None,
+) -> tuple[tuple[jax.Array, jax.Array], Any]:
+    """((the batch's mean loss over `mask`, logits), its gradient w.r.t. `params`).
+
+    `apply(params, key, x)` is the model in training mode on images `x`, drawing its dropout
+    and drop-path masks from `key` (`example_keys`: example i of the batch from fold_in(key,
+    i)), so every chunking and every backend draws the same masks. `chunk`
+    (`backend.Plan.chunk_size`): the batch in chunks of that many examples one after another
+    under `lax.scan`, gradients summed, a last, smaller chunk for the remainder; None: the
+    whole batch at once.
+    """
+    count = jnp.maximum(jnp.sum(mask), 1)
+
+    def loss_fn(p, start, x, y, m):
+        """This chunk's share of the batch's mean loss, and its logits."""
+        logits = apply(p, example_keys(key, start, x.shape[0]), x)
+        return jnp.sum(_losses(logits, y, label_smoothing) * m) / count, logits
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if chunk is None:
+        return grad_fn(params, 0, images, labels, mask)
+    heads, rest = backend.split_batch((images, labels, mask), chunk)
+
+    def body(total, xs):
+        i, *chunk_batch = xs
+        (loss, logits), grads = grad_fn(params, i * chunk, *chunk_batch)
+        return jax.tree.map(jnp.add, total, (loss, grads)), logits
+
+    num = heads[0].shape[0]
+    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+    (loss, grads), logits = jax.lax.scan(body, zeros, (jnp.arange(num), *heads))
+    logits = logits.reshape(-1, *logits.shape[2:])
+    if rest is not None:
+        (rest_loss, rest_logits), rest_grads = grad_fn(params, num * chunk, *rest)
+        loss, grads = jax.tree.map(jnp.add, (loss, grads), (rest_loss, rest_grads))
+        logits = jnp.concatenate([logits, rest_logits])
+    return (loss, logits), grads
+
+
 def make_train_step(
     module: flax.linen.Module,
     tx: optax.GradientTransformation,
     label_smoothing: float = 0.0,
     rng: jax.Array | None = None,
-    chunk: int | None = None,
-    preprocess: Callable[[jax.Array], jax.Array] | None = None,
+    *,
+    input_fn: Callable[[jax.Array], jax.Array] | None = None,
+    plan: backend.Plan | None = None,
+    jit: bool = True,
 ) -> Callable:
-    """train_step(state, frozen, images, labels, mask=None) -> (state, metrics).
+    """train_step(state, frozen, images, labels, mask=None) -> (state, metrics), in the form
+    that is fastest on this backend (`backend.plan(module)`, or `plan`): jitted with the plan's
+    compiler options, the state donated (`jit=False`: the plain function), the batch in the
+    plan's chunks.
 
-    `preprocess` maps the images before the model inside the step, e.g. the input
-    normalisation (`preprocess.normalize`) for loaders that yield images in [0, 255], so that
-    the input pipeline does not spend its host cores on it.
-
-    Dropout/drop-path randomness is `fold_in(rng, step)`, so a resumed run draws the same masks.
-    The gradient of the batch's mean loss is summed over chunks of images processed one after
-    another (`precision.chunk_size`; `chunk=None`: the backend's choice, on CPUs in float32
-    chunks of 4.8 MB of token activations, 8 ViT-B/16 images, elsewhere the whole batch at
-    once); a chunk's masks are drawn from `fold_in(step_rng, chunk index)`, so on CPUs they
-    differ from the batched form's.
+    `input_fn` maps the images before the model inside the step, e.g. the input normalisation
+    (`images.normalize`) for loaders that yield images in [0, 255], so that the input pipeline
+    does not spend its host cores on it. Dropout and drop path draw from fold_in(rng, step),
+    then per example (`example_keys`), so a resumed run draws the same masks, and so does every
+    chunking. A padded example (mask False) counts in neither the loss nor the accuracy.
     """
     rng = jax.random.key(0) if rng is None else rng
-    dtype, image_bytes = getattr(module, "dtype", jnp.float32), _token_bytes(module)
+    plan = backend.plan(module) if plan is None else plan
+    prepare = (lambda x: x) if input_fn is None else input_fn
 
     def train_step(
         state: TrainState,
@@ -162,73 +248,46 @@ def make_train_step(
         labels: jax.Array,
         mask: jax.Array | None = None,
     ):
-        step_rng = jax.random.fold_in(rng, state.step)
         mask = jnp.ones(labels.shape, bool) if mask is None else mask
-        count = jnp.maximum(jnp.sum(mask), 1)
 
-        def loss_fn(trainable, key, x, y, m):
-            """This chunk's share of the batch's mean loss, and its logits."""
+        def apply(trainable, key, x):
             variables = {"params": merge(trainable, frozen)}
-            x = x if preprocess is None else preprocess(x)  # per chunk: stays in cache
-            logits = module.apply(variables, x, train=True, rngs={"dropout": key})
-            return jnp.sum(_losses(logits, y, label_smoothing) * m) / count, logits
+            return module.apply(variables, prepare(x), train=True, rngs={"dropout": key})
 
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        size = precision.chunk_size(images.shape[0], dtype, chunk, image_bytes)
-        if size is None:
-            (loss, logits), grads = grad_fn(state.params, step_rng, images, labels, mask)
-        else:
-            (loss, logits), grads = _chunked_grads(
-                grad_fn, state.params, step_rng, size, (images, labels, mask)
-            )
+        (loss, logits), grads = loss_and_grads(
+            apply, state.params, jax.random.fold_in(rng, state.step), images, labels, mask,
+            label_smoothing, plan.chunk_size(images.shape[0]),
+        )  # fmt: skip
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        correct = (jnp.argmax(logits, -1) == labels) & mask
-        metrics = {"loss": loss, "accuracy": jnp.sum(correct) / count}
-        return TrainState(state.step + 1, params, opt_state), metrics
+        return TrainState(state.step + 1, params, opt_state), step_metrics(loss, logits, labels,
+                                                                          mask)  # fmt: skip
 
-    return train_step
-
-
-def _token_bytes(module: flax.linen.Module) -> int | None:
-    """`ViTConfig.token_bytes` of a model that has one (sizes CPU chunks)."""
-    return getattr(getattr(module, "config", None), "token_bytes", None)
+    return plan.jit(train_step, donate_argnums=0) if jit else train_step
 
 
-def _chunked_grads(grad_fn: Callable, params: Any, key: jax.Array, size: int, batch: tuple):
-    """`grad_fn(params, key, *batch)` summed over chunks of `size` examples under `lax.scan`
-    (a last, smaller chunk for the remainder), logits concatenated in order; chunk i draws its
-    randomness from fold_in(key, i)."""
-    heads, rest = precision.split_batch(batch, size)
-
-    def body(total, xs):
-        i, *chunk = xs
-        (loss, logits), grads = grad_fn(params, jax.random.fold_in(key, i), *chunk)
-        return jax.tree.map(jnp.add, total, (loss, grads)), logits
-
-    num = heads[0].shape[0]
-    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-    (loss, grads), logits = jax.lax.scan(body, zeros, (jnp.arange(num), *heads))
-    logits = logits.reshape(-1, *logits.shape[2:])
-    if rest is not None:
-        (rest_loss, rest_logits), rest_grads = grad_fn(params, jax.random.fold_in(key, num), *rest)
-        loss, grads = jax.tree.map(jnp.add, (loss, grads), (rest_loss, rest_grads))
-        logits = jnp.concatenate([logits, rest_logits])
-    return (loss, logits), grads
+def step_metrics(
+    loss: jax.Array, logits: jax.Array, labels: jax.Array, mask: jax.Array
+) -> dict[str, jax.Array]:
+    """{'loss', 'accuracy'} of a train step; accuracy over the examples where `mask` is True."""
+    correct = (jnp.argmax(logits, -1) == labels) & mask
+    return {"loss": loss, "accuracy": jnp.sum(correct) / jnp.maximum(jnp.sum(mask), 1)}
 
 
 def make_eval_step(
-    module: flax.linen.Module, preprocess: Callable[[jax.Array], jax.Array] | None = None
+    module: flax.linen.Module,
+    input_fn: Callable[[jax.Array], jax.Array] | None = None,
+    *,
+    plan: backend.Plan | None = None,
+    jit: bool = True,
 ) -> Callable:
-    """eval_step(params, images, labels, mask) -> (number correct, number counted); the forward
-    in the backend's fastest form (`precision.eval_form`), after `preprocess` as in
-    `make_train_step`."""
-    prepare = (lambda x: x) if preprocess is None else preprocess
-
-    forward = precision.eval_form(  # preprocess per chunk, as in the train step
-        lambda params, x: module.apply({"params": params}, prepare(x), train=False),
-        getattr(module, "dtype", jnp.float32),
-        image_bytes=_token_bytes(module),
+    """eval_step(params, images, labels, mask) -> (number correct, number counted), in the
+    backend's form (`backend.plan`, or `plan`: jitted with its compiler options, the forward
+    over its chunks), after `input_fn` as in `make_train_step`."""
+    plan = backend.plan(module) if plan is None else plan
+    prepare = (lambda x: x) if input_fn is None else input_fn
+    forward = backend.map_chunks(  # input_fn per chunk, as in the train step
+        lambda params, x: module.apply({"params": params}, prepare(x), train=False), plan.chunk
     )
 
     def eval_step(params, images, labels, mask):
@@ -236,7 +295,7 @@ def make_eval_step(
         correct = (jnp.argmax(logits, -1) == labels) & mask
         return jnp.sum(correct), jnp.sum(mask)
 
-    return eval_step
+    return plan.jit(eval_step) if jit else eval_step
 
 
 def evaluate(eval_step, params, batches) -> float:

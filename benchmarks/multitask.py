@@ -30,11 +30,11 @@ from flax import traverse_util
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from adapter_plus_jax import precision  # noqa: E402
+from adapter_plus_jax import backend  # noqa: E402
+from adapter_plus_jax.images import normalize  # noqa: E402
 from adapter_plus_jax.model import VisionTransformer, ViTConfig  # noqa: E402
 from adapter_plus_jax.params import param_group  # noqa: E402
 from adapter_plus_jax.peft import AdapterSpec  # noqa: E402
-from adapter_plus_jax.preprocess import normalize  # noqa: E402
 from adapter_plus_jax.serving import TaskSet  # noqa: E402
 from adapter_plus_jax.task import BackboneRecord, Task, backbone_digest, backbone_params  # noqa: E402
 
@@ -69,20 +69,14 @@ def make_tasks(size: str, n: int) -> tuple[list[Task], dict]:
 
 
 def sequential_peer(tasks: list[Task], backbone: dict):
-    """Each task's examples through its own jitted model, one task after another, compiled as
-    TaskSet compiles (`precision.compiler_options`)."""
+    """Each task's examples through its own jitted model, one task after another, in the form
+    and with the compiler options TaskSet uses (`backend.plan`)."""
     models = []
     for task in tasks:
         module, variables = task.model(backbone)
-        cfg = module.config
-        # Each model in the backend's fastest form for evaluation, as TaskSet runs one task.
-        own = precision.eval_form(
-            lambda p, x, m=module: m.apply({"params": p}, x),
-            module.dtype,
-            image_bytes=module.config.token_bytes,
-        )
-        fn = jax.jit(lambda p, x, c=cfg, f=own: f(p, normalize(x, c.mean, c.std)),
-                     compiler_options=precision.compiler_options(module.dtype))  # as TaskSet
+        cfg, plan = module.config, backend.plan(module)
+        own = backend.map_chunks(lambda p, x, m=module: m.apply({"params": p}, x), plan.chunk)
+        fn = plan.jit(lambda p, x, c=cfg, f=own: f(p, normalize(x, c.mean, c.std)))
         models.append((fn, variables["params"]))
 
     def run(images: np.ndarray, ids: np.ndarray) -> list:

@@ -41,7 +41,7 @@ import torch
 import train_step as ts  # benchmarks/: puts the repository and tests/ on sys.path
 from torch.profiler import ProfilerActivity, profile
 
-from adapter_plus_jax import hostmem, precision
+from adapter_plus_jax import backend
 from adapter_plus_jax.convert import from_timm
 
 # Op classes, in the order the tables list them.
@@ -116,9 +116,9 @@ def split_concurrent(intervals: list[tuple[float, float, str]]) -> tuple[dict[st
     return dict(totals), covered
 
 
-def profile_ours(module, params, x, y, warmup: int, steps: int, options: dict | None) -> dict:
-    """Per-class milliseconds per step of our jitted step, compiled with `options`."""
-    peer = ts.jax_train_peer("ours", module, params, x, y, options)
+def profile_ours(module, params, x, y, warmup: int, steps: int, plan: backend.Plan) -> dict:
+    """Per-class milliseconds per step of our jitted step, built and compiled in `plan`."""
+    peer = ts.jax_train_peer("ours", module, params, x, y, plan)
     op_names = instruction_op_names(peer.compiled.as_text())
     for _ in range(warmup):
         peer.step()
@@ -262,6 +262,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = ts.reference_model(a.model_size, a.classes)
     module, variables = from_timm(model)
     module = module.clone(config=module.config.replace(drop_path_rate=0.1))  # as train_step.py
+    plan = backend.plan(module)
     results = {
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
         "device": f"CPU, {torch.get_num_threads()} threads for torch",
@@ -271,24 +272,17 @@ def main(argv: list[str] | None = None) -> dict:
     results["ours"] = profile_ours(
         module, variables["params"], jnp.asarray(x_np), jnp.asarray(y_np, jnp.int32),
         a.warmup, a.steps,
-        ts.EIGEN_DOTS if a.eigen_dots else precision.compiler_options(module.dtype),
+        backend.Plan(plan.chunk, ts.EIGEN_DOTS) if a.eigen_dots else plan,
     )  # fmt: skip
     print("== profiling the reference", flush=True)
     results["reference"] = profile_reference(
         model, torch.from_numpy(x_np.transpose(0, 3, 1, 2).copy()), torch.from_numpy(y_np),
         a.warmup, a.steps,
     )  # fmt: skip
-    text = markdown(results)
-    print(text)
-    if a.out:
-        a.out.mkdir(parents=True, exist_ok=True)
-        stem = a.out / f"profile_{a.model_size}_b{a.batch}"
-        stem.with_suffix(".md").write_text(text)
-        stem.with_suffix(".json").write_text(json.dumps(results, indent=2))
-        print(f"wrote {stem}.md and .json")
+    ts.write_results(markdown(results), results, a.out, f"profile_{a.model_size}_b{a.batch}")
     return results
 
 
 if __name__ == "__main__":
-    hostmem.reexec_with_huge_pages()  # as main.py runs; ADAPTER_PLUS_JAX_HUGE_PAGES=0: without
+    backend.reexec_with_huge_pages()  # as `apj train` runs; ADAPTER_PLUS_JAX_HUGE_PAGES=0: without
     sys.exit(main() and 0)

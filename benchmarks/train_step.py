@@ -2,10 +2,10 @@
 
 Both sides train the same model on the same batch in one process, with the same weights:
 
-- ours: `VisionTransformer` with Adapter+ (converted from the reference model), the jitted
-  `train.make_train_step` (AdamW on the trainable subtree, `donate_argnums=0`, the compiler
-  options of `precision.compiler_options`, as runner.py: on CPUs in float32 the batch in chunks
-  of 8 images, gradients summed, `precision.chunk_size`, and oneDNN's dots on Intel CPUs); on
+- ours: `VisionTransformer` with Adapter+ (converted from the reference model), the step of
+  `train.make_train_step` (AdamW on the trainable subtree, the state donated) in the backend's
+  plan, as runs and users' loops build it (`backend.plan`: on CPUs in float32 the batch in
+  chunks of 8 ViT-B/16 images, gradients summed, and oneDNN's dots on Intel and AMD CPUs); on
   CPUs in float32 also the same step, and the evaluation forward, with the other dot library
   (XLA's default YNNPACK where ours is oneDNN, else oneDNN), and, where the batch is split,
   the step over the whole batch at once;
@@ -14,9 +14,10 @@ Both sides train the same model on the same batch in one process, with the same 
 - reference: adapter-plus `VisionTransformerAdapter` on timm, torch.optim.AdamW, only adapters
   and head trainable; with `--torch-compile` also the same under `torch.compile`.
 
-Like main.py, the script restarts itself once with glibc's huge-page tunable where that helps
-(`hostmem.reexec_with_huge_pages`); both sides then run under it, and the table says whether it
-was on. `ADAPTER_PLUS_JAX_HUGE_PAGES=0 python benchmarks/train_step.py ...` measures without.
+Like `apj train`, the script restarts itself once with glibc's huge-page tunable where that
+helps (`backend.reexec_with_huge_pages`); both sides then run under it, and the table says
+whether it was on. `ADAPTER_PLUS_JAX_HUGE_PAGES=0 python benchmarks/train_step.py ...`
+measures without.
 
 Adapter+ everywhere: post position, channel scaling, r=8, no norm, bias, houlsby init, drop path
 0.1 on the adapters and stochastic depth 0.1 in the ViT. `--dtype bfloat16` runs torch under
@@ -87,10 +88,10 @@ from reference import (  # noqa: E402
     reference_vit,
 )
 
-from adapter_plus_jax import hostmem, precision, train  # noqa: E402
+from adapter_plus_jax import backend, train  # noqa: E402
 from adapter_plus_jax.convert import from_timm  # noqa: E402
 from adapter_plus_jax.model import VisionTransformer  # noqa: E402
-from adapter_plus_jax.params import init_params, merge_lora, trainable_mask  # noqa: E402
+from adapter_plus_jax.params import init_params, merge_lora, split, trainable_mask  # noqa: E402
 from adapter_plus_jax.peft import LoRASpec  # noqa: E402
 
 SIZES = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}  # width, heads; depth 12
@@ -112,11 +113,13 @@ DATASHEET_BF16_TFLOPS = {"H100 PCIe": 756, "H200": 989, "H100": 989, "A100": 312
 LORA, MERGED = "ours, LoRA r=8 q,k (unmerged)", "ours, LoRA merged (merge_lora)"
 
 
-def other_dots(options: dict[str, Any] | None) -> tuple[str, dict[str, Any] | None]:
-    """(peer name, compiler options) of the float32 dot library that `options` does not use."""
-    if options == precision.ONEDNN_DOTS:
-        return "ours (jax, XLA's default YNNPACK dots)", None
-    return "ours (jax, oneDNN dots)", dict(precision.ONEDNN_DOTS)
+def other_dots(plan: backend.Plan) -> tuple[str, backend.Plan]:
+    """(peer name, plan) with the float32 dot library that `plan` does not use."""
+    if plan.compiler_options == backend.ONEDNN_DOTS:
+        default = dataclasses.replace(plan, compiler_options=None)
+        return "ours (jax, XLA's default YNNPACK dots)", default
+    onednn = dataclasses.replace(plan, compiler_options=backend.ONEDNN_DOTS)
+    return "ours (jax, oneDNN dots)", onednn
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,21 +196,19 @@ def jax_train_peer(
     params: dict,
     x: jax.Array,
     y: jax.Array,
-    compiler_options: dict[str, Any] | None = None,
-    chunk: int | None = None,
+    plan: backend.Plan,
 ) -> Peer:
-    """Our step as runner.py builds it, less the input normalisation (the batch here is already
-    normalised); AOT-compiled to time compilation; `chunk` as in `train.make_train_step`."""
-    trainable, frozen = train.split(params, trainable_mask(params))
+    """Our step as `train.make_train_step` builds it in `plan`, less the input normalisation
+    (the batch here is already normalised); compiled ahead of time to time compilation."""
+    trainable, frozen = split(params, trainable_mask(params))
     trainable = jax.tree.map(jnp.copy, trainable)  # the step donates them; `params` lives on
     tx = train.adamw(train.reference_lr(1e-3, 10), 1e-4)
     state = train.TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable))
     start = time.perf_counter()
-    jitted = jax.jit(train.make_train_step(module, tx, chunk=chunk), donate_argnums=0)
-    compiled = jitted.lower(state, frozen, x, y).compile(compiler_options=compiler_options)
+    compiled = train.make_train_step(module, tx, plan=plan).lower(state, frozen, x, y).compile()
     compile_s = time.perf_counter() - start
     # XLA counts a loop's body once: a chunked step's count covers one chunk (and the rest).
-    size = precision.chunk_size(x.shape[0], module.dtype, chunk, module.config.token_bytes)
+    size = plan.chunk_size(x.shape[0])
     counted = x.shape[0] if size is None else size + x.shape[0] % size
     info = {"xla_flops_per_image": compiled.cost_analysis()["flops"] / counted}
     memory = compiled.memory_analysis()
@@ -236,18 +237,12 @@ def torch_eval_peer(name: str, model: torch.nn.Module, x: torch.Tensor, bf16: bo
 
 
 def jax_eval_peer(
-    name: str,
-    module: VisionTransformer,
-    params: dict,
-    x: jax.Array,
-    compiler_options: dict[str, Any] | None = None,
+    name: str, module: VisionTransformer, params: dict, x: jax.Array, plan: backend.Plan
 ) -> Peer:
-    """The forward as runner.py evaluates it (`precision.eval_form`)."""
+    """The forward as runs evaluate it: in `plan`'s chunks, with its compiler options."""
     start = time.perf_counter()
-    forward = precision.eval_form(
-        lambda p, images: module.apply({"params": p}, images), module.dtype
-    )
-    compiled = jax.jit(forward).lower(params, x).compile(compiler_options=compiler_options)
+    forward = backend.map_chunks(lambda p, images: module.apply({"params": p}, images), plan.chunk)
+    compiled = plan.jit(forward).lower(params, x).compile()
     compile_s = time.perf_counter() - start
 
     def step() -> None:
@@ -416,7 +411,7 @@ def markdown(results: dict) -> str:
         f"(default {results['torch_threads']} threads), jax {results['versions']['jax']}; "
         f"load average {results['load_before']:.1f} before, {results['load_after']:.1f} after"
         + (f"; XLA_FLAGS={results['xla_flags']}" if results["xla_flags"] else "")
-        + f"; malloc huge pages {'on' if results.get('huge_pages') else 'off'} (hostmem.py)"
+        + f"; malloc huge pages {'on' if results.get('huge_pages') else 'off'} (backend.py)"
         + ". "
         f"{a['rounds']} interleaved rounds x {a['steps']} steps after {a['warmup']} warmup "
         "steps; images/s = batch / median step time (interquartile range in brackets).",
@@ -472,8 +467,8 @@ def markdown(results: dict) -> str:
         )
     lines += [
         "",
-        f"Evaluation: Adapter+ unless named; ours as runner.py evaluates "
-        f"(`precision.eval_form`). Merging LoRA made it "
+        f"Evaluation: Adapter+ unless named; ours as runs evaluate "
+        f"(`train.make_eval_step`). Merging LoRA made it "
         f"{evals[MERGED]['images_per_s'] / evals[LORA]['images_per_s']:.2f}x "
         "the unmerged LoRA model's speed.",
     ]
@@ -515,8 +510,8 @@ def model_flops_utilisation(results: dict) -> str | None:
     )
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_step_args(p: argparse.ArgumentParser) -> None:
+    """The model and timing arguments of the train-step benchmarks."""
     p.add_argument("--model-size", choices=sorted(SIZES), default="base")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--classes", type=int, default=47)
@@ -524,6 +519,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per peer")
     p.add_argument("--steps", type=int, default=3, help="timed steps per peer and round")
     p.add_argument("--rounds", type=int, default=4)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_step_args(p)
     p.add_argument(
         "--torch-threads",
         type=lambda v: [int(n) for n in v.split(",")],
@@ -550,7 +550,7 @@ def main(argv: list[str] | None = None) -> dict:
         "torch_threads": torch.get_num_threads(),
         "versions": {"torch": torch.__version__, "jax": jax.__version__},
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "huge_pages": hostmem.huge_pages_on(),  # both sides run under it; see hostmem.py
+        "huge_pages": backend.huge_pages_on(),  # both sides run under it
         "load_before": os.getloadavg()[0],  # other users' load skews everything; say how much
     }
     results["device"] = (
@@ -590,19 +590,20 @@ def main(argv: list[str] | None = None) -> dict:
         for n in threads
     ]
     print("== compiling our step", flush=True)
-    options = precision.compiler_options(module.dtype)  # as runner.py compiles its steps
-    peers.append(jax_train_peer(OURS, module, params, jx, jy, options))
-    other = other_dots(options) if device == "cpu" and not bf16 else None
+    plan = backend.plan(module)  # as runs and users' loops build their steps
+    peers.append(jax_train_peer(OURS, module, params, jx, jy, plan))
+    other = other_dots(plan) if device == "cpu" and not bf16 else None
     if other is not None:  # the other float32 dot library, for comparison
         peers.append(jax_train_peer(other[0], module, params, jx, jy, other[1]))
-    if precision.chunk_size(a.batch, module.dtype, image_bytes=module.config.token_bytes):
-        peers.append(jax_train_peer(BATCHED, module, params, jx, jy, options, chunk=a.batch))
-    # The opt-in cuDNN fused attention (precision.check_attention says where it runs).
+    if plan.chunk_size(a.batch):
+        whole = dataclasses.replace(plan, chunk=None)
+        peers.append(jax_train_peer(BATCHED, module, params, jx, jy, whole))
+    # The opt-in cuDNN fused attention (backend.check_attention says where it runs).
     results["train"] = {}
     cudnn = module.clone(attention="cudnn") if device == "cuda" and bf16 else None
     if cudnn is not None:
         try:
-            peers.append(jax_train_peer(CUDNN, cudnn, params, jx, jy))
+            peers.append(jax_train_peer(CUDNN, cudnn, params, jx, jy, backend.plan(cudnn)))
         except Exception as e:  # cuDNN's kernel needs a recent cuDNN, and rejects some shapes
             results["train"][CUDNN] = {"skipped": f"{type(e).__name__}: {str(e)[:300]}"}
             cudnn = None
@@ -644,15 +645,15 @@ def main(argv: list[str] | None = None) -> dict:
     merged, merged_vars = merge_lora(lora, {"params": lora_params})
     eval_peers = [
         torch_eval_peer(f"reference (torch, {threads[0]} threads)", model, tx, bf16),
-        jax_eval_peer(OURS, module, params, jx, options),
-        jax_eval_peer(LORA, lora, lora_params, jx, options),
-        jax_eval_peer(MERGED, merged, merged_vars["params"], jx, options),
+        jax_eval_peer(OURS, module, params, jx, plan),
+        jax_eval_peer(LORA, lora, lora_params, jx, plan),
+        jax_eval_peer(MERGED, merged, merged_vars["params"], jx, plan),
     ]
     if other is not None:
         eval_peers.append(jax_eval_peer(other[0], module, params, jx, other[1]))
     if cudnn is not None:
         try:
-            eval_peers.append(jax_eval_peer(CUDNN, cudnn, params, jx))
+            eval_peers.append(jax_eval_peer(CUDNN, cudnn, params, jx, backend.plan(cudnn)))
             # The same logits both ways, within bfloat16 rounding: what the opt-in changes.
             xla_logits, cudnn_logits = (m.apply({"params": params}, jx) for m in (module, cudnn))
             results["cudnn_max_abs_logit_diff"] = float(jnp.abs(xla_logits - cudnn_logits).max())
@@ -665,17 +666,21 @@ def main(argv: list[str] | None = None) -> dict:
     results["inference"] = {p.name: summarise(times[p.name], a.batch) for p in eval_peers}
 
     results["load_after"] = os.getloadavg()[0]
-    text = markdown(results)
-    print(text)
-    if a.out:
-        a.out.mkdir(parents=True, exist_ok=True)
-        stem = a.out / f"train_step_{a.model_size}_{a.dtype}"
-        stem.with_suffix(".md").write_text(text)
-        stem.with_suffix(".json").write_text(json.dumps(results, indent=2))
-        print(f"wrote {stem}.md and .json")
+    write_results(markdown(results), results, a.out, f"train_step_{a.model_size}_{a.dtype}")
     return results
 
 
+def write_results(text: str, results: dict, out: Path | None, name: str) -> None:
+    """Print the table; with `out`, also write it and the raw results to OUT/NAME.{md,json}."""
+    print(text)
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        stem = out / name
+        stem.with_suffix(".md").write_text(text)
+        stem.with_suffix(".json").write_text(json.dumps(results, indent=2))
+        print(f"wrote {stem}.md and .json")
+
+
 if __name__ == "__main__":
-    hostmem.reexec_with_huge_pages()  # as main.py runs; ADAPTER_PLUS_JAX_HUGE_PAGES=0: without
+    backend.reexec_with_huge_pages()  # as `apj train` runs; ADAPTER_PLUS_JAX_HUGE_PAGES=0: without
     main()

@@ -14,7 +14,7 @@ import pytest
 from flax import traverse_util
 
 import adapter_plus_jax as apj
-from adapter_plus_jax import precision
+from adapter_plus_jax import backend
 from adapter_plus_jax.convert import abstract_params
 from adapter_plus_jax.errors import SetupError
 from adapter_plus_jax.images import resize_bilinear_v1
@@ -99,9 +99,9 @@ def test_a_shuffled_mixed_batch_gives_each_example_its_own_tasks_logits(
     chunks of 3 images under a loop and a remainder of 2, each chunk gathering its own
     examples' task parameters (the tiny model's batches are otherwise never split)."""
     if cpu_chunk:
-        token_bytes = tasks[0].config.token_bytes
-        monkeypatch.setattr(precision, "CPU_CHUNK_BYTES", cpu_chunk * token_bytes)
-        assert precision.chunk_size(8, np.float32, image_bytes=token_bytes) == cpu_chunk
+        chunk_bytes = cpu_chunk * backend.image_bytes(tasks[0].config)
+        monkeypatch.setattr(backend, "CHUNK_BYTES", chunk_bytes)
+        assert backend.plan(tasks[0].module()).chunk_size(8) == cpu_chunk
     serving = TaskSet(tasks, backbone, batch_size=8)  # 30 examples: batches and padding
     assert [g.members for g in serving.groups] == EXPECTED_GROUPS
     rng = np.random.default_rng(0)

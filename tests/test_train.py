@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +11,9 @@ import pytest
 import torch
 from reference import reference_epoch_lrs
 
-from adapter_plus_jax import train
+from adapter_plus_jax import backend, train
+from adapter_plus_jax import params as params_lib
+from adapter_plus_jax.images import normalize
 
 # The recipe's table of per-epoch learning rates (b = 1e-3, W = 10, E = 100), as printed there.
 RECIPE_TABLE = {
@@ -114,14 +118,14 @@ def test_adamw_matches_torch_adamw() -> None:
 def test_split_and_merge_round_trip() -> None:
     params = {"a": {"x": jnp.arange(2.0), "y": jnp.arange(3.0) + 10}, "b": jnp.ones((2, 2)) * 7}
     mask = {"a": {"x": True, "y": False}, "b": False}
-    trainable, frozen = train.split(params, mask)
+    trainable, frozen = params_lib.split(params, mask)
     assert jax.tree.structure(trainable) == jax.tree.structure({"a": {"x": 0}})
     assert jax.tree.structure(frozen) == jax.tree.structure({"a": {"y": 0}, "b": 0})
     np.testing.assert_array_equal(trainable["a"]["x"], [0.0, 1.0])
     np.testing.assert_array_equal(frozen["a"]["y"], [10.0, 11.0, 12.0])
     np.testing.assert_array_equal(frozen["b"], np.full((2, 2), 7.0))
     # A changed trainable leaf comes back at its place, next to the untouched frozen ones.
-    merged = train.merge({"a": {"x": jnp.asarray([5.0, 6.0])}}, frozen)
+    merged = params_lib.merge({"a": {"x": jnp.asarray([5.0, 6.0])}}, frozen)
     assert jax.tree.structure(merged) == jax.tree.structure(params)
     np.testing.assert_array_equal(merged["a"]["x"], [5.0, 6.0])
     np.testing.assert_array_equal(merged["a"]["y"], params["a"]["y"])
@@ -181,9 +185,8 @@ def test_remat_changes_memory_not_gradients() -> None:
 
 @pytest.mark.parametrize("n, chunk", [(6, 2), (7, 2), (7, 4), (3, 4)])
 def test_chunked_evaluation_matches_the_batched_forward(n: int, chunk: int) -> None:
-    """The eval step's CPU form (chunks in sequence, a smaller last chunk for the remainder, or
-    one batch when it has at most one full chunk) computes the batched logits, in order."""
-    from adapter_plus_jax import precision, preprocess
+    """The eval step in chunks (in sequence, a smaller last chunk for the remainder, or one
+    batch when it has at most one full chunk) computes the batched logits, in order."""
     from adapter_plus_jax.model import VisionTransformer, ViTConfig
     from adapter_plus_jax.peft import AdapterSpec
 
@@ -196,57 +199,66 @@ def test_chunked_evaluation_matches_the_batched_forward(n: int, chunk: int) -> N
     def apply(p, images):
         return module.apply({"params": p}, images)
 
-    fast = precision.eval_form(apply, jnp.float32, chunk)
-    assert fast is not apply  # this machine is a CPU: the chunked form
-    assert precision.eval_form(apply, jnp.bfloat16) is apply
+    fast = backend.map_chunks(apply, chunk)
+    assert backend.map_chunks(apply, None) is apply
     lowered = jax.jit(fast).lower(params, x).as_text()
     assert ("while" in lowered) == (n >= 2 * chunk)  # chunks run in a loop, not unrolled
     np.testing.assert_allclose(jax.jit(fast)(params, x), jax.jit(apply)(params, x), atol=1e-5,
                                rtol=0)  # fmt: skip
     labels = jnp.argmax(apply(params, x), -1)
-    correct, count = jax.jit(train.make_eval_step(module))(params, x, labels, jnp.ones(n, bool))
+    step = train.make_eval_step(module, plan=backend.Plan(chunk))
+    correct, count = step(params, x, labels, jnp.ones(n, bool))
     assert (int(correct), int(count)) == (n, n)
     # Images in [0, 255] normalised inside the step (runner.py's loaders) count the same.
     raw = (x * 0.5 + 0.5) * 255.0  # normalize(raw, 0.5, 0.5) == x up to rounding
-    step = train.make_eval_step(module, lambda v: preprocess.normalize(v, (0.5,) * 3, (0.5,) * 3))
-    correct, count = jax.jit(step)(params, raw, labels, jnp.ones(n, bool))
+    step = train.make_eval_step(module, lambda v: normalize(v, (0.5,) * 3, (0.5,) * 3),
+                                plan=backend.Plan(chunk))  # fmt: skip
+    correct, count = step(params, raw, labels, jnp.ones(n, bool))
     assert (int(correct), int(count)) == (n, n)
+
+
+def _dropout_model():
+    """A small ViT whose training forward draws dropout (projections, Adapter+'s) and drop-path
+    masks at high rates, so that masks drawn differently change the gradients a lot."""
+    from adapter_plus_jax.model import VisionTransformer, ViTConfig
+    from adapter_plus_jax.peft import AdapterSpec
+
+    config = ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                       mlp_dim=64, num_classes=5, proj_drop_rate=0.3,
+                       drop_path_rate=0.5)  # fmt: skip
+    return VisionTransformer(config, adapter=AdapterSpec(dim=4, dropout=0.3, drop_path=0.5))
 
 
 @pytest.mark.parametrize("n, chunk", [(6, 2), (7, 2), (7, 3)])
 def test_chunked_train_step_matches_the_batched_step(n: int, chunk: int) -> None:
-    """The train step's CPU form (chunks in sequence under a loop, gradients summed, a smaller
-    last chunk for the remainder) computes the batched step's loss, accuracy and gradients, and
-    a padded example counts in neither."""
-    import functools
-
+    """The train step in chunks (in sequence under a loop, gradients summed, a smaller last
+    chunk for the remainder) computes the batched step's loss, accuracy and gradients, with the
+    same dropout and drop-path masks (each example's come from its place in the batch), and a
+    padded example counts in neither."""
     import optax
 
-    from adapter_plus_jax import preprocess
-    from adapter_plus_jax.model import VisionTransformer, ViTConfig
     from adapter_plus_jax.params import trainable_mask
-    from adapter_plus_jax.peft import AdapterSpec
 
-    config = ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
-                       mlp_dim=64, num_classes=5)  # fmt: skip
-    module = VisionTransformer(config, adapter=AdapterSpec(dim=4, drop_path=0.0))  # no randomness
+    module = _dropout_model()
     x = jax.random.normal(jax.random.key(1), (n, 32, 32, 3))
     labels = jnp.arange(n) % 5
     mask = jnp.arange(n) < n - 1  # the last example is padding
     params = module.init(jax.random.key(0), x)["params"]
-    trainable, frozen = train.split(params, trainable_mask(params))
+    trainable, frozen = params_lib.split(params, trainable_mask(params))
     tx = optax.sgd(1.0)  # new params = params - gradients
     state = train.TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable))
 
     def run(size, images):
-        step = jax.jit(train.make_train_step(module, tx, label_smoothing=0.1, chunk=size))
+        step = jax.jit(train.make_train_step(module, tx, 0.1, plan=backend.Plan(size), jit=False))
         args = (state, frozen, images, labels, mask)
         return step(*args), step.lower(*args).as_text()
 
-    (batched, metrics), text = run(n, x)  # one chunk of n: the batched form
+    (batched, metrics), text = run(None, x)
     (chunked, chunked_metrics), chunked_text = run(chunk, x)
-    # One more loop (random bits are drawn in loops too): chunks run in it, not unrolled.
-    assert chunked_text.count("stablehlo.while") == text.count("stablehlo.while") + 1
+    # The full chunks run in one more loop, not unrolled (random bits are drawn in loops too;
+    # a remainder chunk has its own copy of them): unrolled, every chunk would have its own.
+    loops = text.count("stablehlo.while")
+    assert loops + 1 <= chunked_text.count("stablehlo.while") <= 2 * loops + 1
     for key in ("loss", "accuracy"):
         np.testing.assert_allclose(chunked_metrics[key], metrics[key], rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6),
@@ -257,41 +269,49 @@ def test_chunked_train_step_matches_the_batched_step(n: int, chunk: int) -> None
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6),
                  padded.params, chunked.params)  # fmt: skip
     # Images in [0, 255] normalised inside the step (runner.py's loaders) train the same.
-    norm = functools.partial(preprocess.normalize, mean=(0.5,) * 3, std=(0.5,) * 3)
-    step = train.make_train_step(module, tx, 0.1, chunk=chunk, preprocess=norm)
+    norm = functools.partial(normalize, mean=(0.5,) * 3, std=(0.5,) * 3)
+    step = train.make_train_step(module, tx, 0.1, input_fn=norm, plan=backend.Plan(chunk),
+                                 jit=False)  # fmt: skip
     from_raw, _ = jax.jit(step)(state, frozen, (x * 0.5 + 0.5) * 255.0, labels, mask)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5),
                  from_raw.params, chunked.params)  # fmt: skip
 
 
-def test_chunks_draw_their_own_randomness() -> None:
-    """Chunk i of a chunked train step draws dropout/drop-path from fold_in(step key, i), the
-    remainder chunk too: no two chunks share masks."""
-
-    def grad_fn(params, key, x):  # "logits" = the chunk's random draws
-        return (jnp.zeros(()), jax.random.uniform(key, (x.shape[0], 1))), params
-
+def test_examples_draw_their_own_masks() -> None:
+    """`example_keys`: example i of a step draws its masks from fold_in(key, i), in a batch or
+    a chunk that starts anywhere; two examples never share a mask."""
+    module = _dropout_model()
+    x = jnp.ones((6, 32, 32, 3))  # identical images: only the masks tell them apart
+    params = module.init(jax.random.key(0), x)["params"]
     key = jax.random.key(3)
-    batch = (jnp.zeros((5, 1)),)  # chunks of 2, 2 and the remainder 1
-    (_, draws), _ = train._chunked_grads(grad_fn, {"w": jnp.zeros(2)}, key, 2, batch)
-    sizes = enumerate((2, 2, 1))
-    expected = [jax.random.uniform(jax.random.fold_in(key, i), (n, 1)) for i, n in sizes]
-    np.testing.assert_array_equal(draws, jnp.concatenate(expected))
+
+    def logits(start, n):
+        rngs = {"dropout": train.example_keys(key, start, n)}
+        return module.apply({"params": params}, x[:n], train=True, rngs=rngs)
+
+    whole = logits(0, 6)  # the same masks give the same logits, to float32 rounding
+    np.testing.assert_allclose(jnp.concatenate([logits(0, 2), logits(2, 4)]), whole, atol=1e-6)
+    assert len({tuple(np.round(np.asarray(row), 5)) for row in whole}) == 6
+    single = module.apply({"params": params}, x[:1], train=True,
+                          rngs={"dropout": train.example_keys(key, 4, 1)})  # fmt: skip
+    np.testing.assert_allclose(single[0], whole[4], atol=1e-6)
 
 
 def test_cpu_chunks_are_sized_by_activation_bytes() -> None:
-    """On this CPU in float32: 8 ViT-B/16 images per chunk (4.8 MB of token activations),
-    fewer for wider models, none for the demo's tiny model; 16-bit compute is never split."""
-    from adapter_plus_jax import precision
-    from adapter_plus_jax.model import ViTConfig
+    """On this CPU in float32: 8 ViT-B/16 images per chunk (their token activations), fewer for
+    wider models, none for the demo's tiny model; 16-bit compute is never split."""
+    from adapter_plus_jax.model import VisionTransformer, ViTConfig
 
     base = ViTConfig()  # ViT-B/16 at 224: 197 tokens x 768
     large = ViTConfig(embed_dim=1024, depth=24, num_heads=16, mlp_dim=4096)
     demo = ViTConfig(img_size=32, patch_size=8, embed_dim=128, depth=4, num_heads=2,
                      mlp_dim=512, class_token=False, global_pool="avg")  # fmt: skip
-    assert base.token_bytes == 197 * 768 * 4
-    assert precision.chunk_size(32, jnp.float32, image_bytes=base.token_bytes) == 8
-    assert precision.chunk_size(8, jnp.float32, image_bytes=base.token_bytes) is None
-    assert precision.chunk_size(32, jnp.float32, image_bytes=large.token_bytes) == 6
-    assert precision.chunk_size(50, jnp.float32, image_bytes=demo.token_bytes) is None
-    assert precision.chunk_size(32, jnp.bfloat16, image_bytes=base.token_bytes) is None
+    assert backend.image_bytes(base) == 197 * 768 * 4
+
+    def plan(config, dtype=jnp.float32):
+        return backend.plan(VisionTransformer(config, dtype=dtype))
+
+    assert plan(base).chunk_size(32) == 8 and plan(base).chunk_size(8) is None
+    assert plan(large).chunk_size(32) == 6
+    assert plan(demo).chunk_size(50) is None
+    assert plan(base, jnp.bfloat16) == backend.Plan(None, None)

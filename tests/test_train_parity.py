@@ -30,7 +30,7 @@ from reference import freeze_like_reference, reference_adamw, reference_schedule
 
 from adapter_plus_jax import train
 from adapter_plus_jax.convert import from_timm, timm_key
-from adapter_plus_jax.params import trainable_mask
+from adapter_plus_jax.params import split, trainable_mask
 
 EPOCHS, STEPS, BATCH, CLASSES = 6, 3, 8, 5
 BASE_LR, WARMUP, START_FACTOR, MIN_FACTOR, WEIGHT_DECAY = 1e-2, 3, 10.0, 100.0, 0.5
@@ -95,14 +95,14 @@ def _trajectory_errors() -> tuple[float, dict[str, float], list]:
     torch_losses = _train_reference(model, batches)
 
     params = variables["params"]
-    trainable, frozen = train.split(params, trainable_mask(params))
+    trainable, frozen = split(params, trainable_mask(params))
     frozen_before = jax.tree.map(np.asarray, frozen)
     schedule = train.reference_lr(
         BASE_LR, STEPS, WARMUP, EPOCHS, start_factor=START_FACTOR, min_factor=MIN_FACTOR
     )
     tx = train.adamw(schedule, weight_decay=WEIGHT_DECAY)
     state = train.TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable))
-    step_fn = jax.jit(train.make_train_step(module, tx))
+    step_fn = train.make_train_step(module, tx)
     jax_losses = []
     for x, y in batches:
         state, metrics = step_fn(state, frozen, x.transpose(0, 2, 3, 1), y)

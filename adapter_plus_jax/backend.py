@@ -1,0 +1,307 @@
+"""Every choice that depends on the hardware JAX computes on, in one module.
+
+The model, the PEFT modules and the train and eval steps are written once, for every backend.
+What differs between backends is decided here and nowhere else:
+
+- chunks: on XLA:CPU in float32 a large batch runs in chunks of a few images, one after another,
+  so that each layer's output is still in the CPU's caches when the next op reads it; chunks
+  are sized by activation bytes (`CHUNK_BYTES`), so a small model is not split. Accelerators and
+  16-bit compute keep the whole batch.
+- compiler options: XLA:CPU's float32 dots through oneDNN on Intel and AMD CPUs
+  (`compiler_options`; `ADAPTER_PLUS_JAX_CPU_DOTS=onednn|xla` overrides).
+- the form of 16-bit products on XLA:CPU (`f32_dot`), which the bfloat16 layers use.
+- the attention implementation: XLA's einsums by default; cuDNN's fused kernel as an opt-in on
+  NVIDIA GPUs, checked by `check_attention`.
+- host memory: glibc's huge pages for XLA:CPU's large buffers, which only a restart of the
+  process can turn on (`reexec_with_huge_pages`).
+
+The steps take these choices from one object, `plan(module)`: `train.make_train_step`,
+`train.make_eval_step` (and their NNX counterparts, `serving.TaskSet`) build their jitted steps
+with it, in the runner and in a user's own loop alike. Why each choice is what it is, with the
+measurements behind it: docs/performance.md, which this module's comments refer to by section.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from adapter_plus_jax.errors import SetupError
+
+
+def on_cpu() -> bool:
+    """True when JAX computes on CPUs (XLA:CPU)."""
+    return jax.default_backend() == "cpu"
+
+
+def low_precision(dtype: Any) -> bool:
+    """True for 16-bit compute dtypes (bfloat16, float16)."""
+    return jnp.dtype(dtype).itemsize < 4
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention.
+
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+
+
+def check_attention(
+    implementation: str, dtype: Any, attn_drop_rate: float, backend: bool = True
+) -> None:
+    """Raise SetupError (a ValueError), saying what to change, where `layers.attend` cannot run
+    with `implementation`.
+
+    cuDNN's fused attention (jax.nn.dot_product_attention) runs on NVIDIA GPUs only, has
+    bfloat16/float16 kernels only, and takes no attention dropout. `backend=False` leaves out
+    the GPU check, which starts JAX's backend.
+    """
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise SetupError(
+            f"attention={implementation!r}: expected one of {ATTENTION_IMPLEMENTATIONS}."
+        )
+    if implementation != "cudnn":
+        return
+    if not low_precision(dtype):
+        raise SetupError(
+            f"attention='cudnn' has no {jnp.dtype(dtype).name} kernel: use dtype='bfloat16' "
+            "or attention='xla'."
+        )
+    if attn_drop_rate:
+        raise SetupError(
+            f"attention='cudnn' takes no attention dropout (attn_drop_rate={attn_drop_rate}): "
+            "set it to 0 or use attention='xla'."
+        )
+    if backend and jax.default_backend() != "gpu":
+        raise SetupError(
+            f"attention='cudnn' needs an NVIDIA GPU; JAX computes on {jax.default_backend()} "
+            "here. Use attention='xla'."
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# 16-bit products with float32 results.
+
+
+def f32_dot(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """jnp.einsum(spec, a, b) with a float32 result, in the form the backend's fast kernels take.
+
+    XLA:CPU sends 16-bit dots with a float32 result to its AMX / AVX512-BF16 kernels only when
+    the left operand is laid out [batch, free, contracted] (they reject the transposed left
+    operand that autodiff's products have); the barriers keep XLA from folding that transpose
+    back into the dot, and from fusing the dot into an element-wise consumer (a path without
+    16-bit x 16-bit -> float32 support). Other backends take every layout: the plain einsum.
+    docs/performance.md, "Results", has the bfloat16 measurements.
+    """
+    if not on_cpu():
+        return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+    inputs, out = spec.split("->")
+    sa, sb = inputs.split(",")
+    batch = [i for i in sa if i in sb and i in out]
+    free = [i for i in sa if i not in sb]
+    order = "".join(batch + free + [i for i in sa if i in sb and i not in out])
+    if order != sa:
+        a = jax.lax.optimization_barrier(jnp.einsum(f"{sa}->{order}", a))
+    y = jnp.einsum(f"{order},{sb}->{out}", a, b, preferred_element_type=jnp.float32)
+    return jax.lax.optimization_barrier(y)
+
+
+# ----------------------------------------------------------------------------------------------
+# Compiler options: XLA:CPU's float32 dots through oneDNN (docs/performance.md, "oneDNN's dots").
+
+ONEDNN_DOTS = {
+    "xla_cpu_use_onednn": True,
+    "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
+}
+ONEDNN_VENDORS = ("GenuineIntel", "AuthenticAMD")  # where they were measured faster
+CPU_DOTS_ENV = "ADAPTER_PLUS_JAX_CPU_DOTS"  # 'onednn' or 'xla': overrides the vendor rule
+
+
+def cpu_vendor(path: str = "/proc/cpuinfo") -> str | None:
+    """The CPU's vendor_id ('GenuineIntel', 'AuthenticAMD', ...), None where unknown."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def check_cpu_dots_env() -> None:
+    """Raise SetupError for a value of ADAPTER_PLUS_JAX_CPU_DOTS other than onednn or xla."""
+    choice = os.environ.get(CPU_DOTS_ENV)
+    if choice and choice not in ("onednn", "xla"):
+        raise SetupError(f"{CPU_DOTS_ENV}={choice!r}: expected 'onednn' or 'xla'.")
+
+
+def compiler_options(dtype: Any) -> dict[str, Any] | None:
+    """XLA compiler options for steps computing in `dtype`: oneDNN's float32 dots on Intel and
+    AMD CPUs (`ONEDNN_DOTS`), XLA's defaults (None) everywhere else."""
+    check_cpu_dots_env()
+    if not on_cpu() or low_precision(dtype):
+        return None
+    choice = os.environ.get(CPU_DOTS_ENV) or ("onednn" if cpu_vendor() in ONEDNN_VENDORS else "xla")
+    return dict(ONEDNN_DOTS) if choice == "onednn" else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Chunks (docs/performance.md, "Chunks").
+
+# A chunk holds this many bytes of float32 token activations: the [tokens, width] output of a
+# layer for 8 ViT-B/16 images (197 tokens x 768 features x 4 bytes each).
+CHUNK_BYTES = 8 * 197 * 768 * 4
+
+
+def image_bytes(config: Any) -> int:
+    """Bytes of one image's float32 [tokens, embed_dim] activation for a `ViTConfig`."""
+    tokens = config.grid_size[0] * config.grid_size[1] + config.num_prefix_tokens
+    return tokens * config.embed_dim * 4
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How the steps of one model run on this backend.
+
+    Attributes:
+      chunk: images per chunk in the train and eval steps (None: the whole batch at once). A
+        batch that holds at most one full chunk is not split.
+      compiler_options: XLA options for `jax.jit` (None: XLA's defaults).
+    """
+
+    chunk: int | None = None
+    compiler_options: Mapping[str, Any] | None = None
+
+    def chunk_size(self, batch: int) -> int | None:
+        """Images per chunk for a batch of `batch` images; None for the whole batch at once."""
+        c = self.chunk
+        return c if c is not None and batch - batch % c > c else None
+
+    def jit(self, fn: Callable, **jit_kwargs: Any) -> Callable:
+        """`jax.jit(fn, **jit_kwargs)` with this plan's compiler options."""
+        options = None if self.compiler_options is None else dict(self.compiler_options)
+        return jax.jit(fn, compiler_options=options, **jit_kwargs)
+
+
+def plan(module: Any) -> Plan:
+    """This backend's plan for a model (anything with `dtype` and a ViT `config`): chunks and
+    compiler options on XLA:CPU in float32, the whole batch and XLA's defaults elsewhere."""
+    dtype = getattr(module, "dtype", jnp.float32)
+    options = compiler_options(dtype)
+    if not on_cpu() or low_precision(dtype):
+        return Plan(None, options)
+    config = getattr(module, "config", None)
+    chunk = 8 if config is None else max(1, CHUNK_BYTES // image_bytes(config))
+    return Plan(chunk, options)
+
+
+def split_batch(batch: Any, chunk: int) -> tuple[Any, Any | None]:
+    """A pytree of arrays sharing the leading batch axis as (its full chunks, stacked
+    [n // chunk, chunk, ...] in the same pytree; the remainder as the same pytree, or None)."""
+    leaves, tree = jax.tree.flatten(batch)
+    full = leaves[0].shape[0] - leaves[0].shape[0] % chunk
+    heads = [a[:full].reshape(-1, chunk, *a.shape[1:]) for a in leaves]
+    rests = None if full == leaves[0].shape[0] else [a[full:] for a in leaves]
+    return tree.unflatten(heads), (None if rests is None else tree.unflatten(rests))
+
+
+def map_chunks(apply: Callable[[Any, Any], jax.Array], chunk: int | None) -> Callable:
+    """`apply(params, batch)` run on chunks of `chunk` examples one after another (under
+    `jax.lax.map`, a last, smaller chunk for the remainder), outputs concatenated in order;
+    `apply` itself for `chunk=None`. `batch` is an array or a pytree of arrays that share the
+    leading batch axis (images and per-example task ids, say), split alike."""
+    if chunk is None:
+        return apply
+
+    def chunked(params: Any, batch: Any) -> jax.Array:
+        n = jax.tree.leaves(batch)[0].shape[0]
+        if Plan(chunk).chunk_size(n) is None:
+            return apply(params, batch)
+        head, rest = split_batch(batch, chunk)
+        out = jax.lax.map(lambda c: apply(params, c), head)
+        out = out.reshape(-1, *out.shape[2:])
+        return out if rest is None else jnp.concatenate([out, apply(params, rest)])
+
+    return chunked
+
+
+# ----------------------------------------------------------------------------------------------
+# Host memory: huge pages (docs/performance.md, "Host memory").
+#
+# Every execution of a jitted XLA:CPU step takes its temporary buffer from glibc's malloc, which
+# maps a block that large fresh each time; the kernel then faults it in page by page. glibc's
+# tunable `glibc.malloc.hugetlb=1` makes malloc ask for transparent huge pages (`madvise`), so
+# the same buffer takes far fewer faults. glibc reads tunables only when a process starts: a
+# running script cannot turn it on for itself, only restart with it.
+
+TUNABLE = "glibc.malloc.hugetlb=1"
+HUGE_PAGES_ENV = "ADAPTER_PLUS_JAX_HUGE_PAGES"  # "0": leave the process as it started
+THP_MODE_FILE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def thp_mode(path: Path = THP_MODE_FILE) -> str | None:
+    """The kernel's transparent huge page mode ('always', 'madvise' or 'never'), None if unknown."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return None
+    start, end = text.find("["), text.find("]")
+    return text[start + 1 : end] if 0 <= start < end else None
+
+
+def glibc_version() -> tuple[int, int] | None:
+    """(major, minor) of the C library if it is glibc, else None."""
+    try:
+        name, version = os.confstr("CS_GNU_LIBC_VERSION").split()  # e.g. "glibc 2.36"
+        major, minor = version.split(".")[:2]
+        return (int(major), int(minor)) if name == "glibc" else None
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def would_reexec(
+    environ: Mapping[str, str], glibc: tuple[int, int] | None, thp: str | None
+) -> bool:
+    """Whether restarting with the tunable would give malloc huge pages it does not get now."""
+    if environ.get(HUGE_PAGES_ENV) == "0":
+        return False
+    if "glibc.malloc.hugetlb" in environ.get("GLIBC_TUNABLES", ""):
+        return False
+    return glibc is not None and glibc >= (2, 35) and thp == "madvise"
+
+
+def with_tunable(environ: Mapping[str, str]) -> dict[str, str]:
+    """`environ` with the tunable added to GLIBC_TUNABLES (':'-separated, others kept)."""
+    tunables = [t for t in environ.get("GLIBC_TUNABLES", "").split(":") if t]
+    return {**environ, "GLIBC_TUNABLES": ":".join([*tunables, TUNABLE])}
+
+
+def huge_pages_on() -> bool:
+    """Whether this process's malloc uses transparent huge pages for its large blocks."""
+    if TUNABLE in os.environ.get("GLIBC_TUNABLES", "").split(":"):
+        return glibc_version() is not None and thp_mode() in ("madvise", "always")
+    return thp_mode() == "always"
+
+
+def reexec_with_huge_pages() -> None:
+    """Restart this process once with `glibc.malloc.hugetlb=1` where that gives malloc huge
+    pages (Linux, glibc 2.35+, transparent huge pages in `madvise` mode, the tunable not set,
+    ADAPTER_PLUS_JAX_HUGE_PAGES not 0); otherwise return at once. `os.execve` keeps the PID, the
+    arguments and the open files, and the process starts over: call it before any work."""
+    if not sys.platform.startswith("linux"):
+        return
+    argv = getattr(sys, "orig_argv", None)  # the interpreter's own flags included (-m, -X ...)
+    if not argv or not sys.executable:
+        return
+    if not would_reexec(os.environ, glibc_version(), thp_mode()):
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, argv, with_tunable(os.environ))
