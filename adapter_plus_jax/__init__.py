@@ -13,13 +13,14 @@ Importing it needs neither torch nor TensorFlow: only converting live torch mode
 experiment runner's data pipelines the `data` extra.
 """
 
+from adapter_plus_jax import backend, nnx, train  # submodules: apj.backend, apj.nnx, apj.train
 from adapter_plus_jax.convert import ConversionError, from_timm, to_adapter_plus
 from adapter_plus_jax.errors import SetupError
 from adapter_plus_jax.factory import create_model
+from adapter_plus_jax.images import normalize
 from adapter_plus_jax.model import VisionTransformer, ViTConfig
 from adapter_plus_jax.params import merge_lora, trainable_count, trainable_mask
 from adapter_plus_jax.peft import METHODS, AdapterSpec, LoRASpec, Method, PromptSpec
-from adapter_plus_jax.preprocess import normalize
 from adapter_plus_jax.pretrained import PretrainedError, load_pretrained, save_pretrained
 from adapter_plus_jax.serving import TaskSet
 from adapter_plus_jax.task import Task, load_backbone, read_task, write_task
@@ -38,17 +39,20 @@ __all__ = [
     "TaskSet",
     "ViTConfig",
     "VisionTransformer",
+    "backend",
     "create_model",
     "decay_mask",
     "from_timm",
     "load_backbone",
     "load_pretrained",
     "merge_lora",
+    "nnx",
     "normalize",
     "read_task",
     "save_pretrained",
     "to_adapter_plus",
     "trainable_count",
+    "train",
     "trainable_mask",
     "write_task",
 ]
