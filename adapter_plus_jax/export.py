@@ -2,9 +2,9 @@
 prompts and head, the model and PEFT settings, class names, preprocessing and the backbone's
 identity, without the backbone.
 
-    python -m adapter_plus_jax.export --workdir runs/dtd --out tasks/dtd
-    python -m adapter_plus_jax.export --workdir runs/dtd_lora --out tasks/dtd_vit --merge-lora
-    python -m adapter_plus_jax.predict --task tasks/dtd photo.jpg
+    apj export --workdir runs/dtd --out tasks/dtd
+    apj export --workdir runs/dtd_lora --out tasks/dtd_vit --merge-lora
+    apj predict --task tasks/dtd photo.jpg
 
 The run's newest good checkpoint is read without touching the workdir (a run may still be
 going there); the backbone is built as the run built it, to hash its weights. `--merge-lora`
@@ -45,7 +45,7 @@ def _read_run(
     """(config, trained parameters, checkpoint meta) of the run's newest good checkpoint."""
     if not has_checkpoints(workdir):
         raise SetupError(f"{workdir} has no checkpoint in {workdir / CHECKPOINTS_DIR}: "
-                         "train it first (python main.py ... --workdir).")  # fmt: skip
+                         "train it first (apj train ... --workdir).")  # fmt: skip
     ckpt = Checkpointer(workdir, read_only=True)
     try:
         step, meta = ckpt.find_good()
@@ -53,7 +53,7 @@ def _read_run(
         if meta["epoch"] < config.epochs and not allow_unfinished:
             raise SetupError(
                 f"{workdir} is unfinished (epoch {meta['epoch']} of {config.epochs}): rerun its "
-                "main.py command to finish it, or pass --allow-unfinished to export this "
+                "`apj train` command to finish it, or pass --allow-unfinished to export this "
                 "checkpoint."
             )
         state, _ = ckpt.read(step)
@@ -144,12 +144,12 @@ def export_run(
     return task
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "apj export") -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m adapter_plus_jax.export", description=__doc__,
+        prog=prog, description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
-    parser.add_argument("--workdir", required=True, help="the run's workdir (main.py --workdir)")
+    parser.add_argument("--workdir", required=True, help="the run's workdir (apj train --workdir)")
     parser.add_argument("--out", required=True, help="the task directory to write")
     parser.add_argument("--merge-lora", action="store_true",
                         help="fold LoRA into the ViT and write the whole plain model")  # fmt: skip
@@ -166,11 +166,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         task = export_run(args.workdir, args.out, args.merge_lora, args.class_names,
                           args.overwrite, args.allow_unfinished)  # fmt: skip
     except FileExistsError:
-        print(f"export: error: {args.out} exists and is not empty; choose another --out or "
+        print(f"{prog}: error: {args.out} exists and is not empty; choose another --out or "
               "pass --overwrite.", file=sys.stderr)  # fmt: skip
         return 2
     except (ValueError, OSError) as e:  # SetupError, PretrainedError, an unreadable file, ...
-        print(f"export: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     size = sum(p.stat().st_size for p in Path(args.out).iterdir())
     what = "a merged plain ViT" if task.merged else "adapters/head only"
@@ -179,7 +179,3 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"({what}), {size / 1e6:.2f} MB in {PARAMS_FILE} and task.json; backbone "
           f"{task.backbone.name} sha256 {task.backbone.sha256[:12]}...", flush=True)  # fmt: skip
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,9 +1,10 @@
 """Port a timm Vision Transformer's weights to the Flax model (adapter_plus_jax).
 
-    python port_weights.py --model vit_base_patch16_224.orig_in21k --out weights/vit_b16_in21k
-    python -m adapter_plus_jax.port ...    (the same, from an installed package)
-    python port_weights.py --model vit_base_patch16_224.orig_in21k --out DIR \\
+    apj port --model vit_base_patch16_224.orig_in21k --out ported/vit_b16_in21k
+    apj port --model vit_base_patch16_224.orig_in21k --out DIR \\
         --checkpoint ~/Downloads/model.safetensors [--img-size 384] [--overwrite]
+
+(`python port_weights.py ...` in a clone of the repository is the same command.)
 
 Without --checkpoint, timm downloads the pretrained weights (from the Hugging Face Hub, or the
 HF_HOME cache). With --checkpoint, the weights come from a local .safetensors, .pth/.pt/.bin
@@ -42,7 +43,7 @@ class PortError(Exception):
     """An expected failure (bad input, no network); reported as one line, without traceback."""
 
 
-def parse_args(argv: Sequence[str] | None, prog: str = "port_weights.py") -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None, prog: str = "apj port") -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -227,43 +228,45 @@ def pretrained_cfg_of(model: torch.nn.Module) -> dict[str, Any]:
     return cfg
 
 
-def port(args: argparse.Namespace) -> Path:
-    """Build or load the timm model, convert it and write the output directory."""
-    check_model_name(args.model)
-    if args.img_size is not None and args.img_size <= 0:
-        raise PortError(f"--img-size must be positive, got {args.img_size}.")
+def port_model(
+    name: str,
+    out: str | Path,
+    checkpoint: str | Path | None = None,
+    img_size: int | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Port timm model `name` (its pretrained weights, or those of the local file `checkpoint`)
+    to the directory `out`, built for `img_size` if given. Raises PortError (or ConversionError,
+    OSError) with what went wrong; nothing is left half-written."""
+    check_model_name(name)
+    if img_size is not None and img_size <= 0:
+        raise PortError(f"--img-size must be positive, got {img_size}.")
     # Refuse before the slow part; save_pretrained checks again before it renames.
-    out = args.out
-    if not args.overwrite and out.exists() and (not out.is_dir() or any(out.iterdir())):
+    out = Path(out)
+    if not overwrite and out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise PortError(f"{out} exists and is not an empty directory; pass --overwrite.")
     with torch.no_grad():
-        if args.checkpoint is not None:
-            model = model_from_checkpoint(args.model, args.checkpoint, args.img_size)
+        if checkpoint is not None:
+            model = model_from_checkpoint(name, Path(checkpoint), img_size)
         else:
-            model = model_from_download(args.model, args.img_size)
+            model = model_from_download(name, img_size)
     model.eval()
     print("converting to Flax", flush=True)
     module, variables = from_timm(model)
     print(f"writing {out}", flush=True)
-    save_pretrained(
-        out, module.config, variables["params"], pretrained_cfg_of(model), args.overwrite
-    )
+    save_pretrained(out, module.config, variables["params"], pretrained_cfg_of(model), overwrite)
     return out
 
 
-def main(argv: Sequence[str] | None = None, prog: str = "port_weights.py") -> int:
-    """Run the CLI; returns the exit status (0 on success, 1 on an expected error)."""
+def main(argv: Sequence[str] | None = None, prog: str = "apj port") -> int:
+    """Run the command; returns the exit status (0 on success, 1 on an expected error)."""
     args = parse_args(argv, prog)
     start = time.perf_counter()
     try:
-        out = port(args)
+        out = port_model(args.model, args.out, args.checkpoint, args.img_size, args.overwrite)
     # OSError: the output directory cannot be written (permissions, disk full, ...).
     except (PortError, ConversionError, OSError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
     print(f"done in {time.perf_counter() - start:.1f} s: {out}", flush=True)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(prog="python -m adapter_plus_jax.port"))

@@ -1,7 +1,7 @@
 """Classify images with exported tasks: the top-k classes and their probabilities.
 
-    python -m adapter_plus_jax.predict --task tasks/dtd photo.jpg more_photos/
-    python -m adapter_plus_jax.predict --task tasks/dtd --task tasks/flowers --json photos/
+    apj predict --task tasks/dtd photo.jpg more_photos/
+    apj predict --task tasks/dtd --task tasks/flowers --json photos/
 
 Every image is classified by every task given; with several tasks, the (image, task) pairs
 run as mixed batches through one backbone (`serving.TaskSet`). Folders are searched
@@ -126,9 +126,9 @@ def _line(record: dict[str, Any]) -> str:
     return f"{record['file']}\t{record['task']}\t{best}"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "apj predict") -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m adapter_plus_jax.predict", description=__doc__,
+        prog=prog, description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
@@ -146,11 +146,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--top-k and --batch-size must be positive")
     files, missing, folders = collect(args.inputs)
     for item, message in missing:
-        print(f"predict: {item}: {message}", file=sys.stderr)
+        print(f"{prog}: {item}: {message}", file=sys.stderr)
         if args.json:
             print(json.dumps({"file": item, "error": message}), flush=True)
     if not files:
-        print("predict: error: no images to classify", file=sys.stderr)
+        print(f"{prog}: error: no images to classify", file=sys.stderr)
         return 2
     from adapter_plus_jax import console
 
@@ -159,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         serving = load_tasks(args.task, args.backbone, args.weights_dir, args.dtype,
                              args.batch_size)  # fmt: skip
     except (ValueError, OSError) as e:  # SetupError included: bad task, foreign backbone
-        print(f"predict: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     from tqdm import tqdm
 
@@ -169,13 +169,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.json:
             text, stream = json.dumps(record), sys.stdout
         elif "error" in record:
-            text, stream = "predict: " + _line(record), sys.stderr
+            text, stream = f"{prog}: " + _line(record), sys.stderr
         else:
             text, stream = _line(record), sys.stdout
         tqdm.write(text, file=stream)  # keeps the line clear of the progress bar
         stream.flush()
     return 1 if failed else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,12 +1,12 @@
 """Run a whole benchmark (VTAB-1k: 19 tasks; FGVC: 5 datasets) over seeds, and report it the way
 the paper does.
 
-    python -m adapter_plus_jax.suite run --benchmark vtab --workdir runs/vtab
-    python -m adapter_plus_jax.suite run --benchmark vtab --workdir runs/vtab_lora \\
+    apj suite run --benchmark vtab --workdir runs/vtab
+    apj suite run --benchmark vtab --workdir runs/vtab_lora \\
         --method lora --seeds 18,45,25 --tasks dtd,svhn --shard 0/4 \\
-        --config-override batch_size=32 model.remat=True
-    python -m adapter_plus_jax.suite report --workdir runs/vtab
-    python -m adapter_plus_jax.suite select-rank --config configs/vtab.py:dtd \\
+        --config.batch_size=32 --config.model.remat=True
+    apj suite report --workdir runs/vtab
+    apj suite select-rank --config configs/vtab.py:dtd \\
         --ranks 1,2,4,8,16,32 --workdir runs/dtd_ranks
 
 `run` trains every (task, seed) of the benchmark through `runner.run(config,
@@ -39,7 +39,7 @@ from typing import Any
 
 import ml_collections
 
-from adapter_plus_jax.config import apply_overrides, load_config
+from adapter_plus_jax.config import apply_overrides, load_config, split_overrides
 from adapter_plus_jax.report import (
     FAILED_JSON,
     PLOT_PNG,
@@ -201,12 +201,13 @@ def _shard(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m adapter_plus_jax.suite", description=__doc__.split("\n\n")[0]
-    )
+def parse_args(argv: Sequence[str] | None, prog: str = "apj suite") -> argparse.Namespace:
+    """The command's flags; `--config.KEY=VALUE` items land in `overrides`."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="train and evaluate every (task, seed) of a benchmark")
+    config_help = "and --config.KEY=VALUE: config fields to set, e.g. --config.batch_size=32"
+    run = sub.add_parser("run", help="train and evaluate every (task, seed) of a benchmark",
+                         epilog=config_help)  # fmt: skip
     run.add_argument("--benchmark", choices=("vtab", "fgvc"), required=True)
     run.add_argument("--workdir", type=Path, required=True)
     run.add_argument("--seeds", type=_int_list, default=list(DEFAULT_SEEDS))
@@ -216,21 +217,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     run.add_argument(
         "--config-args", default="", help="more get_config arguments, e.g. dims=dim1-8,dim=0"
     )
-    run.add_argument(
-        "--config-override",
-        action="extend",
-        nargs="+",
-        default=[],
-        metavar="KEY=VALUE",
-        help="config fields to set, e.g. batch_size=32 model.dtype=float32",
-    )
     run.add_argument("--config", type=Path, default=None, help="default: configs/<benchmark>.py")
     run.add_argument(
         "--verbose",
         action="store_true",
         help="show other libraries' logs (else each run's log.txt)",
     )
-    sel = sub.add_parser("select-rank", help="choose the adapter rank on validation, as the paper")
+    sel = sub.add_parser("select-rank", help="choose the adapter rank on validation, as the paper",
+                         epilog=config_help)  # fmt: skip
     sel.add_argument("--config", required=True, help="config[:args], e.g. configs/vtab.py:dtd")
     sel.add_argument("--ranks", type=_int_list, default=[1, 2, 4, 8, 16, 32])
     sel.add_argument("--workdir", type=Path, required=True)
@@ -240,8 +234,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=None,
         help="TRAIN,VAL split strings of the selection runs (default: the dataset's)",
     )
-    sel.add_argument("--config-override", action="extend", nargs="+", default=[],
-                     metavar="KEY=VALUE", help="config fields to set")  # fmt: skip
     sel.add_argument("--verbose", action="store_true", help="show other libraries' logs")
     rep = sub.add_parser("report", help="write results.md and the plot of a workdir")
     rep.add_argument("--workdir", type=Path, required=True)
@@ -254,14 +246,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=None,
         help="default: the one recorded by `run`",
     )
-    return parser.parse_args(argv)
+    try:
+        overrides, rest = split_overrides(list(sys.argv[1:] if argv is None else argv))
+    except ValueError as e:
+        parser.error(str(e))
+    args = parser.parse_args(rest)
+    if overrides and args.command == "report":
+        parser.error("report takes no --config.KEY=VALUE")
+    args.overrides = overrides
+    return args
 
 
 def _select_rank(args: argparse.Namespace) -> int:
     from adapter_plus_jax.ranks import select_rank
 
     config = load_config(args.config)
-    apply_overrides(config, args.config_override)
+    apply_overrides(config, args.overrides)
     splits = args.selection_splits
     if splits is not None and len(splits) != 2:
         raise ValueError(f"--selection-splits takes TRAIN,VAL; got {splits}.")
@@ -269,8 +269,9 @@ def _select_rank(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str = "apj suite") -> int:
+    """Run the command; returns the exit status (2 for bad input, 1 if some runs failed)."""
+    args = parse_args(argv, prog)
     try:
         if args.command == "report":
             report(args.workdir, args.benchmark, args.results_md, args.plot, args.note)
@@ -288,20 +289,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             shard=args.shard,
             method=args.method,
             config_args=args.config_args,
-            overrides=args.config_override,
+            overrides=args.overrides,
             config_file=args.config,
         )
     except (ValueError, KeyError, FileNotFoundError) as e:  # bad input, found before training
-        print(f"suite: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     if failed:
         print("failed runs: " + ", ".join(f"{t}/seed{s}" for t, s in failed), file=sys.stderr)
         return 1
     return 0
-
-
-if __name__ == "__main__":
-    from adapter_plus_jax.hostmem import reexec_with_huge_pages
-
-    reexec_with_huge_pages()  # once, before any work (see hostmem.py)
-    sys.exit(main())

@@ -71,7 +71,7 @@ def run_main(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, 
 def assert_failed_cleanly(code: int, err: str, out_dir: Path, *expected: str) -> None:
     """Exit status 1, one message naming the problem, no traceback and nothing on disk."""
     assert code == 1
-    assert err.startswith("port_weights.py: error: ")
+    assert err.startswith("apj port: error: ")
     assert "Traceback" not in err
     for text in expected:
         assert text in err, err

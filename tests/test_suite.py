@@ -179,17 +179,17 @@ def smoke_args(workdir: Path, data_dir: Path) -> list[str]:
         f"--workdir={workdir}",
         f"--tasks={','.join(TASKS)}",
         f"--seeds={','.join(map(str, SEEDS))}",
-        "--config-override",
-        "model.pretrained=False",
-        f"model.timm_kwargs={timm_kwargs}",
-        "model.dtype=float32",
-        f"data_dir={data_dir}",
-        "epochs=1",
-        "warmup_epochs=1",
-        "batch_size=8",
-        "eval_batch_size=8",
-        "checkpoint_every_epochs=1",
-        "log_every_steps=1",
+        "--config.model.pretrained=False",
+        f"--config.model.timm_kwargs={timm_kwargs}",
+        "--config.model.dtype",  # the two-argument form
+        "float32",
+        f"--config.data_dir={data_dir}",
+        "--config.epochs=1",
+        "--config.warmup_epochs=1",
+        "--config.batch_size=8",
+        "--config.eval_batch_size=8",
+        "--config.checkpoint_every_epochs=1",
+        "--config.log_every_steps=1",
     ]
 
 

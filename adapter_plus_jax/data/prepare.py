@@ -1,7 +1,7 @@
 """Download and prepare the TFDS datasets of VTAB-1k and FGVC.
 
-    python -m adapter_plus_jax.data prepare --tasks all --data-dir DIR
-    python -m adapter_plus_jax.data demo-images --out digits   # the demo's test images as PNG
+    apj data prepare --tasks all --data-dir DIR
+    apj data demo-images --out digits   # the demo's test images as PNG
 """
 
 from __future__ import annotations
@@ -107,9 +107,10 @@ def prepare(
         raise ManualDownloadError("\n".join(problems))
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None, prog: str = "apj data") -> int:
+    """`apj data prepare` and `apj data demo-images`; returns the exit status."""
     parser = argparse.ArgumentParser(
-        prog="python -m adapter_plus_jax.data",
+        prog=prog,
         description="Download and prepare the TFDS datasets of VTAB-1k and FGVC.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -132,9 +133,11 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         paths = demo.write_test_images(args.out, args.count)
         print(f"Wrote {len(paths)} test images of the demo to {args.out} (digit_<n>_label<k>.png)")
-        return
+        return 0
     names = [n for arg in args.tasks for n in arg.split(",") if n]
     try:
         prepare(names, args.data_dir, args.manual_dir)
     except (ManualDownloadError, TFDSVersionError, ValueError) as e:
-        sys.exit(f"error: {e}")
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    return 0
