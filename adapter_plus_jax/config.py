@@ -4,8 +4,8 @@ config entries, and the one parser of config arguments.
 Every way of setting a value goes through `parse_value`, typed by the value it replaces:
 
 - `configs/vtab.py:dtd,method=lora,seed=45`: the argument of a config file (`parse_arg`);
-- `--config.lr=3e-3` on main.py's command line and `--config-override lr=3e-3` in the suite
-  (`apply_overrides`).
+- `--config.lr=3e-3` (or `--config.lr 3e-3`) on the command line of every command that takes
+  a config (`split_overrides`, then `apply_overrides`).
 
 Config files (configs/*.py) ship inside the package (adapter_plus_jax/configs), so that an
 installed copy finds them without the repository (`load_config`).
@@ -23,7 +23,7 @@ from typing import Any
 
 import ml_collections
 
-from adapter_plus_jax import peft, precision
+from adapter_plus_jax import backend, peft
 from adapter_plus_jax.errors import SetupError
 
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
@@ -73,6 +73,26 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
         except ValueError as e:
             raise ValueError(f"Config argument {key}={value}: {e}.") from None
     return out
+
+
+def split_overrides(args: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(the 'KEY=VALUE' config overrides given as --config.KEY=VALUE or --config.KEY VALUE in
+    `args`, the other arguments). Raises ValueError for a --config.KEY without a value."""
+    overrides, rest, i = [], [], 0
+    while i < len(args):
+        item = args[i]
+        if not item.startswith("--config."):
+            rest.append(item)
+            i += 1
+            continue
+        key, sep, value = item.removeprefix("--config.").partition("=")
+        if not sep:  # --config.KEY VALUE
+            if i + 1 == len(args):
+                raise ValueError(f"{item} needs a value")
+            value, i = args[i + 1], i + 1
+        overrides.append(f"{key}={value}")
+        i += 1
+    return overrides, rest
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
@@ -152,8 +172,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.drop_path_rate = 0.1
     c.model.dtype = "bfloat16"  # compute dtype; parameters stay float32 (bf16-mixed, as Lightning)
     c.model.remat = False
-    # 'cudnn': cuDNN's fused attention, an opt-in for NVIDIA GPUs in bfloat16 (1.18x our train
-    # step on an H200; docs/performance.md, 'GPU').
+    # 'cudnn': cuDNN's fused attention, an opt-in for NVIDIA GPUs in bfloat16 (docs/
+    # performance.md, 'GPU').
     c.model.attention = "xla"
 
     c.method = "adapter_plus"
@@ -234,10 +254,10 @@ _RULES: dict[str, tuple[Any, str]] = {
 }
 
 
-def validate(config: ml_collections.ConfigDict, backend: bool = True) -> None:
+def validate(config: ml_collections.ConfigDict) -> None:
     """Raise SetupError naming every bad value of `config` (one line), before any data or
-    model is loaded. `backend=False` leaves out the one check that starts JAX's backend
-    (whether `model.attention='cudnn'` has a GPU), for before `jax.distributed.initialize`."""
+    model is loaded. Starts nothing: safe before `jax.distributed.initialize`. Whether
+    `model.attention` can run here is `create_model`'s check."""
     problems = []
     for key, (ok, expected) in _RULES.items():
         *parents, leaf = key.split(".")
@@ -254,22 +274,8 @@ def validate(config: ml_collections.ConfigDict, backend: bool = True) -> None:
                 spec.from_config(config[key])
             except (ValueError, TypeError) as e:
                 problems.append(f"{key}: {str(e).rstrip('.')}")
-    model = config.get("model") or {}
-    # timm_kwargs build only random backbones; configs from before model.attention: the default
-    timm_kwargs = {} if model.get("pretrained", True) else model.get("timm_kwargs") or {}
     try:
-        precision.check_attention(
-            model.get("attention", "xla"),
-            model.get("dtype", "float32"),
-            timm_kwargs.get("attn_drop_rate", 0.0),
-            backend,
-        )
-    except ValueError as e:
-        problems.append(f"model.{str(e).rstrip('.')}")
-    except TypeError:  # a dtype name jax does not know: the model.dtype rule reports it
-        pass
-    try:
-        precision.check_cpu_dots_env()
+        backend.check_cpu_dots_env()
     except SetupError as e:
         problems.append(str(e).rstrip("."))
     if problems:

@@ -143,7 +143,64 @@ def _unsupported(part: str, found: str, hint: str = "") -> ConversionError:
 
 
 def vit_config_from_timm(model: Any) -> ViTConfig:
-    """Read the ViTConfig off a timm VisionTransformer (or adapter-plus model) instance."""
+    """Read the ViTConfig off a timm VisionTransformer (or adapter-plus model) instance; raises
+    ConversionError for what the Flax model cannot represent."""
+    from torch import nn
+
+    _check_supported(model)
+    pe, block0 = model.patch_embed, model.blocks[0]
+    conv, attn, mlp = pe.proj, block0.attn, block0.mlp
+    res_post = "ResPost" in _type_name(block0)
+    ls = getattr(block0, "ls1", nn.Identity())
+    if res_post:
+        init_values = getattr(block0, "init_values", None)
+    else:
+        init_values = float(ls.gamma.detach().flatten()[0]) if hasattr(ls, "gamma") else None
+    use_fc_norm = not isinstance(model.fc_norm, nn.Identity)
+    head = model.head
+    # Models made by timm.create_model carry the normalisation of their weights.
+    data_cfg = getattr(model, "pretrained_cfg", None) or {}
+    half = (0.5,) * conv.in_channels
+    cfg = ViTConfig(
+        img_size=tuple(pe.img_size),
+        patch_size=tuple(conv.kernel_size),
+        in_chans=conv.in_channels,
+        num_classes=head.out_features if isinstance(head, nn.Linear) else 0,
+        embed_dim=model.embed_dim,
+        depth=len(model.blocks),
+        num_heads=attn.num_heads,
+        mlp_dim=mlp.fc1.out_features,
+        qkv_bias=attn.qkv.bias is not None,
+        qk_norm=not isinstance(getattr(attn, "q_norm", nn.Identity()), nn.Identity),
+        patch_bias=conv.bias is not None,
+        init_values=init_values,
+        class_token=model.cls_token is not None,
+        reg_tokens=int(getattr(model, "num_reg_tokens", 0)),
+        no_embed_class=bool(model.no_embed_class),
+        pos_embed=model.pos_embed is not None,
+        pre_norm=not isinstance(model.norm_pre, nn.Identity),
+        final_norm=not (isinstance(model.norm, nn.Identity) and not use_fc_norm),
+        fc_norm=use_fc_norm,
+        global_pool=model.global_pool,
+        block="res_post" if res_post else "pre_norm",
+        act=_activation_name(mlp.act),
+        norm_eps=_layer_norm_eps(model),
+        drop_rate=float(model.head_drop.p),
+        pos_drop_rate=float(model.pos_drop.p),
+        proj_drop_rate=float(attn.proj_drop.p),
+        attn_drop_rate=float(attn.attn_drop.p),
+        drop_path_rate=max(float(getattr(b.drop_path1, "drop_prob", 0.0)) for b in model.blocks),
+        mean=tuple(data_cfg.get("mean", half)),
+        std=tuple(data_cfg.get("std", half)),
+    )
+    if cfg.global_pool == "map":
+        _check_attn_pool(model.attn_pool, cfg)
+    return cfg
+
+
+def _check_supported(model: Any) -> None:
+    """Raise ConversionError where `model` is not a ViT the Flax model represents: its class,
+    stem, blocks, attention, MLP and head."""
     from timm.layers import Mlp, PatchEmbed
     from timm.models.vision_transformer import VisionTransformer as TimmViT
     from torch import nn
@@ -193,9 +250,7 @@ def vit_config_from_timm(model: Any) -> ViTConfig:
             ", ".join(sorted(block_names)),
             "Supported: Block and ResPostBlock.",
         )
-    block0 = model.blocks[0]
-    res_post = "ResPost" in _type_name(block0)
-    attn = block0.attn
+    attn = model.blocks[0].attn
     if _type_name(attn) not in ("Attention", "LoRAAttention"):
         raise _unsupported("the attention layer", _type_name(attn))
     for extra in ("norm",):  # attention-output norm in newer timm (scale_norm)
@@ -203,61 +258,13 @@ def vit_config_from_timm(model: Any) -> ViTConfig:
             raise _unsupported(f"attn.{extra}", _type_name(getattr(attn, extra)))
     if attn.proj.bias is None:
         raise _unsupported("attn.proj", "a Linear without bias")
-    mlp = block0.mlp
+    mlp = model.blocks[0].mlp
     if type(mlp) is not Mlp or not isinstance(mlp.norm, nn.Identity):
         raise _unsupported("the MLP", _type_name(mlp), "Supported: timm Mlp without norm.")
     if mlp.fc1.bias is None or mlp.fc2.bias is None:
         raise _unsupported("the MLP", "an Mlp without bias")
-    eps = _layer_norm_eps(model)
-
-    drop_paths = [float(getattr(b.drop_path1, "drop_prob", 0.0)) for b in model.blocks]
-    ls = getattr(block0, "ls1", nn.Identity())
-    if res_post:
-        init_values = getattr(block0, "init_values", None)
-    else:
-        init_values = float(ls.gamma.detach().flatten()[0]) if hasattr(ls, "gamma") else None
-    use_fc_norm = not isinstance(model.fc_norm, nn.Identity)
-    head = model.head
-    if not isinstance(head, (nn.Linear, nn.Identity)):
-        raise _unsupported("the head", _type_name(head))
-    # Models made by timm.create_model carry the normalisation of their weights.
-    data_cfg = getattr(model, "pretrained_cfg", None) or {}
-    half = (0.5,) * conv.in_channels
-    cfg = ViTConfig(
-        img_size=tuple(pe.img_size),
-        patch_size=tuple(conv.kernel_size),
-        in_chans=conv.in_channels,
-        num_classes=head.out_features if isinstance(head, nn.Linear) else 0,
-        embed_dim=model.embed_dim,
-        depth=len(model.blocks),
-        num_heads=attn.num_heads,
-        mlp_dim=mlp.fc1.out_features,
-        qkv_bias=attn.qkv.bias is not None,
-        qk_norm=not isinstance(getattr(attn, "q_norm", nn.Identity()), nn.Identity),
-        patch_bias=conv.bias is not None,
-        init_values=init_values,
-        class_token=model.cls_token is not None,
-        reg_tokens=int(getattr(model, "num_reg_tokens", 0)),
-        no_embed_class=bool(model.no_embed_class),
-        pos_embed=model.pos_embed is not None,
-        pre_norm=not isinstance(model.norm_pre, nn.Identity),
-        final_norm=not (isinstance(model.norm, nn.Identity) and not use_fc_norm),
-        fc_norm=use_fc_norm,
-        global_pool=model.global_pool,
-        block="res_post" if res_post else "pre_norm",
-        act=_activation_name(mlp.act),
-        norm_eps=eps,
-        drop_rate=float(model.head_drop.p),
-        pos_drop_rate=float(model.pos_drop.p),
-        proj_drop_rate=float(attn.proj_drop.p),
-        attn_drop_rate=float(attn.attn_drop.p),
-        drop_path_rate=max(drop_paths),
-        mean=tuple(data_cfg.get("mean", half)),
-        std=tuple(data_cfg.get("std", half)),
-    )
-    if cfg.global_pool == "map":
-        _check_attn_pool(model.attn_pool, cfg)
-    return cfg
+    if not isinstance(model.head, (nn.Linear, nn.Identity)):
+        raise _unsupported("the head", _type_name(model.head))
 
 
 def _activation_name(act: Any) -> str:

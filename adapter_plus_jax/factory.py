@@ -4,7 +4,7 @@
         "vit_base_patch16_224.orig_in21k", num_classes=47, adapter=AdapterSpec(),
         rng=jax.random.key(0))
 
-The backbone comes from a directory written by `port_weights.py` (or `save_pretrained`), or
+The backbone comes from a directory written by `apj port` (or `save_pretrained`), or
 from a timm name: looked up in WEIGHTS_DIR/<name>, and ported there on first use (that needs
 the `port` extra: torch, timm; online, or with the weights in the Hugging Face cache). The PEFT
 modules and a new head (when `num_classes` differs from the checkpoint's) are freshly
@@ -22,11 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adapter_plus_jax import backend
 from adapter_plus_jax.errors import SetupError
 from adapter_plus_jax.model import VisionTransformer
 from adapter_plus_jax.params import init_params
 from adapter_plus_jax.peft import AdapterSpec, LoRASpec, PromptSpec
-from adapter_plus_jax.precision import check_attention
 from adapter_plus_jax.pretrained import CONFIG_FILE, load_pretrained
 
 DEFAULT_WEIGHTS_DIR = "~/.cache/adapter_plus_jax"
@@ -64,7 +64,7 @@ def ensure_ported(name: str, weights_dir: str | os.PathLike | None = None) -> Pa
     if (path / CONFIG_FILE).is_file():
         return path
     fix = (
-        "When offline, port a downloaded checkpoint first: python port_weights.py --model "
+        "When offline, port a downloaded checkpoint first: apj port --model "
         f"{name} --checkpoint FILE --out {path}"
     )
     try:
@@ -75,12 +75,11 @@ def ensure_ported(name: str, weights_dir: str | os.PathLike | None = None) -> Pa
             f"(pip install 'adapter_plus_jax[port]'). {fix}"
         ) from e
     print(f"No ported weights at {path}; porting {name} from timm ...", flush=True)
-    if port.main(["--model", name, "--out", str(path)]) != 0:
-        raise SetupError(
-            f"Missing ported weights for {name} at {path}, and porting them failed (see above). "
-            + fix
-        )
-    return path
+    try:
+        return port.port_model(name, path)
+    except (port.PortError, ValueError, OSError) as e:  # ConversionError is a ValueError
+        raise SetupError(f"Missing ported weights for {name} at {path}, and porting them "
+                         f"failed: {e} {fix}") from e  # fmt: skip
 
 
 def _random_backbone(
@@ -105,6 +104,30 @@ def _random_backbone(
     return from_timm(model.eval())
 
 
+def _backbone(
+    name_or_dir: str | os.PathLike, num_classes: int, pretrained: bool, rng: jax.Array,
+    img_size: Any, weights_dir: str | os.PathLike | None, timm_kwargs: Mapping[str, Any],
+) -> tuple[VisionTransformer, dict]:  # fmt: skip
+    """(plain ViT, its variables): ported weights (a directory, or a timm name ported on first
+    use) with a head of `num_classes`, or timm's random init for `pretrained=False`."""
+    is_dir = Path(name_or_dir, CONFIG_FILE).is_file()
+    if is_dir and not pretrained:
+        raise ValueError(
+            f"{name_or_dir} is a ported directory; pretrained=False takes a timm model name."
+        )
+    if timm_kwargs and pretrained:
+        raise ValueError(
+            f"timm keyword arguments {sorted(timm_kwargs)} only apply with pretrained=False; "
+            "a pretrained backbone has the architecture it was ported with."
+        )
+    if not pretrained:
+        return _random_backbone(str(name_or_dir), num_classes, rng, img_size, timm_kwargs)
+    path = Path(name_or_dir) if is_dir else ensure_ported(str(name_or_dir), weights_dir)
+    head_rng = jax.random.fold_in(rng, 1)
+    backbone, variables, _ = load_pretrained(path, img_size, num_classes, head_rng)
+    return backbone, variables
+
+
 def create_model(
     name_or_dir: str | os.PathLike,
     *,
@@ -125,8 +148,8 @@ def create_model(
     """A ViT with PEFT modules and its variables ({'params': ...}).
 
     Args:
-      name_or_dir: a directory written by port_weights.py / `save_pretrained`, or a timm model
-        name (e.g. 'vit_base_patch16_224.orig_in21k').
+      name_or_dir: a directory written by `apj port` / `save_pretrained`, or a timm model name
+        (e.g. 'vit_base_patch16_224.orig_in21k').
       num_classes: classes of the head; a new head is drawn when it differs from the
         checkpoint's (0: no head, `apply` returns the pre-logit features).
       adapter, lora, prompt: the PEFT modules: a spec (`AdapterSpec()` is Adapter+), True for
@@ -143,34 +166,20 @@ def create_model(
       **timm_kwargs: `timm.create_model` arguments for `pretrained=False` (e.g. depth=4).
 
     Raises SetupError (a ValueError) with what to do when the weights cannot be found or
-    ported or `attention` cannot run here (`precision.check_attention`), ValueError for bad
+    ported or `attention` cannot run here (`backend.check_attention`), ValueError for bad
     PEFT settings.
     """
+    attn_drop = 0.0 if pretrained else timm_kwargs.get("attn_drop_rate", 0.0)
+    backend.check_attention(attention, dtype, attn_drop)
     rng = _key(rng)
-    check_attention(attention, dtype, 0.0 if pretrained else timm_kwargs.get("attn_drop_rate", 0))
     specs = dict(
         adapter=_spec(adapter, AdapterSpec),
         lora=_spec(lora, LoRASpec),
         prompt=_spec(prompt, PromptSpec),
     )
-    is_dir = Path(name_or_dir, CONFIG_FILE).is_file()
-    if is_dir and not pretrained:
-        raise ValueError(
-            f"{name_or_dir} is a ported directory; pretrained=False takes a timm model name."
-        )
-    if timm_kwargs and pretrained:
-        raise ValueError(
-            f"timm keyword arguments {sorted(timm_kwargs)} only apply with pretrained=False; "
-            "a pretrained backbone has the architecture it was ported with."
-        )
-    if pretrained:
-        path = Path(name_or_dir) if is_dir else ensure_ported(str(name_or_dir), weights_dir)
-        head_rng = jax.random.fold_in(rng, 1)
-        backbone, variables, _ = load_pretrained(path, img_size, num_classes, head_rng)
-    else:
-        backbone, variables = _random_backbone(
-            str(name_or_dir), num_classes, rng, img_size, timm_kwargs
-        )
+    backbone, variables = _backbone(
+        name_or_dir, num_classes, pretrained, rng, img_size, weights_dir, timm_kwargs
+    )
     config = backbone.config.replace(drop_path_rate=drop_path_rate)
     module = VisionTransformer(
         config, dtype=jnp.dtype(dtype), remat=remat, attention=attention, **specs

@@ -1,8 +1,10 @@
-"""Image files to model inputs without TensorFlow: decoding with Pillow, and the evaluation
-preprocessing of the training pipelines in numpy, for `predict` and exported tasks.
+"""Images to model inputs without TensorFlow: decoding files with Pillow, the evaluation
+preprocessing of the training pipelines in numpy (for `predict` and exported tasks), and the
+input normalisation every model applies, in JAX.
 
     image = decode(path)                               # uint8 HxWx3 RGB
     x = preprocess(image, {"kind": "resize", "size": [224, 224]})   # float32 in [0, 255]
+    x = normalize(x, module.config.mean, module.config.std)        # what the model takes
 
 Two preprocessings exist (docs/recipe.md, sections 4 and 5): 'resize' (VTAB-1k, TFDS
 datasets, image folders, the demo) is TF1's bilinear resize on the legacy grid, computed here
@@ -13,10 +15,12 @@ close to, not equal to, training's.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
@@ -99,3 +103,22 @@ def find_images(folder: Path) -> list[Path]:
     return sorted(
         p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in EXTENSIONS
     )
+
+
+def normalize(images: jax.Array, mean: Sequence[float], std: Sequence[float]) -> jax.Array:
+    """[0, 255] images (..., 3) -> (images / 255 - mean) / std per channel, float32, with IEEE
+    divisions like the reference's preprocessing (mean and std: the backbone's, e.g.
+    `module.config.mean`).
+
+    XLA turns a division by a broadcast value into a multiplication by its reciprocal, which
+    is off by an ulp; hiding the broadcast divisors behind an optimisation barrier keeps true
+    divisions (the tests check the result against numpy bit for bit).
+    """
+    images = images.astype(jnp.float32)
+    scale, std = jax.lax.optimization_barrier(
+        (
+            jnp.full(images.shape, 255.0, jnp.float32),
+            jnp.broadcast_to(jnp.asarray(std, jnp.float32), images.shape),
+        )
+    )
+    return (images / scale - jnp.asarray(mean, jnp.float32)) / std

@@ -32,8 +32,16 @@ from adapter_plus_jax.layers import (
     dense,
     trunc_normal,
 )
-from adapter_plus_jax.peft import Adapter, AdapterSpec, LoRASpec, PromptSpec, prompt_init
-from adapter_plus_jax.precision import check_attention
+from adapter_plus_jax.peft import (
+    POSITIONS,
+    Adapter,
+    AdapterSpec,
+    Branch,
+    LoRA,
+    LoRASpec,
+    PromptSpec,
+    prompt_init,
+)
 
 GLOBAL_POOLS = ("", "token", "avg", "max", "avgmax", "map")
 BLOCK_TYPES = ("pre_norm", "res_post")  # timm `Block` and `ResPostBlock`
@@ -77,7 +85,7 @@ class ViTConfig:
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     # The input normalisation the weights expect, (x / 255 - mean) / std per channel (timm's
-    # pretrained_cfg); for `preprocess.normalize`. Most ViT checkpoints use 0.5.
+    # pretrained_cfg); for `images.normalize`. Most ViT checkpoints use 0.5.
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
 
@@ -120,13 +128,6 @@ class ViTConfig:
     def num_prefix_tokens(self) -> int:
         return int(self.class_token) + self.reg_tokens
 
-    @property
-    def token_bytes(self) -> int:
-        """Bytes of one image's float32 [tokens, embed_dim] activation: what
-        `precision.chunk_size` sizes CPU chunks by."""
-        tokens = self.grid_size[0] * self.grid_size[1] + self.num_prefix_tokens
-        return tokens * self.embed_dim * 4
-
     def replace(self, **changes: Any) -> ViTConfig:
         return dataclasses.replace(self, **changes)
 
@@ -166,17 +167,16 @@ class Attention(nn.Module):
         heads = (self.num_heads, c // self.num_heads)
         qkv = dense(3 * c, "qkv", self.dtype, self.qkv_bias)(x).reshape(b, n, 3, *heads)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        lora = functools.partial(LoRA, self.lora, act=self.act, norm_eps=self.norm_eps,
+                                 dtype=self.dtype)  # fmt: skip
         if self.lora is not None:
-            branch = functools.partial(
-                Adapter, self.lora, act=self.act, norm_eps=self.norm_eps, dtype=self.dtype
-            )
             # The reference gives q/k/v branches a bias only when qkv has one.
             use_bias = self.lora.bias and self.qkv_bias
             q, k, v = (
-                t + branch(use_bias=use_bias, name=f"lora_{loc}")(x, train=train).reshape(t.shape)
+                t + lora(use_bias=use_bias, name=f"lora_{loc}")(x, train).reshape(t.shape)
                 if loc in self.lora.location
                 else t
-                for loc, t in zip("qkv", (q, k, v), strict=False)
+                for loc, t in zip("qkv", (q, k, v), strict=True)
             )
         if self.qk_norm:
             q = nn.LayerNorm(epsilon=self.norm_eps, name="q_norm")(q)
@@ -185,13 +185,14 @@ class Attention(nn.Module):
         x = x.reshape(b, n, c)
         x = dense(c, "proj", self.dtype)(x)
         if self.lora is not None and "o" in self.lora.location:
-            x = x + branch(name="lora_o")(x, train=train)
+            x = x + lora(use_bias=self.lora.bias, name="lora_o")(x, train)
         return nn.Dropout(self.proj_drop)(x, deterministic=not train)
 
 
 class Block(nn.Module):
     """One transformer block (timm `Block` or `ResPostBlock`) with the adapter positions of the
-    reference's AdapterBlock.forward_* variants, and VPT prompts written in before it runs."""
+    reference's AdapterBlock.forward_* variants (`peft.POSITIONS`), and VPT prompts written in
+    before it runs."""
 
     config: ViTConfig
     drop_path: float = 0.0
@@ -203,90 +204,49 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        cfg = self.config
         if self.prompt is not None:
             x = self._write_prompt(x, train)
+        attn, mlp = self._residual_branches(train)
+        if self.adapter is None:
+            x = x + attn(x)
+            return x + mlp(x)
+        cfg = self.config
+
+        def adapter(y: jax.Array, skip: jax.Array, name: str = "adapter") -> jax.Array:
+            module = Adapter(
+                self.adapter, cfg.act, cfg.norm_eps, self.dtype, name=name
+            )  # fmt: skip
+            return module(y, skip=skip, train=train)
+
+        return POSITIONS[self.adapter.config](x, attn, mlp, adapter)
+
+    def _residual_branches(self, train: bool) -> tuple[Branch, Branch]:
+        """(attention branch, MLP branch): y -> DropPath(the layer on y), with timm's norms and
+        LayerScale (`Block`: before the layer; `ResPostBlock`: after it)."""
+        cfg = self.config
         norm = functools.partial(nn.LayerNorm, epsilon=cfg.norm_eps)
         if cfg.block == "res_post" and cfg.init_values is not None:
             norm = functools.partial(norm, scale_init=nn.initializers.constant(cfg.init_values))
         attn = Attention(
-            cfg.num_heads,
-            cfg.qkv_bias,
-            cfg.qk_norm,
-            cfg.attn_drop_rate,
-            cfg.proj_drop_rate,
-            cfg.norm_eps,
-            cfg.act,
-            self.lora,
-            self.dtype,
-            self.attention,
-            name="attn",
-        )
+            cfg.num_heads, cfg.qkv_bias, cfg.qk_norm, cfg.attn_drop_rate, cfg.proj_drop_rate,
+            cfg.norm_eps, cfg.act, self.lora, self.dtype, self.attention, name="attn",
+        )  # fmt: skip
         mlp = Mlp(cfg.mlp_dim, cfg.act, cfg.proj_drop_rate, self.dtype, name="mlp")
         norm1, norm2 = norm(name="norm1"), norm(name="norm2")
-        if cfg.block == "res_post":
-
-            def attn_branch(y):
-                return norm1(attn(y, train))
-
-            def mlp_branch(y):
-                return norm2(mlp(y, train))
-        else:
-            scale1 = scale2 = lambda y: y  # noqa: E731
-            if cfg.init_values is not None:
-                scale1 = LayerScale(cfg.init_values, name="ls1")
-                scale2 = LayerScale(cfg.init_values, name="ls2")
-
-            def attn_branch(y):
-                return scale1(attn(norm1(y), train))
-
-            def mlp_branch(y):
-                return scale2(mlp(norm2(y), train))
-
         dp1, dp2 = DropPath(self.drop_path), DropPath(self.drop_path)
-
-        def res_attn(y):
-            return dp1(attn_branch(y), train)
-
-        def res_mlp(y):
-            return dp2(mlp_branch(y), train)
-
-        spec = self.adapter
-        if spec is None:
-            x = x + res_attn(x)
-            return x + res_mlp(x)
-        branch = functools.partial(
-            Adapter, spec, act=cfg.act, norm_eps=cfg.norm_eps, dtype=self.dtype
+        if cfg.block == "res_post":
+            return (
+                lambda y: dp1(norm1(attn(y, train)), train),
+                lambda y: dp2(norm2(mlp(y, train)), train),
+            )
+        ls1 = ls2 = lambda y: y  # noqa: E731
+        if cfg.init_values is not None:
+            ls1 = LayerScale(cfg.init_values, name="ls1")
+            ls2 = LayerScale(cfg.init_values, name="ls2")
+        return (
+            lambda y: dp1(ls1(attn(norm1(y), train)), train),
+            lambda y: dp2(ls2(mlp(norm2(y), train)), train),
         )
-        adapter = branch(name="adapter")
-
-        def ad(y, skip):
-            return adapter(y, skip=skip, train=train)
-
-        if spec.config == "post":
-            x = x + res_attn(x)
-            x = x + res_mlp(x)
-            return ad(x, x)
-        if spec.config == "pre":
-            x = x + res_attn(x)
-            x = ad(x, x)
-            return x + res_mlp(x)
-        if spec.config == "pfeiffer":
-            y = x + res_attn(x)
-            skip = res_mlp(y)
-            return ad(y + skip, skip) + y
-        if spec.config == "intermediate":
-            x = x + res_attn(x)
-            y = res_mlp(x)
-            return x + ad(y, y)
-        if spec.config == "houlsby":
-            y = res_attn(x)
-            x = x + branch(name="adapter_attn")(y, skip=y, train=train)
-            y = res_mlp(x)
-            return x + ad(y, y)
-        # parallel
-        y = x + res_attn(x)
-        return ad(y, y + res_mlp(y))
 
     def _write_prompt(self, x: jax.Array, train: bool) -> jax.Array:
         """Replace the prompt slots (right after the prefix tokens) with this block's prompts."""
@@ -331,7 +291,6 @@ class VisionTransformer(nn.Module):
                 f"(NHWC), got {tuple(images.shape)}. Resize the inputs, or build the model for "
                 "this size (load_pretrained(..., img_size=...) resamples position embeddings)."
             )
-        check_attention(self.attention, self.dtype, cfg.attn_drop_rate)
         x = self._embed(images.astype(self.dtype), train)
         # remat recomputes each block's activations in the backward pass instead of storing them.
         block_cls = nn.remat(Block, static_argnums=(2,)) if self.remat else Block

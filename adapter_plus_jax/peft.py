@@ -5,9 +5,10 @@ The math follows the reference package `adapter-plus` 0.1.0 (`adapter_plus/vit_a
 
     Adapter(x, skip) = scaling * DropPath(up(Dropout(act(down(norm(x)))))) + skip
 
-Where the adapter sits in a block (`config`: post, pre, parallel, intermediate, houlsby,
-pfeiffer) is wired in `model.Block`; LoRA branches are used inside `model.Attention`; prompts are
-written into the token sequence by `model.Block`.
+`Adapter` and `LoRA` are that branch (`bottleneck`). Where the adapter sits in a block
+(`AdapterSpec.config`: post, pre, parallel, intermediate, houlsby, pfeiffer) is `POSITIONS`, a
+block's forward per position, which `model.Block` runs; LoRA branches are added to q, k, v or o
+in `model.Attention`, and prompts are written into the token sequence by `model.Block`.
 
 The settings are frozen, validated dataclasses with the reference's field names
 (`AdapterSpec()` is Adapter+), so that a bad field fails at once with a message naming it;
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -28,9 +29,70 @@ from flax import linen as nn
 from adapter_plus_jax.layers import DropPath, activation, torch_linear_uniform, trunc_normal
 from adapter_plus_jax.precision import Dense
 
-POSITIONS = ("post", "pre", "parallel", "intermediate", "houlsby", "pfeiffer")
 INITS = ("houlsby", "lora", "bert")
 LORA_LOCATIONS = ("q", "k", "v", "o")
+
+
+# ----------------------------------------------------------------------------------------------
+# Adapter positions.
+
+# Each is the reference's AdapterBlock.forward_<position>: `attn` and `mlp` are the block's
+# residual branches (y -> DropPath(layer(norm(y))), from `model.Block`), `adapter(y, skip)` is
+# the block's `Adapter` on y plus skip.
+
+Branch = Callable[[jax.Array], jax.Array]
+
+
+def _post(x: jax.Array, attn: Branch, mlp: Branch, adapter: Callable) -> jax.Array:
+    """Adapter+: after the MLP's residual sum."""
+    x = x + attn(x)
+    x = x + mlp(x)
+    return adapter(x, x)
+
+
+def _pre(x: jax.Array, attn: Branch, mlp: Branch, adapter: Callable) -> jax.Array:
+    """Between the attention's residual sum and the MLP."""
+    x = x + attn(x)
+    x = adapter(x, x)
+    return x + mlp(x)
+
+
+def _intermediate(x: jax.Array, attn: Branch, mlp: Branch, adapter: Callable) -> jax.Array:
+    """On the MLP branch's output, before its residual sum."""
+    x = x + attn(x)
+    y = mlp(x)
+    return x + adapter(y, y)
+
+
+def _parallel(x: jax.Array, attn: Branch, mlp: Branch, adapter: Callable) -> jax.Array:
+    """Beside the MLP branch, both reading the attention's residual sum."""
+    y = x + attn(x)
+    return adapter(y, y + mlp(y))
+
+
+def _pfeiffer(x: jax.Array, attn: Branch, mlp: Branch, adapter: Callable) -> jax.Array:
+    """On the MLP's residual sum, with the MLP branch as its skip (Pfeiffer et al.)."""
+    y = x + attn(x)
+    skip = mlp(y)
+    return adapter(y + skip, skip) + y
+
+
+def _houlsby(x: jax.Array, attn: Branch, mlp: Branch, adapter: Callable) -> jax.Array:
+    """On both branches' outputs, before their residual sums; the attention's has its own."""
+    y = attn(x)
+    x = x + adapter(y, y, name="adapter_attn")
+    y = mlp(x)
+    return x + adapter(y, y)
+
+
+POSITIONS: dict[str, Callable[..., jax.Array]] = {
+    "post": _post,
+    "pre": _pre,
+    "parallel": _parallel,
+    "intermediate": _intermediate,
+    "houlsby": _houlsby,
+    "pfeiffer": _pfeiffer,
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -78,7 +140,7 @@ class AdapterSpec(BranchSpec):
 
     def __post_init__(self):
         super().__post_init__()
-        _check(self.config in POSITIONS, "config", self.config, f"one of {POSITIONS}")
+        _check(self.config in POSITIONS, "config", self.config, f"one of {tuple(POSITIONS)}")
         _check(
             self.attn_adapter == (self.config == "houlsby"),
             "attn_adapter",
@@ -219,54 +281,79 @@ def _branch_inits(init: str, fan_in: int):
     return nn.initializers.normal(0.02), zeros, nn.initializers.normal(0.02)  # bert
 
 
+def bottleneck(
+    module: nn.Module, spec: BranchSpec, x: jax.Array, bias: bool, act: str, norm_eps: float,
+    dtype: Any, train: bool,
+) -> jax.Array:  # fmt: skip
+    """scaling * DropPath(up(drop(act(down(norm(x)))))), the branch adapters and LoRA share; its
+    layers and the scaling are created in `module`'s compact method (named norm, down, up,
+    scaling). `spec.pre_dropout` moves the dropout before `down` (LoRA's place for it)."""
+    s, features = spec, x.shape[-1]
+    down_init, down_bias_init, up_init = _branch_inits(s.init, features)
+    if s.norm_layer:
+        x = nn.LayerNorm(epsilon=norm_eps, name="norm")(x)
+    y = x
+    if s.pre_dropout:
+        y = nn.Dropout(s.dropout)(y, deterministic=not train)
+    y = Dense(s.dim, use_bias=bias, kernel_init=down_init, bias_init=down_bias_init, dtype=dtype,
+              name="down")(y)  # fmt: skip
+    if s.act_layer:
+        y = activation(act)(y)
+    if not s.pre_dropout:
+        y = nn.Dropout(s.dropout)(y, deterministic=not train)
+    y = Dense(features, use_bias=bias, kernel_init=up_init, dtype=dtype, name="up")(y)
+    y = DropPath(s.drop_path)(y, train)
+    if s.scaling == "learned":
+        return y * module.param("scaling", nn.initializers.ones, (1,))
+    if s.scaling == "channel":
+        return y * module.param("scaling", nn.initializers.ones, (features,))
+    return y if s.scaling == 1.0 else y * s.scaling
+
+
 class Adapter(nn.Module):
-    """Bottleneck branch: scaling * DropPath(up(drop(act(down(norm(x)))))) (+ skip).
+    """The adapter of a block: `bottleneck(x)` (+ skip); Adapter+ with the default spec.
 
     Attributes:
-      spec: the branch's settings (`AdapterSpec` or `LoRASpec`).
-      act: the activation name used when `spec.act_layer` (the ViT's own MLP activation).
-      use_bias: bias on both projections (LoRA branches turn it off where the reference does).
+      spec: the adapter's settings.
+      act: the activation used when `spec.act_layer` (the ViT's own MLP activation).
       norm_eps: LayerNorm epsilon of the backbone.
     """
 
-    spec: BranchSpec
+    spec: AdapterSpec
     act: str = "gelu"
-    use_bias: bool | None = None
     norm_eps: float = 1e-6
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, skip: jax.Array | None = None, train: bool = False):
+    def __call__(
+        self, x: jax.Array, skip: jax.Array | None = None, train: bool = False
+    ) -> jax.Array:
         s = self.spec
-        features = x.shape[-1]
-        bias = s.bias if self.use_bias is None else self.use_bias
-        down_init, down_bias_init, up_init = _branch_inits(s.init, features)
-        if s.norm_layer:
-            x = nn.LayerNorm(epsilon=self.norm_eps, name="norm")(x)
-        y = x
-        if s.pre_dropout:
-            y = nn.Dropout(s.dropout)(y, deterministic=not train)
-        y = Dense(
-            s.dim,
-            use_bias=bias,
-            kernel_init=down_init,
-            bias_init=down_bias_init,
-            dtype=self.dtype,
-            name="down",
-        )(y)
-        if s.act_layer:
-            y = activation(self.act)(y)
-        if not s.pre_dropout:
-            y = nn.Dropout(s.dropout)(y, deterministic=not train)
-        y = Dense(features, use_bias=bias, kernel_init=up_init, dtype=self.dtype, name="up")(y)
-        y = DropPath(s.drop_path)(y, train)
-        if s.scaling == "learned":
-            y = y * self.param("scaling", nn.initializers.ones, (1,))
-        elif s.scaling == "channel":
-            y = y * self.param("scaling", nn.initializers.ones, (features,))
-        elif s.scaling != 1.0:
-            y = y * s.scaling
+        y = bottleneck(self, s, x, s.bias, self.act, self.norm_eps, self.dtype, train)
         return y if skip is None else y + skip
+
+
+class LoRA(nn.Module):
+    """One LoRA branch of the attention (`bottleneck(x)`, added to q, k, v or o by
+    `model.Attention`).
+
+    Attributes:
+      spec: the branches' settings.
+      use_bias: biases on both projections (the reference gives q/k/v branches biases only when
+        the qkv projection has one).
+      act, norm_eps: as in `Adapter`.
+    """
+
+    spec: LoRASpec
+    use_bias: bool = False
+    act: str = "gelu"
+    norm_eps: float = 1e-6
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        return bottleneck(self, self.spec, x, self.use_bias, self.act, self.norm_eps, self.dtype,
+                          train)  # fmt: skip
 
 
 def prompt_init(num_tokens: int, patch_size: tuple[int, int]):

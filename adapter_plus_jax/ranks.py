@@ -2,7 +2,7 @@
 rank"): train each rank of a grid on the training part, score it on the validation part, take
 the best (ties: the smaller rank), retrain that rank on training + validation and test once.
 
-    python -m adapter_plus_jax.suite select-rank --config configs/vtab.py:dtd \\
+    apj suite select-rank --config configs/vtab.py:dtd \\
         --ranks 1,2,4,8,16,32 --workdir runs/dtd_ranks
 
 Each rank trains in WORKDIR/rank<r> and the final run in WORKDIR/final, through `runner.run`,
@@ -20,14 +20,13 @@ from typing import Any
 import ml_collections
 
 from adapter_plus_jax import runner
-from adapter_plus_jax.config import validate
 from adapter_plus_jax.errors import SetupError
 from adapter_plus_jax.workdir import write_json_atomic
 
 SELECTION_FILE = "rank_selection.json"
 # dataset -> (train_split, eval_split) of the selection runs. VTAB-1k: the paper's 800/200;
 # FGVC: VPT's train/val json splits (needs fgvc_root); folders: val/ (or a seeded holdout of
-# train/); other TFDS datasets: the last 20% of train (override with `selection_splits`).
+# train/); other TFDS datasets: the last fifth of train (override with `selection_splits`).
 SELECTION_SPLITS = {
     "vtab": ("train800", "val200"),
     "fgvc": ("train", "val"),
@@ -68,10 +67,9 @@ def select_rank(
     splits = selection_splits or SELECTION_SPLITS.get(config.dataset)
     if splits is None:
         raise SetupError(f"No validation split is known for dataset {config.dataset!r}.")
-    # Every config is built and checked before the first run trains.
+    # Built before the first run trains (a method without ranks fails here); each run checks
+    # its config's values as it starts, before any compute.
     runs = {r: with_rank(config, r, splits) for r in ranks}
-    for c in runs.values():
-        validate(c)
     val_accuracy = {}
     for i, (rank, c) in enumerate(runs.items(), 1):
         print(f"[{i}/{len(ranks)}] rank {rank}: train on {splits[0]}, score on {splits[1]}",

@@ -1,7 +1,7 @@
 """The paper's numbers, the benchmarks, and the report of a suite's runs as the paper computes
 it: per-task mean and population std over seeds, group means, the global average (the mean of the
 group means for VTAB-1k), trainable parameters, a markdown table and the parameters-vs-accuracy
-plot of the paper's Figure 1. `python -m adapter_plus_jax.suite report` writes them.
+plot of the paper's Figure 1. `apj suite report` writes them.
 """
 
 from __future__ import annotations
@@ -227,27 +227,47 @@ def markdown(
 ) -> str:
     """The report: runs finished (and failed), per-task table, summary table beside the paper,
     the plot."""
+    lines = [f"# {summary.bench.title}: {method}", "", *([note, ""] if note else [])]
+    lines += _runs_section(summary, seeds, failures or {})
+    lines += _per_task_section(summary)
+    lines += _summary_section(summary, method, seeds)
+    lines += [
+        "",
+        'Paper: "Adapters Strike Back" (Steitz & Roth, CVPR 2024), ViT-B/16 pretrained on '
+        "ImageNet-21k, mean over seeds 18, 45, 25.",
+        "",
+        f"![Trainable parameters vs accuracy]({plot_link})",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _runs_section(
+    summary: Summary, seeds: Sequence[int], failures: Mapping[tuple[str, int], str]
+) -> list[str]:
+    """How many runs finished, which are missing, which failed and why."""
     bench = summary.bench
     n_runs = len(bench.tasks) * len(seeds)
     done = n_runs - len(summary.missing)
-    several = len(bench.groups) > 1
-    lines = [
-        f"# {bench.title}: {method}",
-        "",
-        *([note, ""] if note else []),
-        f"{done} of {n_runs} runs finished ({len(bench.tasks)} tasks x seeds "
-        f"{', '.join(map(str, seeds))}).",
-    ]
+    line = (f"{done} of {n_runs} runs finished ({len(bench.tasks)} tasks x seeds "
+            f"{', '.join(map(str, seeds))}).")  # fmt: skip
     if summary.missing:
         by_task: dict[str, list[int]] = {}
         for task, seed in summary.missing:
             by_task.setdefault(task, []).append(seed)
         missing = [f"{t} ({', '.join(map(str, s))})" for t, s in by_task.items()]
-        lines[-1] += " Missing (seeds): " + ", ".join(missing) + "."
+        line += " Missing (seeds): " + ", ".join(missing) + "."
+    lines = [line]
     if failures:
-        lines += ["", f"## Failed runs ({len(failures)}; `suite run` again retries them)", ""]
+        lines += ["", f"## Failed runs ({len(failures)}; `apj suite run` again retries them)", ""]
         lines += [f"- {task} seed {seed}: {error}" for (task, seed), error in failures.items()]
-    lines += [
+    return lines
+
+
+def _per_task_section(summary: Summary) -> list[str]:
+    """What the tables show, and the per-task table."""
+    bench = summary.bench
+    several = len(bench.groups) > 1
+    lines = [
         "",
         "Top-1 test accuracy (%), mean ± population std over seeds. "
         + (
@@ -274,13 +294,20 @@ def markdown(
             f"| {task} |{group} {t.mean:.2f} ± {t.std:.2f} | {len(t.accuracies)} | "
             f"{t.trainable_params:,.0f} |"
         )
+    return lines
+
+
+def _summary_section(summary: Summary, method: str, seeds: Sequence[int]) -> list[str]:
+    """Our group means and average beside the paper's."""
+    bench = summary.bench
+    several = len(bench.groups) > 1
     partial_groups = {
         g: any((t, s) in summary.missing for t in tasks for s in seeds)
         for g, tasks in bench.groups.items()
     }
     group_names = list(bench.groups) if several else []
     columns = [*group_names, "Global" if several else "Mean"]
-    lines += [
+    lines = [
         "",
         "## Summary",
         "",
@@ -297,14 +324,7 @@ def markdown(
             + " | ".join([*groups, _fmt(p.average)])
             + " |"
         )
-    lines += [
-        "",
-        'Paper: "Adapters Strike Back" (Steitz & Roth, CVPR 2024), ViT-B/16 pretrained on '
-        "ImageNet-21k, mean over seeds 18, 45, 25.",
-        "",
-        f"![Trainable parameters vs accuracy]({plot_link})",
-    ]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def plot(summary: Summary, method: str, path: Path) -> None:

@@ -21,19 +21,18 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from adapter_plus_jax import config as cfglib
-from adapter_plus_jax import console, precision, train
+from adapter_plus_jax import console, train
 from adapter_plus_jax import params as params_lib
 from adapter_plus_jax.checkpoint import CHECKPOINTS_DIR, Checkpointer, has_checkpoints
 from adapter_plus_jax.errors import SetupError
 from adapter_plus_jax.factory import create_model, weights_path
+from adapter_plus_jax.images import normalize
 from adapter_plus_jax.model import VisionTransformer
-from adapter_plus_jax.preprocess import normalize
 from adapter_plus_jax.pretrained import CONFIG_FILE
 from adapter_plus_jax.workdir import (
     METRICS_FILE,
@@ -106,9 +105,11 @@ class Experiment:
 
     config: ml_collections.ConfigDict
     workdir: Path
+    dataset: Any  # data.registry.Dataset
     module: VisionTransformer
     train_loader: Any
     eval_loader: Any
+    schedule: Any  # optax.Schedule: the lr per step
     tx: Any
     state: train.TrainState
     frozen: Any
@@ -123,48 +124,35 @@ class Experiment:
 
 def setup(config: ml_collections.ConfigDict, workdir: Path) -> Experiment:
     """Check the input (before any compute), then build the model, loaders and optimizer."""
-    name = config.model.name  # a timm name, or a directory written by port_weights.py
+    name = config.model.name  # a timm name, or a directory written by `apj port`
     ported = [Path(name) / CONFIG_FILE, weights_path(name, config.model.weights_dir) / CONFIG_FILE]
     if not config.model.pretrained or not any(p.is_file() for p in ported):
         # timm (via torchvision -> triton) must be imported before TensorFlow: the two LLVMs
         # abort the process when loaded the other way round.
         import timm  # noqa: F401
     from adapter_plus_jax.data import registry
+    from adapter_plus_jax.data.pipeline import LoaderOptions, data_mesh
 
     check_batch(config.batch_size)
     check_batch(config.eval_batch_size, "eval_batch_size")
     dataset = registry.get_dataset(config.dataset)
     num_classes = dataset.num_classes(config)
-    from adapter_plus_jax.data.pipeline import data_mesh
-
     mesh = data_mesh()
     rng = jax.random.key(config.seed)
     module, params = build_model(config, num_classes, rng)
-    cfg = module.config
-    # Images in [0, 255]: the jitted steps normalise them (`input_fn`); a pass in the input
-    # pipeline cost it half its throughput.
-    args = registry.LoaderArgs(cfg.img_size[0], None, None, mesh)
-    train_loader, eval_loader = dataset.loaders(config, args)
+    # Images in [0, 255]: the jitted steps normalise them (`input_fn`).
+    options = LoaderOptions(config.batch_size, config.eval_batch_size, config.seed,
+                            module.config.img_size[0], mesh)  # fmt: skip
+    train_loader, eval_loader = dataset.loaders(config, options)
 
-    mask = params_lib.trainable_mask(params, config.train_mode)
-    trainable, frozen = train.split(params, mask)
-    tx = train.adamw(
-        lr_schedule(config, train_loader.steps_per_epoch), config.weight_decay, config.grad_clip
-    )
-    state = train.TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable))
+    schedule = lr_schedule(config, train_loader.steps_per_epoch)
+    tx = train.adamw(schedule, config.weight_decay, config.grad_clip)
+    state, frozen = train.init_state(params, tx, config.train_mode)
     return Experiment(
-        config,
-        workdir,
-        module,
-        train_loader,
-        eval_loader,
-        tx,
-        replicate(state, mesh),
-        replicate(frozen, mesh),
-        params_lib.param_count(trainable),
-        params_lib.param_count(params),
-        rng,
-    )
+        config, workdir, dataset, module, train_loader, eval_loader, schedule, tx,
+        replicate(state, mesh), replicate(frozen, mesh), params_lib.param_count(state.params),
+        params_lib.param_count(params), rng,
+    )  # fmt: skip
 
 
 def input_fn(module: Any) -> Callable[[jax.Array], jax.Array]:
@@ -175,17 +163,14 @@ def input_fn(module: Any) -> Callable[[jax.Array], jax.Array]:
 
 
 def run_train_step(module: Any, tx: Any, label_smoothing: float, rng: jax.Array) -> Callable:
-    """The train step as runs use it: jitted, the state donated, taking the loaders' images in
-    [0, 255] (`input_fn`)."""
-    step = train.make_train_step(module, tx, label_smoothing, rng, preprocess=input_fn(module))
-    options = precision.compiler_options(module.dtype)
-    return jax.jit(step, donate_argnums=0, compiler_options=options)
+    """The train step as runs use it: the backend's form (`train.make_train_step`), taking the
+    loaders' images in [0, 255] (`input_fn`)."""
+    return train.make_train_step(module, tx, label_smoothing, rng, input_fn=input_fn(module))
 
 
 def run_eval_step(module: Any) -> Callable:
-    """The eval step as runs use it: jitted, taking the loaders' images in [0, 255]."""
-    eval_step = train.make_eval_step(module, input_fn(module))
-    return jax.jit(eval_step, compiler_options=precision.compiler_options(module.dtype))
+    """The eval step as runs use it: the backend's form, taking the loaders' images in [0, 255]."""
+    return train.make_eval_step(module, input_fn(module))
 
 
 def restore_state(exp: Experiment, ckpt: Checkpointer, resume: Resume) -> None:
@@ -210,7 +195,6 @@ def train_epochs(
     from tqdm import tqdm
 
     config, steps, epochs = exp.config, exp.steps_per_epoch, exp.config.epochs
-    schedule = lr_schedule(config, steps)
     train_step = run_train_step(
         exp.module, exp.tx, config.label_smoothing, jax.random.fold_in(exp.rng, 2)
     )
@@ -241,7 +225,7 @@ def train_epochs(
                         "(lower the lr or enable grad_clip)."
                     )
                 elapsed = time.perf_counter() - start
-                values.update(lr=float(schedule(step - 1)), images_per_s=images_seen / elapsed)
+                values.update(lr=float(exp.schedule(step - 1)), images_per_s=images_seen / elapsed)
                 logger.write(step, values)
                 bar.set_postfix(epoch=epoch, loss=f"{values['loss']:.4f}",
                                 acc=f"{values['accuracy']:.3f}", lr=f"{values['lr']:.2e}",
@@ -264,7 +248,7 @@ def evaluate(exp: Experiment) -> tuple[float, float]:
     """(accuracy on the eval split, seconds)."""
     eval_step = run_eval_step(exp.module)
     start = time.perf_counter()
-    params = train.merge(exp.state.params, exp.frozen)
+    params = params_lib.merge(exp.state.params, exp.frozen)
     return train.evaluate(eval_step, params, exp.eval_loader), time.perf_counter() - start
 
 
@@ -281,7 +265,7 @@ def _print_complete(workdir: Path, results: dict[str, Any], epochs: int) -> None
     print(f"{workdir}: this run is complete ({epochs}/{epochs} epochs). test accuracy "
           f"{results['test_accuracy']:.4f} ({results['task']}), trained in "
           f"{results['train_time_s']:.0f} s; results in {workdir / RESULTS_FILE}. "
-          "--eval_only evaluates it again.", flush=True)  # fmt: skip
+          "--eval-only evaluates it again.", flush=True)  # fmt: skip
 
 
 def run_in(
@@ -295,7 +279,7 @@ def run_in(
     try:
         resume = check_resume(ckpt, config, allow_config_change)
         if eval_only and resume is None:
-            raise SetupError(f"--eval_only: no checkpoint in {ckpt.directory}.")
+            raise SetupError(f"--eval-only: no checkpoint in {ckpt.directory}.")
         results_path = workdir / RESULTS_FILE
         if not eval_only and resume and resume.epoch >= config.epochs and results_path.is_file():
             results = json.loads(results_path.read_text())
@@ -335,9 +319,7 @@ def run_in(
         "eval_time_s": eval_time,
         "devices": jax.device_count(),
     }
-    from adapter_plus_jax.data import registry
-
-    results.update(registry.get_dataset(config.dataset).describe(config))
+    results.update(exp.dataset.describe(config))
     if jax.process_index() == 0:
         write_json_atomic(results_path, results)
     print(f"test accuracy {accuracy:.4f} ({config.task}); results in {results_path}", flush=True)
@@ -376,20 +358,25 @@ def run(
     workdir: str | Path,
     eval_only: bool = False,
     allow_config_change: bool = False,
+    distributed: bool = False,
 ) -> dict:
     """Train (resuming from WORKDIR/checkpoints if present) and evaluate; returns the results
     also written to WORKDIR/results.json. With `eval_only`, evaluates the last checkpoint into
-    WORKDIR/eval.json instead.
+    WORKDIR/eval.json instead. `distributed`: this is one process of a multi-host run
+    (`jax.distributed.initialize()`, after the config is checked).
 
     Bad config values, a workdir in use by another process, a checkpoint made with another
     config (unless `allow_config_change`) and missing data or weights raise SetupError before
-    any compute; a workdir this call created is then removed again.
+    any compute; what this call added to the workdir is then removed again (the workdir too,
+    if this call created it).
     """
     workdir = Path(workdir)
     cfglib.validate(config)
+    if distributed:
+        jax.distributed.initialize()
     if eval_only and not has_checkpoints(workdir):
-        raise SetupError(f"--eval_only: no checkpoint in {workdir / CHECKPOINTS_DIR}.")
-    created = not workdir.exists()
+        raise SetupError(f"--eval-only: no checkpoint in {workdir / CHECKPOINTS_DIR}.")
+    before = set(workdir.iterdir()) if workdir.is_dir() else None
     workdir.mkdir(parents=True, exist_ok=True)
     lock = WorkdirLock(workdir) if jax.process_index() == 0 else None
     try:
@@ -398,10 +385,11 @@ def run(
         console.log_to(workdir)
         return run_in(config, workdir, eval_only, allow_config_change)
     except SetupError:
+        # A run that holds the workdir and failed before it trained: nothing of it is kept.
         untouched = not has_checkpoints(workdir) and not (workdir / METRICS_FILE).exists()
-        if created and untouched and jax.process_index() == 0:
+        if untouched and lock is not None and lock.held:
             console.close()
-            shutil.rmtree(workdir, ignore_errors=True)
+            _remove_added(workdir, before)
         raise
     finally:
         note = console.summary()
@@ -410,3 +398,16 @@ def run(
             print(note, flush=True)
         if lock is not None:
             lock.release()
+
+
+def _remove_added(workdir: Path, before: set[Path] | None) -> None:
+    """Remove what a failed start added to `workdir` (the workdir itself if it was not there:
+    `before` None), leaving what was there."""
+    if before is None:
+        shutil.rmtree(workdir, ignore_errors=True)
+        return
+    for path in set(workdir.iterdir()) - before:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)

@@ -4,7 +4,7 @@
     WORKDIR/log.txt         other libraries' log records (see `console.py`)
     WORKDIR/metrics.jsonl   one record per logged step (the source of truth), mirrored in
     WORKDIR/tensorboard/    TensorBoard events, rebuilt from metrics.jsonl after a resume
-    WORKDIR/results.json    the training run's results; eval.json: --eval_only's
+    WORKDIR/results.json    the training run's results; eval.json: --eval-only's
 
 The lock is an advisory `flock` on WORKDIR/lock. The kernel drops it when its process dies
 (kill -9 included), so a lock left by a killed run is taken over without a timeout, and NFS
@@ -91,6 +91,11 @@ class WorkdirLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(me).encode(), 0)
         self._fd = fd
+
+    @property
+    def held(self) -> bool:
+        """Whether this process holds the lock."""
+        return self._fd is not None
 
     def release(self) -> None:
         if self._fd is not None:
@@ -253,7 +258,7 @@ def check_resume(
             f"The checkpoint in {ckpt.directory} (step {step}) was made with another config: "
             f"{describe_changes(changes)}. To start fresh, use another --workdir (or move this "
             "one away); to continue it with the new values on purpose, add "
-            "--allow_config_change."
+            "--allow-config-change."
         )
     if changes:
         print(f"WARNING: continuing with changed config: {describe_changes(changes)}", flush=True)

@@ -6,12 +6,10 @@ measures with the real loaders (`adapter_plus_jax.data`):
 - train: train800val200 (1000 images) after the first epoch, i.e. from the uint8 cache: shuffle,
   TF1 bilinear resize to 224, batch, global jax arrays, as medians over `--rounds` rounds:
   - tf.data alone (the numpy batches, no jax arrays) and jax arrays as runner.py gets them
-    (`mean=std=None`: images in [0, 255], normalised inside its jitted steps), interleaved and
-    timed alike: the steady rate from the first batch to the last (what every step of a run
-    pays), and the one-time costs of an iterator (building it up to its first batch; closing
-    it, where tf.data's AUTOTUNE thread sometimes takes 0.3-0.5 s), which a run pays once;
-  - then jax arrays normalised by the loader (mean and std given: one jitted pass per batch),
-    for code that uses the loaders directly;
+    (images in [0, 255], normalised inside its jitted steps), interleaved and timed alike: the
+    steady rate from the first batch to the last (what every step of a run pays), and the
+    one-time costs of an iterator (building it up to its first batch; closing it, which
+    tf.data's AUTOTUNE thread sometimes holds up), which a run pays once;
 - test: a streamed split (TFDS read, JPEG decode, resize), tf.data alone then jax arrays;
 - peak host RAM of the process (ru_maxrss).
 
@@ -41,10 +39,10 @@ import tensorflow as tf  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
 from adapter_plus_jax.data import registry, vtab  # noqa: E402
+from adapter_plus_jax.data.pipeline import LoaderOptions  # noqa: E402
 
 HEIGHT, WIDTH = 375, 500  # the default JPEG size
 TRAIN_SIZE = 1250  # T = 80% = 1000: val200 = train[1000:1200], disjoint from train[:800]
-MEAN = STD = (0.5, 0.5, 0.5)
 
 
 class BenchJpegs(tfds.core.GeneratorBasedBuilder):
@@ -188,8 +186,8 @@ def main() -> None:
         spec = vtab.TaskSpec(
             "bench", "bench_jpegs:1.0.0", "1.0.0", "Natural", 10, TRAIN_SIZE, train_percent=80
         )
-        kw = dict(global_batch=args.batch, data_dir=data_dir)
-        raw = registry.vtab_train_loader(spec, "train800val200", seed=0, mean=None, std=None, **kw)
+        kw = dict(options=LoaderOptions(args.batch, args.batch), data_dir=data_dir)
+        raw = registry.vtab_train_loader(spec, "train800val200", **kw)
         first, _ = rate(raw.epoch(0))
         train = interleaved(
             "train",
@@ -199,13 +197,7 @@ def main() -> None:
             },
             args.rounds,
         )
-        # After the others, not among them: its jitted passes slowed the rounds that followed.
-        normed = registry.vtab_train_loader(spec, "train800val200", seed=0, mean=MEAN, std=STD,
-                                            **kw)  # fmt: skip
-        rate(normed.epoch(0))  # fills its cache
-        train_normed = steady([timed(lambda: normed.epochs(1, args.epochs))
-                               for _ in range(args.rounds)])  # fmt: skip
-        test_loader = registry.vtab_eval_loader(spec, "test", mean=None, std=None, **kw)
+        test_loader = registry.vtab_eval_loader(spec, "test", **kw)
         test = interleaved(
             "test",
             {
@@ -230,9 +222,6 @@ def main() -> None:
         f"tf.data alone | {steady(train['tf.data']):,.0f} | 1.00x |",
         f"| the same as jax arrays, as runner.py gets them (normalised in its steps) | "
         f"{steady(train['jax']):,.0f} | {steady(train['jax']) / steady(train['tf.data']):.2f}x |",
-        f"| the same as jax arrays normalised by the loader (a jitted pass per batch, measured "
-        "after the others) | "
-        f"{train_normed:,.0f} | {train_normed / steady(train['tf.data']):.2f}x |",
         f"| test, streamed ({args.test_size} images, decode each time), tf.data alone | "
         f"{steady(test['tf.data']):,.0f} | 1.00x |",
         f"| the same as jax arrays, as evaluation gets them | {steady(test['jax']):,.0f} | "

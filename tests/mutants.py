@@ -95,8 +95,8 @@ MUTANTS = [
         "runner trains every parameter whatever train_mode says",
         *_one(
             "adapter_plus_jax/runner.py",
-            "mask = params_lib.trainable_mask(params, config.train_mode)",
-            'mask = params_lib.trainable_mask(params, "finetune")',
+            "state, frozen = train.init_state(params, tx, config.train_mode)",
+            'state, frozen = train.init_state(params, tx, "finetune")',
         ),
         tests=("tests/test_runner.py::test_pretrained_weights_reach_the_trained_model",),
     ),
@@ -231,8 +231,8 @@ MUTANTS = [
         "LoRA's dropout after the down-projection instead of before it",
         "adapter_plus_jax/peft.py",
         (
-            ("        if s.pre_dropout:\n", "        if False:\n"),
-            ("        if not s.pre_dropout:\n", "        if True:\n"),
+            ("    if s.pre_dropout:\n", "    if False:\n"),
+            ("    if not s.pre_dropout:\n", "    if True:\n"),
         ),
         tests=(f"{PEFT}::test_training_mode_parity[lora_pre_dropout]",),
     ),
@@ -241,14 +241,14 @@ MUTANTS = [
         "the adapter's dropout before its activation instead of after it",
         *_one(
             "adapter_plus_jax/peft.py",
-            "        if s.act_layer:\n"
-            "            y = activation(self.act)(y)\n"
-            "        if not s.pre_dropout:\n"
-            "            y = nn.Dropout(s.dropout)(y, deterministic=not train)\n",
-            "        if not s.pre_dropout:\n"
-            "            y = nn.Dropout(s.dropout)(y, deterministic=not train)\n"
-            "        if s.act_layer:\n"
-            "            y = activation(self.act)(y)\n",
+            "    if s.act_layer:\n"
+            "        y = activation(act)(y)\n"
+            "    if not s.pre_dropout:\n"
+            "        y = nn.Dropout(s.dropout)(y, deterministic=not train)\n",
+            "    if not s.pre_dropout:\n"
+            "        y = nn.Dropout(s.dropout)(y, deterministic=not train)\n"
+            "    if s.act_layer:\n"
+            "        y = activation(act)(y)\n",
         ),
         tests=(f"{PEFT}::test_training_mode_parity",),
         select="adapter_plus or houlsby or lora_post_dropout",
@@ -289,9 +289,9 @@ MUTANTS = [
     ),
     Mutant(
         "merge_values",
-        "train.merge keeps the structure but zeroes the trainable values",
+        "params.merge keeps the structure but zeroes the trainable values",
         *_one(
-            "adapter_plus_jax/train.py",
+            "adapter_plus_jax/params.py",
             "    flat.update(traverse_util.flatten_dict(dict(trainable)))\n",
             "    flat.update({k: 0 * v for k, v in "
             "traverse_util.flatten_dict(dict(trainable)).items()})\n",
@@ -366,22 +366,32 @@ MUTANTS = [
         tests=(f"{CHUNKED_STEP}[7-3]",),
     ),
     Mutant(
-        "chunk_rng_shared",
-        "every chunk of a train step draws the same dropout/drop-path masks",
+        "chunk_keys_from_zero",
+        "every chunk of a train step draws the masks of the batch's first examples",
         *_one(
             "adapter_plus_jax/train.py",
-            "grad_fn(params, jax.random.fold_in(key, i), *chunk)",
-            "grad_fn(params, key, *chunk)",
+            "grad_fn(params, i * chunk, *chunk_batch)",
+            "grad_fn(params, 0, *chunk_batch)",
         ),
-        tests=("tests/test_train.py::test_chunks_draw_their_own_randomness",),
+        tests=(f"{CHUNKED_STEP}[6-2]",),
+    ),
+    Mutant(
+        "example_keys_shared",
+        "the examples of a batch share one dropout/drop-path key",
+        *_one(
+            "adapter_plus_jax/train.py",
+            "index = start + jnp.arange(n)",
+            "index = start + jnp.zeros(n, jnp.int32)",
+        ),
+        tests=("tests/test_train.py::test_examples_draw_their_own_masks",),
     ),
     Mutant(
         "run_trains_unnormalised",
         "runs train on the loaders' [0, 255] images without normalising them",
         *_one(
             "adapter_plus_jax/runner.py",
-            "module, tx, label_smoothing, rng, preprocess=input_fn(module))",
-            "module, tx, label_smoothing, rng)",
+            "label_smoothing, rng, input_fn=input_fn(module))",
+            "label_smoothing, rng)",
         ),
         tests=(RUN_STEPS,),
     ),
@@ -390,8 +400,8 @@ MUTANTS = [
         "runs evaluate the loaders' [0, 255] images without normalising them",
         *_one(
             "adapter_plus_jax/runner.py",
-            "eval_step = train.make_eval_step(module, input_fn(module))",
-            "eval_step = train.make_eval_step(module)",
+            "return train.make_eval_step(module, input_fn(module))",
+            "return train.make_eval_step(module)",
         ),
         tests=(RUN_STEPS,),
     ),
@@ -399,11 +409,12 @@ MUTANTS = [
         "reexec_loops",
         "the huge-page restart does not see that the process already has the tunable",
         *_one(
-            "adapter_plus_jax/hostmem.py",
-            ' or "glibc.malloc.hugetlb" in environ.get("GLIBC_TUNABLES", "")',
+            "adapter_plus_jax/backend.py",
+            '    if "glibc.malloc.hugetlb" in environ.get("GLIBC_TUNABLES", ""):\n'
+            "        return False\n",
             "",
         ),
-        tests=("tests/test_hostmem.py::test_never_restarts_a_process_that_has_the_tunable",),
+        tests=("tests/test_backend.py::test_never_restarts_a_process_that_has_the_tunable",),
     ),
     Mutant(
         "fused_attention_pad_unmasked",

@@ -67,16 +67,17 @@ def _run_blocked(code: str, cwd: Path) -> str:
     return done.stdout
 
 
-def _readme_block() -> str:
+def _readme_blocks() -> list[str]:
+    """The Python blocks of the README's section "Use Adapter+ in your own JAX project"."""
     readme = (ROOT / "README.md").read_text()
-    section = readme.split("## Use Adapter+ in your own JAX project", 1)[1]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    section = readme.split("## Use Adapter+ in your own JAX project", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, re.S)
 
 
-def test_readme_block_trains_with_root_exports_only(ported) -> None:
-    """The README's code, as written, in a project directory with torch and TensorFlow
+def test_readme_linen_block_trains_with_root_exports_only(ported) -> None:
+    """The README's Linen loop, as written, in a project directory with torch and TensorFlow
     blocked: it trains, and trains exactly the parameters adapter-plus would."""
-    out = _run_blocked(_readme_block(), cwd=ported.parents[1])
+    out = _run_blocked(_readme_blocks()[0], cwd=ported.parents[1])
     reference = reference_vit(
         adapter=ADAPTER_PLUS, patch_size=16, embed_dim=192, num_heads=3, num_classes=10, **TINY
     )
@@ -88,6 +89,14 @@ def test_readme_block_trains_with_root_exports_only(ported) -> None:
     assert len(losses) == 3 and all(np.isfinite(losses)), out
 
 
+def test_readme_nnx_block_trains_and_predicts(ported) -> None:
+    """The README's NNX loop, as written, with torch and TensorFlow blocked."""
+    out = _run_blocked(_readme_blocks()[1], cwd=ported.parents[1])
+    losses = [float(x) for x in re.findall(r"step \d: loss ([\d.]+)", out)]
+    assert len(losses) == 3 and all(np.isfinite(losses)), out
+    assert out.strip().splitlines()[-1] == "(8, 10)", out
+
+
 def test_core_needs_neither_torch_nor_tensorflow(ported) -> None:
     """Loading a ported directory, create_model (LoRA), the library's train step and
     merge_lora, with torch, TensorFlow and timm unimportable."""
@@ -95,16 +104,17 @@ def test_core_needs_neither_torch_nor_tensorflow(ported) -> None:
 import jax, jax.numpy as jnp, numpy as np
 import adapter_plus_jax as apj
 from adapter_plus_jax import train
+from adapter_plus_jax.params import merge, split
 module, variables, cfg = apj.load_pretrained({str(ported)!r})
 module, variables = apj.create_model({str(ported)!r}, num_classes=5, lora=apj.LoRASpec(),
                                      rng=jax.random.key(0))
 params = variables["params"]
-trainable, frozen = train.split(params, apj.trainable_mask(params))
+trainable, frozen = split(params, apj.trainable_mask(params))
 tx = train.adamw(train.reference_lr(1e-2, 2, warmup_epochs=2, epochs=3))
 state = train.TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable))
 x = apj.normalize(np.full((4, 64, 64, 3), 100, np.uint8), module.config.mean, module.config.std)
-state, metrics = jax.jit(train.make_train_step(module, tx))(state, frozen, x, jnp.arange(4))
-trained = {{"params": train.merge(state.params, frozen)}}
+state, metrics = train.make_train_step(module, tx)(state, frozen, x, jnp.arange(4))
+trained = {{"params": merge(state.params, frozen)}}
 merged_module, merged = apj.merge_lora(module, trained)
 a, b = module.apply(trained, x), merged_module.apply(merged, x)
 assert np.abs(a - b).max() <= 1e-5 * (1 + np.abs(a).max()), np.abs(a - b).max()
@@ -116,9 +126,9 @@ print("ok", float(metrics["loss"]))
 
 
 def test_installed_copy_works_outside_the_repository(tmp_path) -> None:
-    """`pip install .` (here: into a target directory, without dependencies) gives a package
-    that imports from anywhere, finds its configs and its porter, with the repository off
-    sys.path."""
+    """`pip install .` (here: into a target directory, without dependencies) gives the `apj`
+    command and a package that imports from anywhere and finds its configs and its porter, with
+    the repository off sys.path."""
     site = tmp_path / "site"
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
@@ -143,6 +153,12 @@ print(load_config("configs/vtab.py:dtd,method=pfeiffer").adapter.config,
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["pfeiffer", "cub"]
+    apj = subprocess.run(
+        [str(site / "bin" / "apj"), "--help"], cwd=tmp_path, capture_output=True, text=True,
+        env={**os.environ, "PYTHONPATH": str(site)}, timeout=300,
+    )  # fmt: skip
+    assert apj.returncode == 0, apj.stderr
+    assert "usage: apj <command>" in apj.stdout and "\n  train " in apj.stdout
 
 
 def test_default_specs_are_the_papers() -> None:
@@ -197,6 +213,6 @@ def test_create_model_rejects_bad_arguments(ported, kwargs, error, match) -> Non
 
 
 def test_create_model_without_weights_offline_says_how_to_port(tmp_path, hf_offline) -> None:
-    with pytest.raises(apj.SetupError, match="port_weights.py --model vit_tiny_patch16_224"):
+    with pytest.raises(apj.SetupError, match="apj port --model vit_tiny_patch16_224"):
         apj.create_model("vit_tiny_patch16_224", num_classes=2, rng=0, weights_dir=tmp_path)
     assert list(tmp_path.iterdir()) == []

@@ -29,12 +29,11 @@ from tensorflow_datasets.core import splits as splits_lib
 from tensorflow_datasets.core.features import TensorInfo
 from tensorflow_datasets.testing.mocking import RandomFakeGenerator
 
-from adapter_plus_jax import preprocess
 from adapter_plus_jax.data import pipeline, registry, tfds_io, vtab
 from adapter_plus_jax.data import prepare as prep
+from adapter_plus_jax.images import normalize
 
 ROOT = Path(__file__).resolve().parents[1]
-HALF = (0.5, 0.5, 0.5)
 
 # ----------------------------------------------------------------------------------------------
 # The recipe's tables (docs/recipe.md).
@@ -250,18 +249,18 @@ def test_task_pipeline_mocked(mocked_tfds, name):
     assert 0 <= labels.min() and labels.max() < spec.num_classes
 
     # Batches: shape, dtype, range, labels; the order is a function of the seed.
-    kw = dict(mean=HALF, std=HALF, global_batch=8)
-    loader = registry.vtab_train_loader(name, seed=3, **kw)
+    loader = registry.vtab_train_loader(name, options=pipeline.LoaderOptions(8, seed=3))
     assert loader.steps_per_epoch == 125
     batches = first_batches(loader.epoch(0))
     for b in batches:
         assert b["image"].shape == (8, 224, 224, 3) and b["image"].dtype == np.float32
-        assert b["image"].min() >= -1.0 and b["image"].max() <= 1.0
+        assert b["image"].min() >= 0.0 and b["image"].max() <= 255.0
         assert b["label"].dtype == np.int32 and b["mask"].all()
         assert ((0 <= b["label"]) & (b["label"] < spec.num_classes)).all()
     # Same seed, same batches (a fresh loader replays too: test_train_epochs).
     assert same_batches(batches, first_batches(loader.epoch(0)))
-    other = first_batches(registry.vtab_train_loader(name, seed=4, **kw).epoch(0))
+    options = pipeline.LoaderOptions(8, seed=4)
+    other = first_batches(registry.vtab_train_loader(name, options=options).epoch(0))
     assert not same_batches(batches, other)
 
 
@@ -478,10 +477,9 @@ def tiny(tmp_path_factory) -> tuple[Path, dict[int, np.ndarray]]:
     return root / "tfds", images
 
 
-def normalized(image: np.ndarray, size: int = 224) -> np.ndarray:
-    """What the pipeline must output for one image: TF1 resize, /255, (x - 0.5)/0.5."""
-    resized = tf.compat.v1.image.resize(image, [size, size]).numpy().astype(np.float32)
-    return (resized / np.float32(255.0) - np.float32(0.5)) / np.float32(0.5)
+def resized(image: np.ndarray, size: int = 224) -> np.ndarray:
+    """What the pipeline must output for one image: TF1's bilinear resize, in [0, 255]."""
+    return tf.compat.v1.image.resize(image, [size, size]).numpy().astype(np.float32)
 
 
 def collect(batches) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -508,7 +506,7 @@ def test_tiny_splits(tiny):
 def test_eval_exact_pixels_each_example_once(tiny):
     data_dir, images = tiny
     loader = registry.vtab_eval_loader(
-        TINY, "test", mean=HALF, std=HALF, global_batch=8, data_dir=data_dir
+        TINY, "test", options=pipeline.LoaderOptions(eval_batch_size=8), data_dir=data_dir
     )
     assert len(loader) == 5  # ceil(37 / 8)
     batches = list(loader)
@@ -518,45 +516,40 @@ def test_eval_exact_pixels_each_example_once(tiny):
     assert mask.sum() == TEST_SIZE and not mask[TEST_SIZE:].any()
     assert sorted(y[mask]) == list(range(TEST_OFFSET, TEST_OFFSET + TEST_SIZE))
     for image, label in zip(x[mask], y[mask], strict=True):
-        np.testing.assert_array_equal(image, normalized(images[label]))
+        np.testing.assert_array_equal(image, resized(images[label]))
     assert not y[~mask].any()
 
 
-def test_unnormalised_images_for_the_step_to_normalise(tiny):
-    """mean=std=None (runner.py's loaders): the images stay in [0, 255], and the normalisation
-    the step applies gives the normalised loader's pixels bit for bit, ImageNet statistics
-    included (divisions by 0.5 would hide a multiplication by a reciprocal)."""
+def test_the_steps_normalisation_is_the_references(tiny):
+    """The loaders yield images in [0, 255]; `normalize` in the step gives the reference's
+    (x / 255 - mean) / std bit for bit, ImageNet statistics included (divisions by 0.5 would hide
+    a multiplication by a reciprocal)."""
     data_dir, images = tiny
-    stats = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
-    kw = dict(global_batch=8, data_dir=data_dir)
-    raw, y, _ = collect([next(iter(registry.vtab_eval_loader(TINY, "test", mean=None, std=None,
-                                                             **kw)))])  # fmt: skip
-    done, y2, _ = collect([next(iter(registry.vtab_eval_loader(TINY, "test", **stats, **kw)))])
-    assert raw.max() > 1.5 and raw.min() >= 0 and np.array_equal(y, y2)
-    for image, label in zip(raw, y, strict=True):
-        resized = tf.compat.v1.image.resize(images[label], [224, 224]).numpy()
-        np.testing.assert_array_equal(image, resized.astype(np.float32))
-    in_step = jax.jit(lambda x: preprocess.normalize(x, stats["mean"], stats["std"]))
-    np.testing.assert_array_equal(np.asarray(in_step(raw)), done)
-    with pytest.raises(ValueError, match="both mean and std"):
-        registry.vtab_eval_loader(TINY, "test", mean=None, std=(0.5,) * 3, **kw)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    options = pipeline.LoaderOptions(eval_batch_size=8)
+    loader = registry.vtab_eval_loader(TINY, "test", options=options, data_dir=data_dir)
+    raw, y, _ = collect([next(iter(loader))])
+    in_step = np.asarray(jax.jit(lambda x: normalize(x, mean, std))(raw))
+    for image, label in zip(in_step, y, strict=True):
+        expected = (resized(images[label]) / np.float32(255) - np.float32(mean)) / np.float32(std)
+        np.testing.assert_array_equal(image, expected)
 
 
 def test_other_image_size(tiny):
     """A model built for another input size gets its size from both loaders."""
     data_dir, images = tiny
-    kw = dict(mean=HALF, std=HALF, global_batch=8, data_dir=data_dir, image_size=96)
-    train_batch = next(iter(registry.vtab_train_loader(TINY, "val200", seed=0, **kw).epoch(0)))
+    kw = dict(options=pipeline.LoaderOptions(8, 8, image_size=96), data_dir=data_dir)
+    train_batch = next(iter(registry.vtab_train_loader(TINY, "val200", **kw).epoch(0)))
     x, y, mask = collect([next(iter(registry.vtab_eval_loader(TINY, "test", **kw)))])
     assert train_batch["image"].shape == x.shape == (8, 96, 96, 3) and mask.all()
     for image, label in zip(x, y, strict=True):
-        np.testing.assert_array_equal(image, normalized(images[label], 96))
+        np.testing.assert_array_equal(image, resized(images[label], 96))
 
 
 def test_train_epochs(tiny):
     data_dir, images = tiny
-    kw = dict(mean=HALF, std=HALF, global_batch=16, data_dir=data_dir)
-    loader = registry.vtab_train_loader(TINY, "val200", seed=0, **kw)
+    kw = dict(options=pipeline.LoaderOptions(16), data_dir=data_dir)
+    loader = registry.vtab_train_loader(TINY, "val200", **kw)
     assert loader.steps_per_epoch == 12  # drop_last: 200 // 16
     both = collect(loader.epochs(0, 2))  # one pipeline over two epochs
     epochs = [tuple(a[192 * e : 192 * (e + 1)] for a in both) for e in range(2)]
@@ -565,10 +558,10 @@ def test_train_epochs(tiny):
         # 192 distinct examples of val200, all real.
         assert len(y) == 192 and mask.all() and len(set(y)) == 192 and set(y) <= val200
         for image, label in zip(x[:3], y[:3], strict=True):
-            np.testing.assert_array_equal(image, normalized(images[label]))
+            np.testing.assert_array_equal(image, resized(images[label]))
     assert len({tuple(y) for _, y, _ in epochs}) == 2  # reshuffled every epoch
     # Resuming at epoch 1 with a fresh loader replays it exactly.
-    resumed = collect(registry.vtab_train_loader(TINY, "val200", seed=0, **kw).epoch(1))
+    resumed = collect(registry.vtab_train_loader(TINY, "val200", **kw).epoch(1))
     assert all(np.array_equal(a, b) for a, b in zip(resumed, epochs[1], strict=True))
 
 
@@ -591,10 +584,7 @@ def test_train_batches_do_not_depend_on_process_count(tiny, drop_remainder):
             examples,
             30,
             lambda ex, _: (tf.zeros([2, 2, 3]), ex["label"]),
-            mean=HALF,
-            std=HALF,
-            global_batch=8,
-            seed=7,
+            pipeline.LoaderOptions(8, seed=7),
             drop_remainder=drop_remainder,
             cache=True,
         )
@@ -633,19 +623,20 @@ EIGHT_DEVICES = textwrap.dedent(
     """
     import json, sys
     import jax, numpy as np
-    from adapter_plus_jax.data import registry, vtab
+    from adapter_plus_jax.data import pipeline, registry, vtab
 
     spec = vtab.TaskSpec(
         "tiny", "tiny_vtab:1.0.0", "1.0.0", "Natural", 1100, num_train=1010, train_percent=80
     )
-    kw = dict(mean=(0.5,) * 3, std=(0.5,) * 3, data_dir=sys.argv[1])
-    loader = registry.vtab_eval_loader(spec, "test", global_batch=16, **kw)
+    options = pipeline.LoaderOptions(eval_batch_size=16)
+    loader = registry.vtab_eval_loader(spec, "test", options=options, data_dir=sys.argv[1])
     labels, shards = [], set()
     for b in loader:
         shards.add(len(b["image"].addressable_shards))
         labels += np.asarray(b["label"])[np.asarray(b["mask"])].tolist()
     try:
-        registry.vtab_eval_loader(spec, "test", global_batch=12, **kw)
+        options = pipeline.LoaderOptions(eval_batch_size=12)
+        registry.vtab_eval_loader(spec, "test", options=options, data_dir=sys.argv[1])
         error = None
     except ValueError as e:
         error = str(e)
@@ -711,14 +702,14 @@ def test_prepare_names_missing_manual_files(tmp_path, name, files):
     assert all(f in message for f in files)
 
 
-def test_prepare_cli_reports_every_missing_dataset(tmp_path):
+def test_prepare_cli_reports_every_missing_dataset(tmp_path, capsys):
     manual = tmp_path / "manual"
-    with pytest.raises(SystemExit) as info:
-        prep.main(
-            ["prepare", "--tasks", "resisc45,sun397"]
-            + ["--data-dir", str(tmp_path), "--manual-dir", str(manual)]
-        )
-    message = str(info.value.code)
+    status = prep.main(
+        ["prepare", "--tasks", "resisc45,sun397"]
+        + ["--data-dir", str(tmp_path), "--manual-dir", str(manual)]
+    )
+    message = capsys.readouterr().err
+    assert status == 1 and "apj data: error: " in message
     assert "resisc45" in message and "sun397" in message and str(manual) in message
 
 
@@ -734,9 +725,9 @@ def test_normalize_is_exact():
     x = np.random.default_rng(0).uniform(0, 255, (4, 16, 16, 3)).astype(np.float32)
     mean = np.array([0.485, 0.456, 0.406], np.float32)
     std = np.array([0.229, 0.224, 0.225], np.float32)
-    normalize = jax.jit(preprocess.normalize, static_argnums=(1, 2))
-    out = np.asarray(normalize(x, tuple(mean), tuple(std)))
+    jitted = jax.jit(normalize, static_argnums=(1, 2))
+    out = np.asarray(jitted(x, tuple(mean), tuple(std)))
     np.testing.assert_array_equal(out, (x / np.float32(255) - mean) / std)
     # One pass over the images: no image-sized temporaries (divisors, intermediate results).
-    compiled = normalize.lower(x, tuple(mean), tuple(std)).compile()
+    compiled = jitted.lower(x, tuple(mean), tuple(std)).compile()
     assert compiled.memory_analysis().temp_size_in_bytes < x.nbytes / 4

@@ -17,8 +17,7 @@ from runs import final_state, tiny_demo
 
 from adapter_plus_jax import export, predict, runner
 from adapter_plus_jax.data import demo
-from adapter_plus_jax.images import decode
-from adapter_plus_jax.preprocess import normalize
+from adapter_plus_jax.images import decode, normalize
 from adapter_plus_jax.pretrained import load_pretrained
 from adapter_plus_jax.serving import TaskSet
 from adapter_plus_jax.task import backbone_digest, load_backbone, read_task

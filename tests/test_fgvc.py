@@ -18,8 +18,9 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from adapter_plus_jax.data import fgvc
+from adapter_plus_jax.data.pipeline import LoaderOptions
 
-HALF = (0.5, 0.5, 0.5)
+FOUR = LoaderOptions(4, 4)  # batches of 4
 
 
 def smooth_image(height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -69,8 +70,8 @@ def test_json_class_ids_are_remapped_per_file(vpt_root):
 
 
 def test_json_train_loader(vpt_root):
-    kw = dict(mean=HALF, std=HALF, global_batch=4, root=vpt_root)
-    loader = fgvc.fgvc_train_loader("cub", seed=0, **kw)
+    kw = dict(options=FOUR, root=vpt_root)
+    loader = fgvc.fgvc_train_loader("cub", **kw)
     assert loader.steps_per_epoch == 2  # 7 examples, drop_last=False
     batches = [{k: np.asarray(v) for k, v in b.items()} for b in loader.epoch(0)]
     assert len(batches) == 2
@@ -78,15 +79,15 @@ def test_json_train_loader(vpt_root):
     mask = np.concatenate([b["mask"] for b in batches])
     assert images.shape == (8, 224, 224, 3) and images.dtype == np.float32
     assert mask.sum() == 7 and not mask[7:].any()
-    assert images.min() >= -1 and images.max() <= 1
-    again = [np.asarray(b["image"]) for b in fgvc.fgvc_train_loader("cub", seed=0, **kw).epoch(0)]
+    assert images.min() >= 0 and images.max() <= 255
+    again = [np.asarray(b["image"]) for b in fgvc.fgvc_train_loader("cub", **kw).epoch(0)]
     np.testing.assert_array_equal(images, np.concatenate(again))
     other = [np.asarray(b["image"]) for b in loader.epoch(1)]
     assert not np.array_equal(images, np.concatenate(other))  # new crops and order
 
 
 def test_json_eval_loader(vpt_root):
-    loader = fgvc.fgvc_eval_loader("cub", mean=HALF, std=HALF, global_batch=4, root=vpt_root)
+    loader = fgvc.fgvc_eval_loader("cub", options=FOUR, root=vpt_root)
     batches = list(loader)
     assert len(batches) == len(loader) == 2
     mask = np.concatenate([np.asarray(b["mask"]) for b in batches])
@@ -104,9 +105,9 @@ def test_process_slices():
 
 def test_sources_need_the_right_layout():
     with pytest.raises(ValueError, match="no TFDS builder"):
-        fgvc.fgvc_train_loader("nabirds", mean=HALF, std=HALF, seed=0)
+        fgvc.fgvc_train_loader("nabirds", options=FOUR)
     with pytest.raises(ValueError, match="root="):
-        fgvc.fgvc_eval_loader("cub", "val", mean=HALF, std=HALF)
+        fgvc.fgvc_eval_loader("cub", "val", options=FOUR)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -115,15 +116,13 @@ def test_sources_need_the_right_layout():
 
 def test_tfds_source_mocked():
     with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):
-        train = fgvc.fgvc_train_loader("cub", mean=HALF, std=HALF, seed=0, global_batch=4)
+        train = fgvc.fgvc_train_loader("cub", options=FOUR)
         batches = list(train.epoch(0))
-        evaluation = list(
-            fgvc.fgvc_eval_loader("oxfordflower", mean=HALF, std=HALF, global_batch=4)
-        )
+        evaluation = list(fgvc.fgvc_eval_loader("oxfordflower", options=FOUR))
     assert len(batches) == 2 and len(evaluation) == 2
     for b in batches + evaluation:
         assert b["image"].shape == (4, 224, 224, 3)
-        assert np.asarray(b["image"]).min() >= -1 and np.asarray(b["image"]).max() <= 1
+        assert np.asarray(b["image"]).min() >= 0 and np.asarray(b["image"]).max() <= 255
     for loaded, classes in [(batches, 200), (evaluation, 102)]:
         mask = np.concatenate([np.asarray(b["mask"]) for b in loaded])
         labels = np.concatenate([np.asarray(b["label"]) for b in loaded])

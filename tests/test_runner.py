@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from runs import ROOT, final_state, load_config, main_process
 
+from adapter_plus_jax import params as params_lib
 from adapter_plus_jax import peft, runner, train
 from adapter_plus_jax.params import param_count, trainable_mask
 
@@ -42,7 +43,7 @@ def test_missing_weights_offline_fails_before_compute(tmp_path: Path, hf_offline
     config = load_config("demo")
     config.model.pretrained = True
     config.model.weights_dir = str(tmp_path / "weights")
-    with pytest.raises(runner.SetupError, match="port_weights.py --model vit_tiny_patch16_224"):
+    with pytest.raises(runner.SetupError, match="apj port --model vit_tiny_patch16_224"):
         runner.run(config, tmp_path / "w")
     assert not (tmp_path / "w").exists() and not (tmp_path / "weights").exists()
 
@@ -62,7 +63,7 @@ def test_eight_devices_train_like_one_and_reject_indivisible_batches(tmp_path: P
         from jax.sharding import NamedSharding, PartitionSpec as P
         from adapter_plus_jax import peft, runner, train
         from adapter_plus_jax.data.pipeline import data_mesh
-        from adapter_plus_jax.params import trainable_mask
+        from adapter_plus_jax.params import split, trainable_mask
         from adapter_plus_jax.model import VisionTransformer, ViTConfig
         assert jax.device_count() == 8
         cfg = ViTConfig(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2,
@@ -76,11 +77,11 @@ def test_eight_devices_train_like_one_and_reject_indivisible_batches(tmp_path: P
                  rng.integers(0, 4, 16).astype(np.int32)) for _ in range(4)]
 
         def run(mesh):
-            trainable, frozen = train.split(params, trainable_mask(params))
+            trainable, frozen = split(params, trainable_mask(params))
             tx = train.adamw(train.reference_lr(1e-2, 2, warmup_epochs=1, epochs=2))
             state = train.TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable))
             state, frozen = runner.replicate(state, mesh), runner.replicate(frozen, mesh)
-            step = jax.jit(train.make_train_step(module, tx), donate_argnums=0)
+            step = train.make_train_step(module, tx)  # jitted, the state donated
             shard = NamedSharding(mesh, P("data"))
             for images, labels in data:
                 batch = jax.device_put(images, shard), jax.device_put(labels, shard)
@@ -120,12 +121,12 @@ def _train_step_costs(train_mode: str) -> tuple[float, float, int, int]:
     )
     images = jnp.zeros((1, 224, 224, 3))
     params = jax.eval_shape(module.init, jax.random.key(0), images)["params"]
-    trainable, frozen = train.split(params, trainable_mask(params, train_mode))
+    trainable, frozen = params_lib.split(params, trainable_mask(params, train_mode))
     tx = train.adamw(train.reference_lr(1e-3, 15))
     opt_state = jax.eval_shape(tx.init, trainable)
     state = train.TrainState(jax.ShapeDtypeStruct((), jnp.int32), trainable, opt_state)
     labels = jax.ShapeDtypeStruct((1,), jnp.int32)
-    step = jax.jit(train.make_train_step(module, tx)).lower(state, frozen, images, labels)
+    step = train.make_train_step(module, tx).lower(state, frozen, images, labels)
     forward = jax.jit(lambda p, x: module.apply({"params": p}, x)).lower(params, images)
     flops = [c.compile().cost_analysis()["flops"] for c in (step, forward)]
     return flops[0], flops[1], param_count(opt_state), param_count(trainable)
@@ -256,8 +257,8 @@ def test_runs_steps_take_images_in_0_255_and_normalise_them() -> None:
     images."""
     import optax
 
+    from adapter_plus_jax.images import normalize
     from adapter_plus_jax.model import VisionTransformer, ViTConfig
-    from adapter_plus_jax.preprocess import normalize
 
     config = ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
                        mlp_dim=64, num_classes=5, mean=(0.485, 0.456, 0.406),
@@ -267,7 +268,7 @@ def test_runs_steps_take_images_in_0_255_and_normalise_them() -> None:
     x = normalize(raw, config.mean, config.std)
     labels, mask = jnp.arange(6) % 5, jnp.ones(6, bool)
     params = module.init(jax.random.key(0), x)["params"]
-    trainable, frozen = train.split(params, trainable_mask(params))
+    trainable, frozen = params_lib.split(params, trainable_mask(params))
     tx, rng = optax.sgd(1.0), jax.random.key(3)
 
     def state() -> train.TrainState:  # a fresh copy: the run's train step donates it
@@ -276,9 +277,8 @@ def test_runs_steps_take_images_in_0_255_and_normalise_them() -> None:
 
     run_train, run_eval = runner.run_train_step(module, tx, 0.1, rng), runner.run_eval_step(module)
     got, got_metrics = run_train(state(), frozen, raw, labels, mask)
-    want, want_metrics = jax.jit(train.make_train_step(module, tx, 0.1, rng))(
-        state(), frozen, x, labels, mask
-    )
+    want, want_metrics = train.make_train_step(module, tx, 0.1, rng)(state(), frozen, x, labels,
+                                                                     mask)  # fmt: skip
     np.testing.assert_allclose(got_metrics["loss"], want_metrics["loss"], rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6),
                  got.params, want.params)  # fmt: skip

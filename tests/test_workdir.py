@@ -96,13 +96,13 @@ def test_a_killed_evaluation_is_finished_by_the_rerun(finished, tmp_path) -> Non
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--eval_only"], "--eval_only: no checkpoint in"),
+        (["--eval_only"], "--eval-only: no checkpoint in"),  # the old spelling still works
         (["--config.batch_size=-3"], "batch_size=-3 (expected a positive integer)"),
         (["--config.lr=0"], "lr=0.0 (expected a positive number)"),
         (["--config.adapter.dim=0"], "adapter: Bad PEFT config field 'dim'"),
         (
             ["--config.model.dtype=bfloat16", "--config.model.attention=cudnn"],
-            "model.attention='cudnn' needs an NVIDIA GPU; JAX computes on cpu here",
+            "attention='cudnn' needs an NVIDIA GPU; JAX computes on cpu here",
         ),
     ],
     ids=["eval_only_empty", "batch_size", "lr", "adapter_dim", "cudnn_on_cpu"],
@@ -131,7 +131,7 @@ def test_a_changed_config_is_refused_before_any_compute(finished, tmp_path, monk
     message = str(e.value)
     for change in ("adapter.dim: 8 -> 4", "epochs: 3 -> 4", "lr: 0.01 -> 0.02"):
         assert change in message
-    assert "another --workdir" in message and "--allow_config_change" in message
+    assert "another --workdir" in message and "--allow-config-change" in message
     assert checkpoint_steps(workdir) == [40, 60]
 
 
@@ -345,9 +345,9 @@ def test_killed_at_random_points_ends_bit_identical(tmp_path) -> None:
     assert sorted(tb) == sorted(set(tb)) == sorted(steps_b)
 
     # The console: the run's own lines; other libraries' logs in log.txt (or with --verbose).
-    library_line = "Unable to initialize backend"  # JAX's INFO record on a machine without TPU
-    assert library_line not in out_resumed and "INFO" not in out_resumed, out_resumed
+    # Orbax logs through absl on every platform (JAX's backend probes may be off: JAX_PLATFORMS).
+    assert "INFO" not in out_resumed and "absl" not in out_resumed, out_resumed
     assert "test accuracy" in out_resumed and "Resumed from" in out_resumed
     log = (tmp_path / "b" / "log.txt").read_text()
-    assert library_line in log and " INFO absl: " in log  # Orbax logs through absl
-    assert library_line in out_full  # --verbose shows them
+    assert " INFO absl: " in log
+    assert "INFO:absl:" in out_full  # --verbose shows them

@@ -1,9 +1,9 @@
 """Adapter+ (and the paper's baselines) on one FGVC dataset, with the paper's recipe.
 
-    python main.py --config configs/fgvc.py:cub --workdir runs/cub
-    python main.py --config configs/fgvc.py:nabirds --config.fgvc_root=/data/nabirds \\
+    apj train --config configs/fgvc.py:cub --workdir runs/cub
+    apj train --config configs/fgvc.py:nabirds --config.fgvc_root=/data/nabirds \\
         --workdir runs/nabirds
-    python main.py --config configs/fgvc.py:stanforddogs,method=vpt,seed=45 --workdir runs/dogs
+    apj train --config configs/fgvc.py:stanforddogs,method=vpt,seed=45 --workdir runs/dogs
 
 Arguments after ':' (comma-separated; the first is the dataset: cub, nabirds, oxfordflower,
 stanforddogs, stanfordcars):

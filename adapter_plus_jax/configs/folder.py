@@ -1,7 +1,7 @@
 """Adapter+ on your own images: ROOT/train/<class>/* (and optionally ROOT/val, ROOT/test).
 
-    python main.py --config configs/folder.py:/path/to/root --workdir runs/mine
-    python main.py --config configs/folder.py:/path/to/root,method=lora,dim=4 --workdir runs/lora
+    apj train --config configs/folder.py:/path/to/root --workdir runs/mine
+    apj train --config configs/folder.py:/path/to/root,method=lora,dim=4 --workdir runs/lora
 
 Arguments (after ':'): the folder, then method, dim (adapter / LoRA rank, default 8), tokens
 (VPT, default 50), seed and epochs. The layout, the image formats and the holdout used when

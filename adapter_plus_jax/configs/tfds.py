@@ -1,7 +1,7 @@
 """Adapter+ on any TFDS image-classification dataset (features 'image' and 'label').
 
-    python main.py --config configs/tfds.py:oxford_flowers102 --workdir runs/flowers
-    python main.py --config configs/tfds.py:cifar10,train_split=train[:5000],eval_split=test \\
+    apj train --config configs/tfds.py:oxford_flowers102 --workdir runs/flowers
+    apj train --config configs/tfds.py:cifar10,train_split=train[:5000],eval_split=test \\
         --workdir runs/cifar10_5k
 
 Arguments (after ':'): the TFDS builder name (a version may follow: 'cifar10:3.0.2'), then

@@ -1,8 +1,8 @@
 """Adapter+ (and the paper's baselines) on one VTAB-1k task, with the paper's recipe.
 
-    python main.py --config configs/vtab.py:dtd --workdir runs/dtd
-    python main.py --config configs/vtab.py:dtd,method=lora,seed=45 --workdir runs/dtd_lora_s45
-    python main.py --config configs/vtab.py:svhn,dim=8 --config.epochs=50 --workdir runs/svhn_r8
+    apj train --config configs/vtab.py:dtd --workdir runs/dtd
+    apj train --config configs/vtab.py:dtd,method=lora,seed=45 --workdir runs/dtd_lora_s45
+    apj train --config configs/vtab.py:svhn,dim=8 --config.epochs=50 --workdir runs/svhn_r8
 
 Arguments after ':' (comma-separated; the first is the task):
   method   adapter_plus (default) | lora | vpt | linear | finetune, or another adapter

@@ -1,10 +1,12 @@
 """Input pipelines (tf.data on the host, sharded jax arrays out) and the datasets of the paper.
 
-- `pipeline`: batching shared by every dataset (mesh, TrainLoader, EvalLoader, TF1 resize);
+- `pipeline`: batching shared by every dataset (`LoaderOptions`, the mesh, TrainLoader,
+  EvalLoader, the TF1 resize);
 - `tfds_io`: TFDS builders pinned to the recipe's versions, splits, any TFDS split's loaders;
-- `vtab`, `fgvc`, `demo`: the VTAB-1k task table, FGVC, and the offline digits dataset;
+- `vtab`, `fgvc`, `folder`, `demo`: the VTAB-1k task table, FGVC, image folders of your own,
+  and the offline digits dataset;
 - `registry`: dataset name -> class count and loaders, as the runner uses them;
-- `prepare`: `python -m adapter_plus_jax.data prepare --tasks all` downloads and prepares.
+- `prepare`: `apj data prepare --tasks all` downloads and prepares.
 
 The recipe they follow is docs/recipe.md.
 """

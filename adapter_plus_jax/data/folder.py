@@ -12,7 +12,7 @@ JPEG, PNG, BMP, GIF (first frame) and WebP files are read with Pillow; grayscale
 (alpha dropped) and 16-bit images become 8-bit RGB. A file that cannot be decoded is skipped and
 named in a warning, and the count goes to results.json. Images are decoded once, at the start,
 and kept in memory at their own size; resizing to the model's input (TF1 bilinear, as VTAB)
-and the backbone's mean/std are the VTAB pipeline's.
+and the normalisation are the VTAB pipeline's.
 """
 
 from __future__ import annotations
@@ -26,7 +26,12 @@ import jax
 import numpy as np
 import tensorflow as tf
 
-from adapter_plus_jax.data.pipeline import EvalLoader, TrainLoader, resize_bilinear_v1
+from adapter_plus_jax.data.pipeline import (
+    EvalLoader,
+    LoaderOptions,
+    TrainLoader,
+    resize_bilinear_v1,
+)
 from adapter_plus_jax.errors import SetupError
 from adapter_plus_jax.images import EXTENSIONS, decode
 
@@ -186,22 +191,24 @@ def describe(root: str, train_split: str, eval_split: str) -> dict[str, Any]:
 
 
 def folder_loaders(
-    root: str, splits: tuple[str, str], image_size: int, *, mean, std, seed: int, batch: int,
-    eval_batch: int, mesh
+    root: str, splits: tuple[str, str], options: LoaderOptions
 ) -> tuple[TrainLoader, EvalLoader]:
     """Train batches (shuffled per epoch, last partial batch dropped) and padded eval batches
     of `splits` = (train_split, eval_split), as `select` reads them."""
     data = load(root, *splits)
     images, labels = data["train"]
-    if len(labels) < batch:
-        raise SetupError(f"{len(labels)} training images are fewer than batch_size={batch}.")
+    if len(labels) < options.batch_size:
+        raise SetupError(f"{len(labels)} training images are fewer than "
+                         f"batch_size={options.batch_size}.")  # fmt: skip
+    size = options.image_size
     train = TrainLoader(
         _dataset(images, labels),
         len(labels),
-        lambda ex, _: (resize_bilinear_v1(ex["image"], image_size), ex["label"]),
-        mean=mean, std=std, global_batch=batch, seed=seed, drop_remainder=True, cache=True,
-        mesh=mesh,
-    )  # fmt: skip
+        lambda ex, _: (resize_bilinear_v1(ex["image"], size), ex["label"]),
+        options,
+        drop_remainder=True,
+        cache=True,
+    )
     images, labels = data["eval"]
     n, p, i = len(labels), jax.process_count(), jax.process_index()
     sizes = [n // p + (k < n % p) for k in range(p)]  # process 0 holds the largest slice
@@ -211,7 +218,8 @@ def folder_loaders(
         _dataset(images[local], labels[local]),
         sizes[i],
         sizes[0],
-        lambda ex: (resize_bilinear_v1(ex["image"], image_size), ex["label"]),
-        mean=mean, std=std, global_batch=eval_batch, cache=True, mesh=mesh,
-    )  # fmt: skip
+        lambda ex: (resize_bilinear_v1(ex["image"], size), ex["label"]),
+        options,
+        cache=True,
+    )
     return train, evaluation

@@ -6,20 +6,20 @@ VTAB-1k preprocessing (docs/recipe.md, "Preprocessing"), identical for train and
     `tf.compat.v1.image.resize` bilinear (legacy grid, align_corners=False) -> /255 ->
     (x - mean) / std with the mean/std of the ported model's pretrained config -> NHWC float32.
 
-tf.data does everything up to the resize. The two element-wise steps ((x / 255 - mean) / std in
-float32, the reference's order and true divisions, so the values are the same;
-`preprocess.normalize`) run in JAX: inside the consumer's own jitted step when the loaders get
-`mean=std=None` (runner.py does that, so the input pipeline does not pay for them), else as one
-jitted pass over each global batch here. As a pass in the pipeline they cost what the resize
-costs: in tf.data on the host they halved its throughput, and as the jitted pass they took 23-28
-ms per batch of 64 images from the same CPU cores (0.35-0.64x tf.data alone on 2 cores).
+tf.data does everything up to the resize; the loaders yield images in [0, 255]. The two
+element-wise steps ((x / 255 - mean) / std in float32, the reference's order and true divisions,
+so the values are the same; `images.normalize`) run in JAX, inside the consumer's jitted step
+(runner.py's steps), so that the input pipeline does not spend its host cores on them
+(docs/performance.md, "Input pipeline").
 
 The small splits (train800, val200, train800val200) are cached as decoded uint8 images, before
 the resize, so that every epoch after the first one only resizes; the big test sets are
 streamed.
 
 Batches are dicts of global `jax.Array`s, sharded over the 'data' axis of a 1-D mesh of all
-devices: 'image' (B, 224, 224, 3) float32, 'label' (B,) int32 and 'mask' (B,) bool.
+devices: 'image' (B, 224, 224, 3) float32 in [0, 255], 'label' (B,) int32 and 'mask' (B,) bool.
+What every loader takes besides its data (batch sizes, seed, image size, mesh) is one
+`LoaderOptions`.
 
 - Training (`TrainLoader`): a full shuffle per epoch whose seed is derived from (seed, epoch),
   so an epoch can be replayed or resumed from its number alone. Every process walks the same
@@ -33,6 +33,7 @@ devices: 'image' (B, 224, 224, 3) float32, 'label' (B,) int32 and 'mask' (B,) bo
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -41,8 +42,6 @@ import jax
 import numpy as np
 import tensorflow as tf
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-from adapter_plus_jax.preprocess import normalize
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +52,27 @@ CACHED_SPLITS = ("train800", "val200", "train800val200")
 
 Example = Mapping[str, tf.Tensor]
 # (example, per-example stateless seed of shape [2]) -> (float32 HxWx3 image in [0, 255], label)
-TrainPreprocess = Callable[[Example, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]
-EvalPreprocess = Callable[[Example], tuple[tf.Tensor, tf.Tensor]]
+TrainTransform = Callable[[Example, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]
+EvalTransform = Callable[[Example], tuple[tf.Tensor, tf.Tensor]]
+
+
+@dataclasses.dataclass(frozen=True)
+class LoaderOptions:
+    """What every dataset's loaders take besides their data.
+
+    Attributes:
+      batch_size: the global training batch (summed over all devices).
+      eval_batch_size: the global evaluation batch.
+      seed: the run's seed (the shuffle and augmentation of every epoch derive from it).
+      image_size: the model's input size (square).
+      mesh: 1-D 'data' mesh (None: all devices).
+    """
+
+    batch_size: int = GLOBAL_BATCH
+    eval_batch_size: int = GLOBAL_BATCH
+    seed: int = 0
+    image_size: int = IMAGE_SIZE
+    mesh: Mesh | None = None
 
 
 def _hide_gpus_from_tf() -> None:
@@ -95,18 +113,9 @@ def _process_rows(sharding: NamedSharding, global_batch: int) -> tuple[int, int]
 
 
 class _Batcher:
-    """Turns host-local numpy batches into global jax arrays sharded over the 'data' axis, and
-    normalises the images there unless mean and std are None."""
+    """Turns host-local numpy batches into global jax arrays sharded over the 'data' axis."""
 
-    def __init__(
-        self,
-        global_batch: int,
-        mean: Sequence[float] | None,
-        std: Sequence[float] | None,
-        mesh: Mesh | None,
-    ) -> None:
-        if (mean is None) != (std is None):
-            raise ValueError("give both mean and std, or neither (images stay in [0, 255])")
+    def __init__(self, global_batch: int, mesh: Mesh | None) -> None:
         mesh = data_mesh() if mesh is None else mesh
         if mesh.axis_names != (DATA_AXIS,):
             raise ValueError(f"expected a 1-D mesh with axis {DATA_AXIS!r}, got {mesh.axis_names}")
@@ -120,22 +129,14 @@ class _Batcher:
         self.sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
         self.rows = _process_rows(self.sharding, global_batch)
         self.local_batch = self.rows[1] - self.rows[0]
-        self._normalize = None
-        if mean is not None:
-            self._normalize = jax.jit(
-                lambda x: normalize(x, tuple(mean), tuple(std)), out_shardings=self.sharding
-            )
 
     def to_global(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
-        arrays = {
+        return {
             k: jax.make_array_from_process_local_data(
                 self.sharding, v, (self.global_batch, *v.shape[1:])
             )
             for k, v in batch.items()
         }
-        if self._normalize is not None:
-            arrays["image"] = self._normalize(arrays["image"])
-        return arrays
 
     def iterate(self, ds: tf.data.Dataset) -> Iterator[dict[str, jax.Array]]:
         for batch in ds.as_numpy_iterator():
@@ -177,39 +178,31 @@ class TrainLoader:
     Args:
       examples: the split's raw examples in a fixed order (no augmentation, no resizing yet).
       num_examples: their number N.
-      preprocess: (example, stateless seed [2]) -> (float32 HxWx3 image in [0, 255], label).
+      transform: (example, stateless seed [2]) -> (float32 HxWx3 image in [0, 255], label).
         The seed is unique per (run seed, epoch, position in the epoch), so augmentations are
         reproducible and independent of the number of processes.
-      mean, std: per-channel normalisation, applied on the devices after /255; None for
-        images in [0, 255] (float32), for a consumer that normalises inside its own jitted step
-        (`preprocess.normalize`, as runner.py does).
-      global_batch: batch size summed over all devices.
-      seed: the run's seed.
+      options: the global batch (`batch_size`), the run's `seed` and the `mesh`.
       drop_remainder: drop the last incomplete global batch (VTAB: the reference's drop_last);
         if False it is padded and masked.
       cache: keep `examples` in memory once the first epoch has read them.
-      mesh: 1-D 'data' mesh (default: all devices).
     """
 
     def __init__(
         self,
         examples: tf.data.Dataset,
         num_examples: int,
-        preprocess: TrainPreprocess,
+        transform: TrainTransform,
+        options: LoaderOptions,
         *,
-        mean: Sequence[float] | None,
-        std: Sequence[float] | None,
-        global_batch: int,
-        seed: int,
         drop_remainder: bool,
         cache: bool,
-        mesh: Mesh | None = None,
     ) -> None:
-        self._batcher = _Batcher(global_batch, mean, std, mesh)
+        global_batch = options.batch_size
+        self._batcher = _Batcher(global_batch, options.mesh)
         self._examples = examples.cache() if cache else examples
-        self._preprocess = preprocess
+        self._transform = transform
         self.num_examples = num_examples
-        self.seed = seed
+        self.seed = options.seed
         if drop_remainder:
             self.steps_per_epoch = num_examples // global_batch
         else:
@@ -236,7 +229,7 @@ class TrainLoader:
         ds = ds.take(self.steps_per_epoch * gb).enumerate()
         ds = ds.filter(lambda i, ex: (i % gb >= lo) & (i % gb < hi))
         ds = ds.map(
-            lambda i, ex: _with_mask(*self._preprocess(ex, tf.stack([seeds[1], i]))),
+            lambda i, ex: _with_mask(*self._transform(ex, tf.stack([seeds[1], i]))),
             num_parallel_calls=tf.data.AUTOTUNE,
         )
         pad = self.steps_per_epoch * self._batcher.local_batch - self._num_local_real()
@@ -246,8 +239,7 @@ class TrainLoader:
 
     def dataset(self, first_epoch: int, num_epochs: int = 1) -> tf.data.Dataset:
         """This process's batches of epochs first_epoch .. first_epoch + num_epochs - 1 as one
-        tf.data pipeline (traced once, prefetching across epoch boundaries); images are in
-        [0, 255], not normalised yet."""
+        tf.data pipeline (traced once, prefetching across epoch boundaries)."""
         seeds = np.array(
             [_epoch_seeds(self.seed, e) for e in range(first_epoch, first_epoch + num_epochs)],
             np.int64,
@@ -273,8 +265,8 @@ class EvalLoader:
       examples: this process's raw examples.
       num_local: their number.
       num_max_local: the largest slice over all processes (sets the common batch count).
-      preprocess: example -> (float32 HxWx3 image in [0, 255], label).
-      mean, std, global_batch, mesh: as in `TrainLoader`.
+      transform: example -> (float32 HxWx3 image in [0, 255], label).
+      options: the global batch (`eval_batch_size`) and the `mesh`.
       cache: cache the raw examples in memory (small splits only).
     """
 
@@ -283,24 +275,21 @@ class EvalLoader:
         examples: tf.data.Dataset,
         num_local: int,
         num_max_local: int,
-        preprocess: EvalPreprocess,
+        transform: EvalTransform,
+        options: LoaderOptions,
         *,
-        mean: Sequence[float] | None,
-        std: Sequence[float] | None,
-        global_batch: int,
         cache: bool,
-        mesh: Mesh | None = None,
     ) -> None:
-        self._batcher = _Batcher(global_batch, mean, std, mesh)
+        self._batcher = _Batcher(options.eval_batch_size, options.mesh)
         self._examples = examples.cache() if cache else examples
-        self._preprocess = preprocess
+        self._transform = transform
         self.num_local = num_local
         self.num_batches = math.ceil(num_max_local / self._batcher.local_batch)
 
     def dataset(self) -> tf.data.Dataset:
-        """This process's padded batches as a tf.data pipeline (images not normalised yet)."""
+        """This process's padded batches as a tf.data pipeline."""
         ds = self._examples.map(
-            lambda ex: _with_mask(*self._preprocess(ex)), num_parallel_calls=tf.data.AUTOTUNE
+            lambda ex: _with_mask(*self._transform(ex)), num_parallel_calls=tf.data.AUTOTUNE
         )
         pad = self.num_batches * self._batcher.local_batch - self.num_local
         if pad:
@@ -316,7 +305,7 @@ class EvalLoader:
 
 
 # ----------------------------------------------------------------------------------------------
-# Preprocessing.
+# The resize.
 
 
 def resize_bilinear_v1(image: tf.Tensor, size: int = IMAGE_SIZE) -> tf.Tensor:

@@ -10,19 +10,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from jax.sharding import Mesh
-
-from adapter_plus_jax.data.pipeline import (
-    CACHED_SPLITS,
-    GLOBAL_BATCH,
-    IMAGE_SIZE,
-    EvalLoader,
-    TrainLoader,
-)
+from adapter_plus_jax.data.pipeline import CACHED_SPLITS, EvalLoader, LoaderOptions, TrainLoader
 from adapter_plus_jax.data.tfds_io import tfds_builder, tfds_eval_loader, tfds_train_loader
 from adapter_plus_jax.data.vtab import SPLIT_NAMES, TASKS, TaskSpec, get_task
 from adapter_plus_jax.errors import SetupError
@@ -62,61 +54,27 @@ def vtab_train_loader(
     task: str | TaskSpec,
     split: str = "train800val200",
     *,
-    mean: Sequence[float] | None,
-    std: Sequence[float] | None,
-    seed: int,
-    global_batch: int = GLOBAL_BATCH,
-    image_size: int = IMAGE_SIZE,
+    options: LoaderOptions,
     data_dir: str | Path | None = None,
-    mesh: Mesh | None = None,
 ) -> TrainLoader:
-    """Training batches of a VTAB-1k task (shuffled per epoch, last partial batch dropped).
-
-    `mean`/`std` are the ported model's `pretrained_cfg['mean'/'std']`, or None for images in
-    [0, 255] that the consumer's jitted step normalises (`pipeline.TrainLoader`).
-    """
+    """Training batches of a VTAB-1k task (shuffled per epoch, last partial batch dropped)."""
     spec, builder, split_str = _vtab_split(task, split, data_dir)
-    return tfds_train_loader(
-        builder,
-        split_str,
-        spec.image_fn,
-        spec.label_fn,
-        mean=mean,
-        std=std,
-        seed=seed,
-        global_batch=global_batch,
-        cache=split in CACHED_SPLITS,
-        image_size=image_size,
-        mesh=mesh,
-    )
+    return tfds_train_loader(builder, split_str, spec.image_fn, spec.label_fn, options,
+                             cache=split in CACHED_SPLITS)  # fmt: skip
 
 
 def vtab_eval_loader(
     task: str | TaskSpec,
     split: str = "test",
     *,
-    mean: Sequence[float] | None,
-    std: Sequence[float] | None,
-    global_batch: int = GLOBAL_BATCH,
-    image_size: int = IMAGE_SIZE,
+    options: LoaderOptions,
     data_dir: str | Path | None = None,
-    mesh: Mesh | None = None,
 ) -> EvalLoader:
     """Evaluation batches of a VTAB-1k task over this process's slice of `split`, with 'mask'
     marking the real examples of the padded last batch."""
     spec, builder, split_str = _vtab_split(task, split, data_dir)
-    return tfds_eval_loader(
-        builder,
-        split_str,
-        spec.image_fn,
-        spec.label_fn,
-        mean=mean,
-        std=std,
-        global_batch=global_batch,
-        cache=split in CACHED_SPLITS,
-        image_size=image_size,
-        mesh=mesh,
-    )
+    return tfds_eval_loader(builder, split_str, spec.image_fn, spec.label_fn, options,
+                            cache=split in CACHED_SPLITS)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,33 +82,19 @@ def vtab_eval_loader(
 
 
 @dataclasses.dataclass(frozen=True)
-class LoaderArgs:
-    """What every dataset's loaders take besides the config."""
-
-    image_size: int
-    mean: Sequence[float] | None  # None: images in [0, 255], normalised by the consumer
-    std: Sequence[float] | None
-    mesh: Mesh
-
-
-@dataclasses.dataclass(frozen=True)
 class Dataset:
-    """num_classes(config): the class count, after checking that the data can be read (raises
-    SetupError with what to do). loaders(config, args): (train loader, eval loader).
-    describe(config): what results.json records about the data (class names, ...)."""
+    """A dataset the runner knows.
+
+    num_classes(config): the class count, after checking that the data can be read (raises
+      SetupError with what to do); writes nothing.
+    loaders(config, options): (train loader, eval loader), writing what the dataset needs first
+      (the demo's TFDS files).
+    describe(config): what results.json records about the data (class names, ...).
+    """
 
     num_classes: Callable[[Any], int]
-    loaders: Callable[[Any, LoaderArgs], tuple[TrainLoader, EvalLoader]]
+    loaders: Callable[[Any, LoaderOptions], tuple[TrainLoader, EvalLoader]]
     describe: Callable[[Any], dict[str, Any]] = lambda config: {}
-
-
-def _train_args(config: Any, args: LoaderArgs) -> dict[str, Any]:
-    return dict(seed=config.seed, global_batch=config.batch_size, mean=args.mean, std=args.std,
-                mesh=args.mesh)  # fmt: skip
-
-
-def _eval_args(config: Any, args: LoaderArgs) -> dict[str, Any]:
-    return dict(global_batch=config.eval_batch_size, mean=args.mean, std=args.std, mesh=args.mesh)
 
 
 def _check_prepared(tfds_name: str, data_dir: str | None, how: str) -> None:
@@ -173,16 +117,16 @@ def _vtab_classes(config: Any) -> int:
     _check_prepared(
         TASKS[config.task].tfds_name,
         config.data_dir,
-        f"python -m adapter_plus_jax.data prepare --tasks {config.task}",
+        f"apj data prepare --tasks {config.task}",
     )
     return TASKS[config.task].num_classes
 
 
-def _vtab_loaders(config: Any, args: LoaderArgs) -> tuple[TrainLoader, EvalLoader]:
-    common = dict(image_size=args.image_size, data_dir=config.data_dir)
+def _vtab_loaders(config: Any, options: LoaderOptions) -> tuple[TrainLoader, EvalLoader]:
+    where = dict(options=options, data_dir=config.data_dir)
     return (
-        vtab_train_loader(config.task, config.train_split, **_train_args(config, args), **common),
-        vtab_eval_loader(config.task, config.eval_split, **_eval_args(config, args), **common),
+        vtab_train_loader(config.task, config.train_split, **where),
+        vtab_eval_loader(config.task, config.eval_split, **where),
     )
 
 
@@ -206,21 +150,19 @@ def _fgvc_classes(config: Any) -> int:
         _check_prepared(
             spec.tfds_name,
             config.data_dir,
-            f"python -m adapter_plus_jax.data prepare --tasks {config.task}",
+            f"apj data prepare --tasks {config.task}",
         )
     return spec.num_classes
 
 
-def _fgvc_loaders(config: Any, args: LoaderArgs) -> tuple[TrainLoader, EvalLoader]:
+def _fgvc_loaders(config: Any, options: LoaderOptions) -> tuple[TrainLoader, EvalLoader]:
     from adapter_plus_jax.data import fgvc
 
     # FGVC crops to 224 whatever the model's size; the model must take 224 x 224.
-    common = dict(data_dir=config.data_dir, root=config.fgvc_root)
+    where = dict(options=options, root=config.fgvc_root, data_dir=config.data_dir)
     return (
-        fgvc.fgvc_train_loader(
-            config.task, config.train_split, **_train_args(config, args), **common
-        ),
-        fgvc.fgvc_eval_loader(config.task, config.eval_split, **_eval_args(config, args), **common),
+        fgvc.fgvc_train_loader(config.task, config.train_split, **where),
+        fgvc.fgvc_eval_loader(config.task, config.eval_split, **where),
     )
 
 
@@ -246,26 +188,24 @@ def _tfds_classes(config: Any) -> int:
     return num_classes
 
 
-def _demo_classes(config: Any) -> int:
-    from adapter_plus_jax.data import demo
-
-    demo.prepare(config.data_dir)  # no network; writes the dataset once
-    return config.num_classes
-
-
-def _tfds_loaders(config: Any, args: LoaderArgs) -> tuple[TrainLoader, EvalLoader]:
+def _tfds_loaders(config: Any, options: LoaderOptions) -> tuple[TrainLoader, EvalLoader]:
     """A TFDS dataset with 'image' and 'label', resized like VTAB."""
     import tensorflow_datasets as tfds
 
     builder = tfds.builder(config.tfds_name, data_dir=config.data_dir)
     fields = (operator.itemgetter("image"), operator.itemgetter("label"))
-    size = dict(image_size=args.image_size)
     return (
-        tfds_train_loader(builder, config.train_split, *fields, cache=True,
-                          **_train_args(config, args), **size),
-        tfds_eval_loader(builder, config.eval_split, *fields, cache=False,
-                         **_eval_args(config, args), **size),
-    )  # fmt: skip
+        tfds_train_loader(builder, config.train_split, *fields, options, cache=True),
+        tfds_eval_loader(builder, config.eval_split, *fields, options, cache=False),
+    )
+
+
+def _demo_loaders(config: Any, options: LoaderOptions) -> tuple[TrainLoader, EvalLoader]:
+    """The offline demo: its TFDS files are written on first use (no network)."""
+    from adapter_plus_jax.data import demo
+
+    demo.prepare(config.data_dir)
+    return _tfds_loaders(config, options)
 
 
 def _folder_classes(config: Any) -> int:
@@ -276,14 +216,10 @@ def _folder_classes(config: Any) -> int:
     return len(folder.scan(config.data_dir).classes)
 
 
-def _folder_loaders(config: Any, args: LoaderArgs) -> tuple[TrainLoader, EvalLoader]:
+def _folder_loaders(config: Any, options: LoaderOptions) -> tuple[TrainLoader, EvalLoader]:
     from adapter_plus_jax.data import folder
 
-    return folder.folder_loaders(
-        config.data_dir, (config.train_split, config.eval_split), args.image_size,
-        mean=args.mean, std=args.std, seed=config.seed, batch=config.batch_size,
-        eval_batch=config.eval_batch_size, mesh=args.mesh,
-    )  # fmt: skip
+    return folder.folder_loaders(config.data_dir, (config.train_split, config.eval_split), options)
 
 
 def _folder_describe(config: Any) -> dict[str, Any]:
@@ -296,7 +232,7 @@ DATASETS: dict[str, Dataset] = {
     "vtab": Dataset(_vtab_classes, _vtab_loaders),
     "fgvc": Dataset(_fgvc_classes, _fgvc_loaders),
     "tfds": Dataset(_tfds_classes, _tfds_loaders),
-    "demo": Dataset(_demo_classes, _tfds_loaders),
+    "demo": Dataset(lambda config: config.num_classes, _demo_loaders),
     "folder": Dataset(_folder_classes, _folder_loaders, _folder_describe),
 }
 

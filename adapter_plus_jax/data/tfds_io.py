@@ -3,20 +3,18 @@ slice of a split, and the train/eval loaders of any TFDS split resized like VTAB
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
 import jax
 import tensorflow as tf
 import tensorflow_datasets as tfds
-from jax.sharding import Mesh
 
 from adapter_plus_jax.data.pipeline import (
-    GLOBAL_BATCH,
-    IMAGE_SIZE,
     EvalLoader,
     Example,
+    LoaderOptions,
     TrainLoader,
     resize_bilinear_v1,
 )
@@ -108,29 +106,21 @@ def tfds_train_loader(
     split: str,
     image_fn: Callable[[Example], tf.Tensor],
     label_fn: Callable[[Example], tf.Tensor],
+    options: LoaderOptions,
     *,
-    mean: Sequence[float] | None,
-    std: Sequence[float] | None,
-    seed: int,
-    global_batch: int = GLOBAL_BATCH,
     cache: bool,
-    image_size: int = IMAGE_SIZE,
-    mesh: Mesh | None = None,
 ) -> TrainLoader:
-    """Training batches of a TFDS split, resized as VTAB (TF1 bilinear, no augmentation),
-    shuffled per epoch, last partial batch dropped."""
+    """Training batches of a TFDS split, resized as VTAB (TF1 bilinear to
+    `options.image_size`, no augmentation), shuffled per epoch, last partial batch dropped."""
     examples = read_split(builder, split, image_fn, label_fn)
+    size = options.image_size
     return TrainLoader(
         examples,
         num_examples(examples),
-        lambda ex, _: (resize_bilinear_v1(ex["image"], image_size), ex["label"]),
-        mean=mean,
-        std=std,
-        global_batch=global_batch,
-        seed=seed,
+        lambda ex, _: (resize_bilinear_v1(ex["image"], size), ex["label"]),
+        options,
         drop_remainder=True,
         cache=cache,
-        mesh=mesh,
     )
 
 
@@ -139,25 +129,19 @@ def tfds_eval_loader(
     split: str,
     image_fn: Callable[[Example], tf.Tensor],
     label_fn: Callable[[Example], tf.Tensor],
+    options: LoaderOptions,
     *,
-    mean: Sequence[float] | None,
-    std: Sequence[float] | None,
-    global_batch: int = GLOBAL_BATCH,
     cache: bool,
-    image_size: int = IMAGE_SIZE,
-    mesh: Mesh | None = None,
 ) -> EvalLoader:
     """Evaluation batches over this process's slice of a TFDS split, resized as VTAB, with
     'mask' marking the real examples of the padded last batch."""
     sub, size, largest = process_split(builder, split, jax.process_index(), jax.process_count())
+    image_size = options.image_size
     return EvalLoader(
         read_split(builder, sub, image_fn, label_fn),
         size,
         largest,
         lambda ex: (resize_bilinear_v1(ex["image"], image_size), ex["label"]),
-        mean=mean,
-        std=std,
-        global_batch=global_batch,
+        options,
         cache=cache,
-        mesh=mesh,
     )
