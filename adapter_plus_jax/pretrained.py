@@ -217,7 +217,7 @@ def load_pretrained(
         if not (root / name).is_file():
             raise FileNotFoundError(
                 f"{root / name} is missing; {root} is not a directory written by save_pretrained "
-                "(port_weights.py)."
+                "(apj port)."
             )
     config, pretrained_cfg = _read_config(root / CONFIG_FILE)
     flat = _read_params(root / PARAMS_FILE)

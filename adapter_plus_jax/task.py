@@ -233,7 +233,7 @@ def read_task(path: str | os.PathLike, name: str | None = None) -> Task:
         what = "does not exist" if not root.exists() else f"has no {TASK_FILE}"
         raise SetupError(
             f"{root} {what}: expected a task directory written by "
-            "`python -m adapter_plus_jax.export --workdir RUN --out DIR`."
+            "`apj export --workdir RUN --out DIR`."
         )
     try:
         doc = json.loads((root / TASK_FILE).read_text())

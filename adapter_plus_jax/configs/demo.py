@@ -1,13 +1,13 @@
 """Offline demo: Adapter+ on scikit-learn's handwritten digits with a small random-init ViT.
 
-    python main.py --config configs/demo.py --workdir runs/demo
+    apj train --config configs/demo.py --workdir runs/demo
 
 Needs no network: the digits ship inside scikit-learn and are written as a local TFDS dataset
 (1,000 training / 797 test images, 10 classes) on first use. The backbone is timm's ViT
 architecture (32x32 input, 8x8 patches, width 128, depth 4, average pooling) with random
-weights, frozen; only the adapters and the head train, as in the paper, for 40 epochs.
-About 3 minutes on 2 CPU cores. Expected: test accuracy about 0.75 (chance: 0.1); a random
-backbone is a weak feature extractor, which is the point of pretrained ones.
+weights, frozen; only the adapters and the head train, as in the paper, for 40 epochs. The
+README ("Run") gives its time and test accuracy, measured (chance: 0.1); a random backbone is a
+weak feature extractor, which is the point of pretrained ones.
 """
 
 import ml_collections
