@@ -290,12 +290,20 @@ def huge_pages_on() -> bool:
     return thp_mode() == "always"
 
 
+def _restartable() -> bool:
+    """Whether starting this process over runs the same program: not an interactive session,
+    a notebook kernel, or a script read from stdin (which a restart would find empty)."""
+    interactive = hasattr(sys, "ps1") or sys.flags.interactive or "ipykernel" in sys.modules
+    return not interactive and sys.argv[:1] not in ([""], ["-"])
+
+
 def reexec_with_huge_pages() -> None:
     """Restart this process once with `glibc.malloc.hugetlb=1` where that gives malloc huge
     pages (Linux, glibc 2.35+, transparent huge pages in `madvise` mode, the tunable not set,
-    ADAPTER_PLUS_JAX_HUGE_PAGES not 0); otherwise return at once. `os.execve` keeps the PID, the
+    ADAPTER_PLUS_JAX_HUGE_PAGES not 0, a script or command rather than an interactive session,
+    a notebook or stdin); otherwise return at once. `os.execve` keeps the PID, the
     arguments and the open files, and the process starts over: call it before any work."""
-    if not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux") or not _restartable():
         return
     argv = getattr(sys, "orig_argv", None)  # the interpreter's own flags included (-m, -X ...)
     if not argv or not sys.executable:

@@ -179,3 +179,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "apj export") -> int:
           f"({what}), {size / 1e6:.2f} MB in {PARAMS_FILE} and task.json; backbone "
           f"{task.backbone.name} sha256 {task.backbone.sha256[:12]}...", flush=True)  # fmt: skip
     return 0
+
+
+if __name__ == "__main__":  # the same as `apj export`
+    sys.exit(main(prog="python -m adapter_plus_jax.export"))

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from adapter_plus_jax.backend import ATTENTION_IMPLEMENTATIONS
 from adapter_plus_jax.precision import Dense, einsum
 
 # ----------------------------------------------------------------------------------------------
@@ -135,6 +136,10 @@ def attend(
     implementation='cudnn' (opt-in, NVIDIA GPUs, 16-bit compute, no attention dropout: checked
     by `backend.check_attention`) runs cuDNN's fused attention kernel instead.
     """
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(
+            f"attention={implementation!r}: expected one of {ATTENTION_IMPLEMENTATIONS}."
+        )
     if implementation == "cudnn":  # one dtype for the kernel (qk_norm, LoRA scales: float32)
         return fused_attention(q.astype(v.dtype), k.astype(v.dtype), v, "cudnn")
     scale = q.shape[-1] ** -0.5

@@ -66,9 +66,10 @@ class VisionTransformer(nnx.Module):
     ) -> None:
         self.module = module
         mask = trainable_mask(params, mode)
-        self.params = nnx.data(
-            jax.tree.map(lambda p, t: Trainable(p) if t else nnx.Param(p), dict(params), mask)
-        )
+        # Trainable arrays are copied: the train step donates them, and `params` stays usable.
+        self.params = nnx.data(jax.tree.map(
+            lambda p, t: Trainable(jnp.copy(p)) if t else nnx.Param(p), dict(params), mask
+        ))  # fmt: skip
         self.rngs = rngs["dropout"].fork()
         self.deterministic = False
 
@@ -127,15 +128,17 @@ def make_train_step(
     """train_step(model, optimizer, images, labels, mask=None) -> metrics {'loss', 'accuracy'}:
     one optimizer step on the `Trainable` parameters, in place, computed as
     `train.make_train_step` computes it (the backend's plan: its chunks and compiler options;
-    the same per-example dropout and drop-path masks). `optimizer` is an `nnx.Optimizer` over
-    `wrt=Trainable`; `input_fn` as in `train.make_train_step`."""
+    each example's dropout and drop-path masks from its own key, the step's key drawn from the
+    model's stream). `optimizer` is an `nnx.Optimizer` over `wrt=Trainable`; `input_fn` as in
+    `train.make_train_step`. The step donates the trainable parameters and the optimizer state
+    (the frozen backbone is not)."""
     plan = backend.plan(model.module) if plan is None else plan
-    graphdef, _ = nnx.split((model, optimizer))
+    graphdef, _, _ = nnx.split((model, optimizer), _FROZEN, ...)
     prepare = (lambda x: x) if input_fn is None else input_fn
 
-    def pure(state, images, labels, mask):
-        model, optimizer = nnx.merge(graphdef, state)
-        frozen = nnx.state(model, _FROZEN).to_pure_dict()["params"]
+    def pure(state, frozen_state, images, labels, mask):
+        model, optimizer = nnx.merge(graphdef, frozen_state, state)
+        frozen = frozen_state.to_pure_dict()[0]["params"]
 
         def apply(trainable, key, x):
             params = merge(trainable.to_pure_dict()["params"], frozen)
@@ -147,13 +150,15 @@ def make_train_step(
             label_smoothing, plan.chunk_size(images.shape[0]),
         )  # fmt: skip
         optimizer.update(model, grads)
-        return nnx.state((model, optimizer)), train.step_metrics(loss, logits, labels, mask)
+        state = nnx.state((model, optimizer), nnx.Not(_FROZEN))
+        return state, train.step_metrics(loss, logits, labels, mask)
 
     jitted = plan.jit(pure, donate_argnums=0)
 
     def train_step(model, optimizer, images, labels, mask=None):
         mask = jnp.ones(jnp.shape(labels), bool) if mask is None else mask
-        state, metrics = jitted(nnx.state((model, optimizer)), images, labels, mask)
+        _, frozen, state = nnx.split((model, optimizer), _FROZEN, ...)
+        state, metrics = jitted(state, frozen, images, labels, mask)
         nnx.update((model, optimizer), state)
         return metrics
 
@@ -162,13 +167,13 @@ def make_train_step(
 
 def make_eval_step(
     model: VisionTransformer,
-    input_fn: Callable[[jax.Array], jax.Array] | None = None,
     *,
+    input_fn: Callable[[jax.Array], jax.Array] | None = None,
     plan: backend.Plan | None = None,
 ) -> Callable:
     """eval_step(model, images, labels, mask) -> (number correct, number counted), as
     `train.make_eval_step` computes it."""
-    step = train.make_eval_step(model.module, input_fn, plan=plan)
+    step = train.make_eval_step(model.module, input_fn=input_fn, plan=plan)
 
     def eval_step(model, images, labels, mask):
         return step(model.linen_variables()["params"], images, labels, mask)

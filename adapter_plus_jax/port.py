@@ -270,3 +270,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "apj port") -> int:
         return 1
     print(f"done in {time.perf_counter() - start:.1f} s: {out}", flush=True)
     return 0
+
+
+if __name__ == "__main__":  # the same as `apj port`
+    sys.exit(main(prog="python -m adapter_plus_jax.port"))

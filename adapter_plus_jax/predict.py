@@ -175,3 +175,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "apj predict") -> int:
         tqdm.write(text, file=stream)  # keeps the line clear of the progress bar
         stream.flush()
     return 1 if failed else 0
+
+
+if __name__ == "__main__":  # the same as `apj predict`
+    sys.exit(main(prog="python -m adapter_plus_jax.predict"))

@@ -1,4 +1,4 @@
-"""The experiment loop behind main.py: build, train with checkpoints, evaluate, report.
+"""The experiment loop behind `apj train`: build, train with checkpoints, evaluate, report.
 
 One jitted train step runs data parallel over a 1-D 'data' mesh of every device (and host):
 batches are global arrays sharded on their leading axis, parameters and optimizer state are
@@ -170,7 +170,7 @@ def run_train_step(module: Any, tx: Any, label_smoothing: float, rng: jax.Array)
 
 def run_eval_step(module: Any) -> Callable:
     """The eval step as runs use it: the backend's form, taking the loaders' images in [0, 255]."""
-    return train.make_eval_step(module, input_fn(module))
+    return train.make_eval_step(module, input_fn=input_fn(module))
 
 
 def restore_state(exp: Experiment, ckpt: Checkpointer, resume: Resume) -> None:
@@ -372,7 +372,7 @@ def run(
     """
     workdir = Path(workdir)
     cfglib.validate(config)
-    if distributed:
+    if distributed and not jax.distributed.is_initialized():
         jax.distributed.initialize()
     if eval_only and not has_checkpoints(workdir):
         raise SetupError(f"--eval-only: no checkpoint in {workdir / CHECKPOINTS_DIR}.")

@@ -246,8 +246,11 @@ def parse_args(argv: Sequence[str] | None, prog: str = "apj suite") -> argparse.
         default=None,
         help="default: the one recorded by `run`",
     )
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--config-override" in argv:
+        parser.error("--config-override KEY=VALUE is now --config.KEY=VALUE, once per field")
     try:
-        overrides, rest = split_overrides(list(sys.argv[1:] if argv is None else argv))
+        overrides, rest = split_overrides(argv)
     except ValueError as e:
         parser.error(str(e))
     args = parser.parse_args(rest)
@@ -299,3 +302,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "apj suite") -> int:
         print("failed runs: " + ", ".join(f"{t}/seed{s}" for t, s in failed), file=sys.stderr)
         return 1
     return 0
+
+
+if __name__ == "__main__":  # the same as `apj suite`
+    sys.exit(main(prog="python -m adapter_plus_jax.suite"))

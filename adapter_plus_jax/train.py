@@ -106,8 +106,11 @@ def init_state(
     params: Mapping[str, Any], tx: optax.GradientTransformation, mode: str = "peft"
 ) -> tuple[TrainState, dict]:
     """(the TrainState of the parameters `mode` trains, the frozen rest): what the train step of
-    `make_train_step` takes, from a model's 'params' (see `params.trainable_mask`)."""
+    `make_train_step` takes, from a model's 'params' (see `params.trainable_mask`). The state
+    holds copies of the trainable arrays: the step donates its state, and `params` stays
+    usable."""
     trainable, frozen = split(params, trainable_mask(params, mode))
+    trainable = jax.tree.map(jnp.copy, trainable)
     return TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable)), frozen
 
 
@@ -163,9 +166,13 @@ def _per_example_prng(n: int) -> Any:
 
 def example_keys(key: jax.Array, start: jax.Array | int, n: int) -> jax.Array:
     """One key for a batch of the n examples start, ..., start + n - 1 of a step: example i's
-    randomness comes from fold_in(key, i) whatever batch or chunk it is computed in."""
+    randomness comes from fold_in(base, i), whatever batch or chunk it is computed in. `base`
+    is a threefry key drawn from `key` (of any PRNG implementation), since threefry's draws do
+    not depend on how they are batched."""
+    base = jax.random.bits(key, jax.extend.random.threefry_prng_impl.key_shape, jnp.uint32)
+    base = jax.random.wrap_key_data(base, impl="threefry2x32")
     index = start + jnp.arange(n)
-    rows = jax.vmap(lambda i: jax.random.key_data(jax.random.fold_in(key, i)))(index)
+    rows = jax.vmap(lambda i: jax.random.key_data(jax.random.fold_in(base, i)))(index)
     return jax.random.wrap_key_data(rows, impl=_per_example_prng(n))
 
 
@@ -228,8 +235,8 @@ def make_train_step(
 ) -> Callable:
     """train_step(state, frozen, images, labels, mask=None) -> (state, metrics), in the form
     that is fastest on this backend (`backend.plan(module)`, or `plan`): jitted with the plan's
-    compiler options, the state donated (`jit=False`: the plain function), the batch in the
-    plan's chunks.
+    compiler options, the state donated (its arrays are deleted by the call: use the state it
+    returns; `jit=False` gives the plain function), the batch in the plan's chunks.
 
     `input_fn` maps the images before the model inside the step, e.g. the input normalisation
     (`images.normalize`) for loaders that yield images in [0, 255], so that the input pipeline
@@ -276,8 +283,8 @@ def step_metrics(
 
 def make_eval_step(
     module: flax.linen.Module,
-    input_fn: Callable[[jax.Array], jax.Array] | None = None,
     *,
+    input_fn: Callable[[jax.Array], jax.Array] | None = None,
     plan: backend.Plan | None = None,
     jit: bool = True,
 ) -> Callable:

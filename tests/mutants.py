@@ -400,7 +400,7 @@ MUTANTS = [
         "runs evaluate the loaders' [0, 255] images without normalising them",
         *_one(
             "adapter_plus_jax/runner.py",
-            "return train.make_eval_step(module, input_fn(module))",
+            "return train.make_eval_step(module, input_fn=input_fn(module))",
             "return train.make_eval_step(module)",
         ),
         tests=(RUN_STEPS,),

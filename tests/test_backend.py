@@ -50,6 +50,22 @@ def test_never_restarts_a_process_that_has_the_tunable() -> None:
         assert not backend.would_reexec({"GLIBC_TUNABLES": value}, (2, 36), "madvise")
 
 
+def test_never_restarts_a_session_that_would_not_run_again(monkeypatch) -> None:
+    """A REPL, a notebook kernel or a script read from stdin is left alone: starting it over
+    would not run the same program."""
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    assert backend._restartable()
+    for argv in ([""], ["-"]):
+        monkeypatch.setattr(sys, "argv", argv)
+        assert not backend._restartable()
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    monkeypatch.setattr(sys, "ps1", ">>> ", raising=False)
+    assert not backend._restartable()
+    monkeypatch.delattr(sys, "ps1")
+    monkeypatch.setitem(sys.modules, "ipykernel", object())
+    assert not backend._restartable()
+
+
 def test_adds_the_tunable_and_keeps_the_others() -> None:
     env = backend.with_tunable({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", "A": "b"})
     assert env == {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1", "A": "b"}

@@ -211,7 +211,7 @@ def test_chunked_evaluation_matches_the_batched_forward(n: int, chunk: int) -> N
     assert (int(correct), int(count)) == (n, n)
     # Images in [0, 255] normalised inside the step (runner.py's loaders) count the same.
     raw = (x * 0.5 + 0.5) * 255.0  # normalize(raw, 0.5, 0.5) == x up to rounding
-    step = train.make_eval_step(module, lambda v: normalize(v, (0.5,) * 3, (0.5,) * 3),
+    step = train.make_eval_step(module, input_fn=lambda v: normalize(v, (0.5,) * 3, (0.5,) * 3),
                                 plan=backend.Plan(chunk))  # fmt: skip
     correct, count = step(params, raw, labels, jnp.ones(n, bool))
     assert (int(correct), int(count)) == (n, n)
@@ -295,6 +295,17 @@ def test_examples_draw_their_own_masks() -> None:
     single = module.apply({"params": params}, x[:1], train=True,
                           rngs={"dropout": train.example_keys(key, 4, 1)})  # fmt: skip
     np.testing.assert_allclose(single[0], whole[4], atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["threefry2x32", "rbg"])
+def test_example_keys_do_not_depend_on_the_batch(impl: str) -> None:
+    """Example i's bits are the same in a batch of 6 and in a chunk from example 2, jitted or
+    not, whatever the step key's PRNG implementation (rbg's draws depend on batching)."""
+    key = jax.random.key(3, impl=impl)
+    whole = np.asarray(jax.random.bits(train.example_keys(key, 0, 6), (6, 3)))
+    chunk = jax.jit(lambda k, s: jax.random.bits(train.example_keys(k, s, 4), (4, 3)))(key, 2)
+    np.testing.assert_array_equal(chunk, whole[2:])
+    assert len({tuple(row) for row in whole}) == 6
 
 
 def test_cpu_chunks_are_sized_by_activation_bytes() -> None:
