@@ -213,9 +213,7 @@ class Block(nn.Module):
         cfg = self.config
 
         def adapter(y: jax.Array, skip: jax.Array, name: str = "adapter") -> jax.Array:
-            module = Adapter(
-                self.adapter, cfg.act, cfg.norm_eps, self.dtype, name=name
-            )  # fmt: skip
+            module = Adapter(self.adapter, cfg.act, cfg.norm_eps, self.dtype, name=name)
             return module(y, skip=skip, train=train)
 
         return POSITIONS[self.adapter.config](x, attn, mlp, adapter)
