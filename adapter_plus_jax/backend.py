@@ -191,15 +191,13 @@ class Plan:
 
 
 def plan(module: Any) -> Plan:
-    """This backend's plan for a model (anything with `dtype` and a ViT `config`): chunks and
-    compiler options on XLA:CPU in float32, the whole batch and XLA's defaults elsewhere."""
-    dtype = getattr(module, "dtype", jnp.float32)
-    options = compiler_options(dtype)
-    if not on_cpu() or low_precision(dtype):
+    """This backend's plan for a model (`model.VisionTransformer`: its `dtype` and `config`):
+    chunks and compiler options on XLA:CPU in float32, the whole batch and XLA's defaults
+    elsewhere."""
+    options = compiler_options(module.dtype)
+    if not on_cpu() or low_precision(module.dtype):
         return Plan(None, options)
-    config = getattr(module, "config", None)
-    chunk = 8 if config is None else max(1, CHUNK_BYTES // image_bytes(config))
-    return Plan(chunk, options)
+    return Plan(max(1, CHUNK_BYTES // image_bytes(module.config)), options)
 
 
 def split_batch(batch: Any, chunk: int) -> tuple[Any, Any | None]:

@@ -21,6 +21,7 @@ import sys
 from collections.abc import Sequence
 
 from adapter_plus_jax import backend
+from adapter_plus_jax import config as cfglib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,8 +124,7 @@ def train(argv: Sequence[str], prog: str = "apj train") -> int:
     """`apj train` (main.py): one run through `runner.run`; returns the exit status."""
     parser = argparse.ArgumentParser(
         prog=prog, description=TRAIN_DOC, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="--config.KEY=VALUE (or --config.KEY VALUE) sets any field of the config "
-        "(nested keys with dots; unknown keys are rejected).",
+        epilog=cfglib.OVERRIDES_HELP,
     )  # fmt: skip
     parser.add_argument("--config", required=True, help="config file[:argument], e.g. "
                         "configs/vtab.py:dtd")  # fmt: skip
@@ -143,8 +143,6 @@ def train(argv: Sequence[str], prog: str = "apj train") -> int:
     parser.add_argument(
         "--verbose", action="store_true", help="show other libraries' logs (else WORKDIR/log.txt)"
     )
-    from adapter_plus_jax import config as cfglib
-
     try:
         overrides, rest = cfglib.split_overrides(argv)
     except ValueError as e:

@@ -75,6 +75,13 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
     return out
 
 
+# The help text of --config.KEY=VALUE, for every command that takes a config.
+OVERRIDES_HELP = (
+    "--config.KEY=VALUE (or --config.KEY VALUE) sets any field of the config (nested keys with "
+    "dots, e.g. --config.model.dtype=float32; unknown keys are rejected)."
+)
+
+
 def split_overrides(args: Sequence[str]) -> tuple[list[str], list[str]]:
     """(the 'KEY=VALUE' config overrides given as --config.KEY=VALUE or --config.KEY VALUE in
     `args`, the other arguments). Raises ValueError for a --config.KEY without a value."""

@@ -138,7 +138,7 @@ def make_train_step(
 
     def pure(state, frozen_state, images, labels, mask):
         model, optimizer = nnx.merge(graphdef, frozen_state, state)
-        frozen = frozen_state.to_pure_dict()[0]["params"]
+        frozen = nnx.state(model, _FROZEN).to_pure_dict()["params"]
 
         def apply(trainable, key, x):
             params = merge(trainable.to_pure_dict()["params"], frozen)

@@ -39,7 +39,7 @@ from typing import Any
 
 import ml_collections
 
-from adapter_plus_jax.config import apply_overrides, load_config, split_overrides
+from adapter_plus_jax.config import OVERRIDES_HELP, apply_overrides, load_config, split_overrides
 from adapter_plus_jax.report import (
     FAILED_JSON,
     PLOT_PNG,
@@ -205,9 +205,8 @@ def parse_args(argv: Sequence[str] | None, prog: str = "apj suite") -> argparse.
     """The command's flags; `--config.KEY=VALUE` items land in `overrides`."""
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    config_help = "and --config.KEY=VALUE: config fields to set, e.g. --config.batch_size=32"
     run = sub.add_parser("run", help="train and evaluate every (task, seed) of a benchmark",
-                         epilog=config_help)  # fmt: skip
+                         epilog=OVERRIDES_HELP)  # fmt: skip
     run.add_argument("--benchmark", choices=("vtab", "fgvc"), required=True)
     run.add_argument("--workdir", type=Path, required=True)
     run.add_argument("--seeds", type=_int_list, default=list(DEFAULT_SEEDS))
@@ -224,7 +223,7 @@ def parse_args(argv: Sequence[str] | None, prog: str = "apj suite") -> argparse.
         help="show other libraries' logs (else each run's log.txt)",
     )
     sel = sub.add_parser("select-rank", help="choose the adapter rank on validation, as the paper",
-                         epilog=config_help)  # fmt: skip
+                         epilog=OVERRIDES_HELP)  # fmt: skip
     sel.add_argument("--config", required=True, help="config[:args], e.g. configs/vtab.py:dtd")
     sel.add_argument("--ranks", type=_int_list, default=[1, 2, 4, 8, 16, 32])
     sel.add_argument("--workdir", type=Path, required=True)
