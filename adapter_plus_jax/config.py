@@ -163,8 +163,8 @@ def base_config() -> ml_collections.ConfigDict:
     # vtab | fgvc | tfds (any TFDS dataset with image and label) | demo (configs/demo.py)
     c.dataset = "vtab"
     c.task = ""
-    c.tfds_name = ""  # dataset=tfds/demo: the TFDS builder name
-    c.num_classes = 0  # dataset=tfds/demo: the class count
+    c.tfds_name = ""  # dataset=tfds: the TFDS builder name
+    c.num_classes = 0  # dataset=tfds/demo: the class count (tfds: 0 reads it from the builder)
     c.data_dir = ml_collections.config_dict.placeholder(str)
     c.fgvc_root = ml_collections.config_dict.placeholder(str)  # VPT's json layout (FGVC)
     c.train_split = "train800val200"

@@ -183,10 +183,8 @@ def rewind_metrics(workdir: Path, step: int) -> None:
     tensorboard = workdir / TENSORBOARD_DIR
     if tensorboard.exists():
         shutil.rmtree(tensorboard)
-    if records:
-        from flax.metrics import tensorboard as tb
-
-        writer = tb.SummaryWriter(str(tensorboard))
+    writer = _Scalars.open(tensorboard) if records else None
+    if writer is not None:
         for record in records:
             for name, value in _scalars(record):
                 writer.scalar(name, value, record["step"])
@@ -199,16 +197,50 @@ def _scalars(record: Mapping[str, Any]) -> Iterator[tuple[str, float]]:
             yield name, value
 
 
+class _Scalars:
+    """TensorBoard scalar events, written with the `tensorboard` package alone (no TensorFlow)."""
+
+    def __init__(self, logdir: Path) -> None:
+        from tensorboard.compat.proto import event_pb2, summary_pb2
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+        self._event, self._summary = event_pb2.Event, summary_pb2.Summary
+        self._writer = EventFileWriter(str(logdir))
+
+    @classmethod
+    def open(cls, logdir: Path) -> _Scalars | None:
+        """A writer into `logdir`, or None (said once) where `tensorboard` is not installed:
+        metrics.jsonl holds every record either way."""
+        try:
+            return cls(logdir)
+        except ImportError:
+            global _SAID_NO_TENSORBOARD
+            if not _SAID_NO_TENSORBOARD:
+                print("No TensorBoard events: the tensorboard package is not installed "
+                      f"(metrics go to {METRICS_FILE}).", flush=True)  # fmt: skip
+                _SAID_NO_TENSORBOARD = True
+            return None
+
+    def scalar(self, name: str, value: float, step: int) -> None:
+        value = self._summary.Value(tag=name, simple_value=float(value))
+        event = self._event(summary=self._summary(value=[value]), step=step, wall_time=time.time())
+        self._writer.add_event(event)
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+_SAID_NO_TENSORBOARD = False
+
+
 class Logger:
     """metrics.jsonl and TensorBoard summaries (process 0 only)."""
 
     def __init__(self, workdir: Path):
         self.enabled = jax.process_index() == 0
         if self.enabled:
-            from flax.metrics import tensorboard
-
             self._jsonl = open(workdir / METRICS_FILE, "a")  # noqa: SIM115 (closed in close())
-            self._tb = tensorboard.SummaryWriter(str(workdir / TENSORBOARD_DIR))
+            self._tb = _Scalars.open(workdir / TENSORBOARD_DIR)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -216,12 +248,14 @@ class Logger:
         self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
         self._jsonl.flush()
         for name, value in metrics.items():
-            self._tb.scalar(name, value, step)
+            if self._tb is not None:
+                self._tb.scalar(name, value, step)
 
     def close(self) -> None:
         if self.enabled:
             self._jsonl.close()
-            self._tb.close()
+            if self._tb is not None:
+                self._tb.close()
 
 
 # ----------------------------------------------------------------------------------------------

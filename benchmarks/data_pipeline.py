@@ -38,7 +38,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
-from adapter_plus_jax.data import registry, vtab  # noqa: E402
+from adapter_plus_jax.data import vtab, vtab_loaders  # noqa: E402
 from adapter_plus_jax.data.pipeline import LoaderOptions  # noqa: E402
 
 HEIGHT, WIDTH = 375, 500  # the default JPEG size
@@ -187,7 +187,7 @@ def main() -> None:
             "bench", "bench_jpegs:1.0.0", "1.0.0", "Natural", 10, TRAIN_SIZE, train_percent=80
         )
         kw = dict(options=LoaderOptions(args.batch, args.batch), data_dir=data_dir)
-        raw = registry.vtab_train_loader(spec, "train800val200", **kw)
+        raw = vtab_loaders.vtab_train_loader(spec, "train800val200", **kw)
         first, _ = rate(raw.epoch(0))
         train = interleaved(
             "train",
@@ -197,7 +197,7 @@ def main() -> None:
             },
             args.rounds,
         )
-        test_loader = registry.vtab_eval_loader(spec, "test", **kw)
+        test_loader = vtab_loaders.vtab_eval_loader(spec, "test", **kw)
         test = interleaved(
             "test",
             {

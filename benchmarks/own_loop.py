@@ -89,10 +89,16 @@ def linen_peers(module, params, images, labels) -> list[ts.Peer]:
 
     return [
         peer(RUNS, runs, lambda: raw),
-        peer("README, Linen (apj.train.make_train_step)", readme,
-             lambda: apj.normalize(images, cfg.mean, cfg.std)),  # fmt: skip
-        peer("plain jax.jit, no plan", jax.jit(plain, donate_argnums=0),
-             lambda: apj.normalize(images, cfg.mean, cfg.std)),  # fmt: skip
+        peer(
+            "README, Linen (apj.train.make_train_step)",
+            readme,
+            lambda: apj.normalize(images, cfg.mean, cfg.std),
+        ),  # fmt: skip
+        peer(
+            "plain jax.jit, no plan",
+            jax.jit(plain, donate_argnums=0),
+            lambda: apj.normalize(images, cfg.mean, cfg.std),
+        ),  # fmt: skip
     ]
 
 

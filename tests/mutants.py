@@ -127,8 +127,7 @@ MUTANTS = [
         "weight decay on every trainable parameter (biases and scalings too)",
         *_one(
             "adapter_plus_jax/train.py",
-            'return ndim > 1 and name not in ("bias", "scaling") '
-            "and name not in NO_DECAY_NAMES",
+            'return ndim > 1 and name not in ("bias", "scaling") and name not in NO_DECAY_NAMES',
             "return True",
         ),
         tests=(TRAJECTORY, "tests/test_train.py::test_decay_mask_follows_the_reference_rule"),
@@ -152,7 +151,9 @@ MUTANTS = [
             "return f(epoch.astype(jnp.float32))",
         ),
         tests=(
-            TRAJECTORY, LIGHTNING, "tests/test_train.py::test_schedule_matches_the_recipe_table"
+            TRAJECTORY,
+            LIGHTNING,
+            "tests/test_train.py::test_schedule_matches_the_recipe_table",
         ),
     ),
     Mutant(
@@ -424,8 +425,10 @@ MUTANTS = [
             "q, k, v, query_seq_lengths=lengths, key_value_seq_lengths=lengths,",
             "q, k, v,",
         ),
-        tests=("tests/test_mixed_precision.py::"
-               "test_fused_attention_pads_odd_token_counts_without_changing_the_result[7]",),
+        tests=(
+            "tests/test_mixed_precision.py::"
+            "test_fused_attention_pads_odd_token_counts_without_changing_the_result[7]",
+        ),
     ),
 ]
 

@@ -29,7 +29,7 @@ from tensorflow_datasets.core import splits as splits_lib
 from tensorflow_datasets.core.features import TensorInfo
 from tensorflow_datasets.testing.mocking import RandomFakeGenerator
 
-from adapter_plus_jax.data import pipeline, registry, tfds_io, vtab
+from adapter_plus_jax.data import pipeline, tfdata, tfds_io, vtab, vtab_loaders
 from adapter_plus_jax.data import prepare as prep
 from adapter_plus_jax.images import normalize
 
@@ -237,7 +237,7 @@ def same_batches(a, b) -> bool:
 def test_task_pipeline_mocked(mocked_tfds, name):
     spec = vtab.TASKS[name]
     builder = tfds_io.tfds_builder(spec)
-    splits = registry.vtab_splits(spec, builder)
+    splits = vtab_loaders.vtab_splits(spec, builder)
 
     # Split sizes as TFDS resolves them; train800val200 read through the task's transforms.
     for split, size in [("train800", 800), ("val200", 200), ("test", SPEC_SPLITS[name][2])]:
@@ -249,7 +249,7 @@ def test_task_pipeline_mocked(mocked_tfds, name):
     assert 0 <= labels.min() and labels.max() < spec.num_classes
 
     # Batches: shape, dtype, range, labels; the order is a function of the seed.
-    loader = registry.vtab_train_loader(name, options=pipeline.LoaderOptions(8, seed=3))
+    loader = vtab_loaders.vtab_train_loader(name, options=pipeline.LoaderOptions(8, seed=3))
     assert loader.steps_per_epoch == 125
     batches = first_batches(loader.epoch(0))
     for b in batches:
@@ -260,7 +260,7 @@ def test_task_pipeline_mocked(mocked_tfds, name):
     # Same seed, same batches (a fresh loader replays too: test_train_epochs).
     assert same_batches(batches, first_batches(loader.epoch(0)))
     options = pipeline.LoaderOptions(8, seed=4)
-    other = first_batches(registry.vtab_train_loader(name, options=options).epoch(0))
+    other = first_batches(vtab_loaders.vtab_train_loader(name, options=options).epoch(0))
     assert not same_batches(batches, other)
 
 
@@ -400,7 +400,7 @@ def legacy_bilinear(image: np.ndarray, size: int) -> np.ndarray:
 @pytest.mark.parametrize("shape", [(32, 32, 3), (375, 500, 3), (17, 300, 3), (224, 224, 3)])
 def test_resize_is_tf1_bilinear(shape):
     image = np.random.default_rng(0).integers(0, 256, shape).astype(np.uint8)
-    ours = pipeline.resize_bilinear_v1(tf.constant(image)).numpy()
+    ours = tfdata.resize_bilinear_v1(tf.constant(image)).numpy()
     assert ours.dtype == np.float32 and ours.shape == (224, 224, 3)
     tf1 = tf.compat.v1.image.resize(image, [224, 224], tf.compat.v1.image.ResizeMethod.BILINEAR)
     np.testing.assert_array_equal(ours, tf.cast(tf1, tf.float32).numpy())
@@ -497,7 +497,7 @@ def test_tiny_splits(tiny):
     data_dir, _ = tiny
     builder = tfds_io.tfds_builder(TINY, data_dir)
     assert builder.info.splits["train"].num_examples == TRAIN_SIZE
-    splits = registry.vtab_splits(TINY, builder)
+    splits = vtab_loaders.vtab_splits(TINY, builder)
     assert splits["val200"] == "train[808:1008]"
     sizes = {k: tfds_io.num_examples(builder.as_dataset(split=v)) for k, v in splits.items()}
     assert sizes == {"train800": 800, "val200": 200, "train800val200": 1000, "test": 37}
@@ -505,7 +505,7 @@ def test_tiny_splits(tiny):
 
 def test_eval_exact_pixels_each_example_once(tiny):
     data_dir, images = tiny
-    loader = registry.vtab_eval_loader(
+    loader = vtab_loaders.vtab_eval_loader(
         TINY, "test", options=pipeline.LoaderOptions(eval_batch_size=8), data_dir=data_dir
     )
     assert len(loader) == 5  # ceil(37 / 8)
@@ -527,7 +527,7 @@ def test_the_steps_normalisation_is_the_references(tiny):
     data_dir, images = tiny
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     options = pipeline.LoaderOptions(eval_batch_size=8)
-    loader = registry.vtab_eval_loader(TINY, "test", options=options, data_dir=data_dir)
+    loader = vtab_loaders.vtab_eval_loader(TINY, "test", options=options, data_dir=data_dir)
     raw, y, _ = collect([next(iter(loader))])
     in_step = np.asarray(jax.jit(lambda x: normalize(x, mean, std))(raw))
     for image, label in zip(in_step, y, strict=True):
@@ -539,8 +539,8 @@ def test_other_image_size(tiny):
     """A model built for another input size gets its size from both loaders."""
     data_dir, images = tiny
     kw = dict(options=pipeline.LoaderOptions(8, 8, image_size=96), data_dir=data_dir)
-    train_batch = next(iter(registry.vtab_train_loader(TINY, "val200", **kw).epoch(0)))
-    x, y, mask = collect([next(iter(registry.vtab_eval_loader(TINY, "test", **kw)))])
+    train_batch = next(iter(vtab_loaders.vtab_train_loader(TINY, "val200", **kw).epoch(0)))
+    x, y, mask = collect([next(iter(vtab_loaders.vtab_eval_loader(TINY, "test", **kw)))])
     assert train_batch["image"].shape == x.shape == (8, 96, 96, 3) and mask.all()
     for image, label in zip(x, y, strict=True):
         np.testing.assert_array_equal(image, resized(images[label], 96))
@@ -549,7 +549,7 @@ def test_other_image_size(tiny):
 def test_train_epochs(tiny):
     data_dir, images = tiny
     kw = dict(options=pipeline.LoaderOptions(16), data_dir=data_dir)
-    loader = registry.vtab_train_loader(TINY, "val200", **kw)
+    loader = vtab_loaders.vtab_train_loader(TINY, "val200", **kw)
     assert loader.steps_per_epoch == 12  # drop_last: 200 // 16
     both = collect(loader.epochs(0, 2))  # one pipeline over two epochs
     epochs = [tuple(a[192 * e : 192 * (e + 1)] for a in both) for e in range(2)]
@@ -561,11 +561,11 @@ def test_train_epochs(tiny):
             np.testing.assert_array_equal(image, resized(images[label]))
     assert len({tuple(y) for _, y, _ in epochs}) == 2  # reshuffled every epoch
     # Resuming at epoch 1 with a fresh loader replays it exactly.
-    resumed = collect(registry.vtab_train_loader(TINY, "val200", **kw).epoch(1))
+    resumed = collect(vtab_loaders.vtab_train_loader(TINY, "val200", **kw).epoch(1))
     assert all(np.array_equal(a, b) for a, b in zip(resumed, epochs[1], strict=True))
 
 
-def as_process(loader: pipeline.TrainLoader, rows: tuple[int, int]) -> pipeline.TrainLoader:
+def as_process(loader: tfdata.TrainLoader, rows: tuple[int, int]) -> tfdata.TrainLoader:
     """Make `loader` produce the rows [lo, hi) of each global batch, as the process owning
     them would (there is one process here)."""
     loader._batcher.rows = rows
@@ -580,7 +580,7 @@ def test_train_batches_do_not_depend_on_process_count(tiny, drop_remainder):
     examples = tfds_io.read_split(builder, "train[:30]", TINY.image_fn, TINY.label_fn)
 
     def loader():
-        return pipeline.TrainLoader(
+        return tfdata.TrainLoader(
             examples,
             30,
             lambda ex, _: (tf.zeros([2, 2, 3]), ex["label"]),
@@ -623,20 +623,20 @@ EIGHT_DEVICES = textwrap.dedent(
     """
     import json, sys
     import jax, numpy as np
-    from adapter_plus_jax.data import pipeline, registry, vtab
+    from adapter_plus_jax.data import pipeline, vtab, vtab_loaders
 
     spec = vtab.TaskSpec(
         "tiny", "tiny_vtab:1.0.0", "1.0.0", "Natural", 1100, num_train=1010, train_percent=80
     )
     options = pipeline.LoaderOptions(eval_batch_size=16)
-    loader = registry.vtab_eval_loader(spec, "test", options=options, data_dir=sys.argv[1])
+    loader = vtab_loaders.vtab_eval_loader(spec, "test", options=options, data_dir=sys.argv[1])
     labels, shards = [], set()
     for b in loader:
         shards.add(len(b["image"].addressable_shards))
         labels += np.asarray(b["label"])[np.asarray(b["mask"])].tolist()
     try:
         options = pipeline.LoaderOptions(eval_batch_size=12)
-        registry.vtab_eval_loader(spec, "test", options=options, data_dir=sys.argv[1])
+        vtab_loaders.vtab_eval_loader(spec, "test", options=options, data_dir=sys.argv[1])
         error = None
     except ValueError as e:
         error = str(e)

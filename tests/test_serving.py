@@ -38,15 +38,21 @@ SPECS = [
     ("adapter_r4", 5, dict(adapter=apj.AdapterSpec(dim=4))),
     ("adapter_r8", 3, dict(adapter=apj.AdapterSpec(dim=8))),
     ("lora_qk_r2", 7, dict(lora=apj.LoRASpec(dim=2))),
-    ("lora_qvo_r4", 4, dict(lora=apj.LoRASpec(dim=4, location=("q", "v", "o"), scaling=2.0,
-                                              bias=True))),  # fmt: skip
+    (
+        "lora_qvo_r4",
+        4,
+        dict(lora=apj.LoRASpec(dim=4, location=("q", "v", "o"), scaling=2.0, bias=True)),
+    ),  # fmt: skip
     ("post_fixed", 4, dict(adapter=apj.AdapterSpec(dim=2, scaling=1.5))),
     ("linear", 6, {}),
     ("vpt3_a", 3, dict(prompt=apj.PromptSpec(num_tokens=3))),
     ("vpt3_b", 5, dict(prompt=apj.PromptSpec(num_tokens=3))),
     ("vpt5", 2, dict(prompt=apj.PromptSpec(num_tokens=5))),
-    ("pfeiffer", 3, dict(adapter=apj.AdapterSpec(config="pfeiffer", norm_layer=True,
-                                                 scaling=1.0, dim=3))),  # fmt: skip
+    (
+        "pfeiffer",
+        3,
+        dict(adapter=apj.AdapterSpec(config="pfeiffer", norm_layer=True, scaling=1.0, dim=3)),
+    ),  # fmt: skip
 ]
 EXPECTED_GROUPS = [[0, 1, 2, 3, 4, 5], [6, 7], [8], [9]]
 
@@ -218,8 +224,10 @@ def test_an_adapter_plus_task_for_vit_b16_with_47_classes_is_under_1_mb(tmp_path
                 tuple(str(i) for i in range(47)), {"kind": "resize", "size": [224, 224]},
                 BackboneRecord("vit_base_patch16_224.orig_in21k", "0" * 64),
                 adapter=module.adapter)  # fmt: skip
-    assert apj.trainable_count(traverse_util.unflatten_dict(own)) == 12 * (2 * 768 * 8 + 8 + 768
-                                                                          + 768) + 768 * 47 + 47
+    assert (
+        apj.trainable_count(traverse_util.unflatten_dict(own))
+        == 12 * (2 * 768 * 8 + 8 + 768 + 768) + 768 * 47 + 47
+    )
     out = write_task(tmp_path / "dtd", task)
     size = sum(p.stat().st_size for p in out.iterdir())
     assert size < 1_000_000, size
@@ -247,7 +255,7 @@ def test_predicts_fgvc_resize_has_the_training_pipelines_sizes(shape):
 def test_predicts_resize_is_the_training_pipelines(shape):
     import tensorflow as tf
 
-    from adapter_plus_jax.data.pipeline import resize_bilinear_v1 as tf_resize
+    from adapter_plus_jax.data.tfdata import resize_bilinear_v1 as tf_resize
 
     image = np.random.default_rng(0).integers(0, 256, (*shape, 3), dtype=np.uint8)
     expected = tf_resize(tf.constant(image), 32).numpy()

@@ -2,8 +2,8 @@
 
     apj train --config configs/demo.py --workdir runs/demo
 
-Needs no network: the digits ship inside scikit-learn and are written as a local TFDS dataset
-(1,000 training / 797 test images, 10 classes) on first use. The backbone is timm's ViT
+Needs no network and no TensorFlow: the digits ship inside scikit-learn and are held in memory
+(1,000 training / 797 test images, 10 classes). The backbone is timm's ViT
 architecture (32x32 input, 8x8 patches, width 128, depth 4, average pooling) with random
 weights, frozen; only the adapters and the head train, as in the paper, for 40 epochs. The
 README ("Run") gives its time and test accuracy, measured (chance: 0.1); a random backbone is a
@@ -18,7 +18,7 @@ from adapter_plus_jax import config as cfglib
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     a = cfglib.parse_arg(arg, method="adapter_plus", dim=8, seed=18, epochs=40)
     c = cfglib.base_config()
-    c.dataset, c.task, c.tfds_name, c.num_classes = "demo", "digits", "sklearn_digits", 10
+    c.dataset, c.task, c.num_classes = "demo", "digits", 10
     c.train_split, c.eval_split = "train", "test"
     c.model.name = "vit_tiny_patch16_224"
     c.model.pretrained = False

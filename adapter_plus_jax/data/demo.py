@@ -1,51 +1,18 @@
-"""A small real-image dataset that needs no network: scikit-learn's bundled handwritten digits
-(1,797 8x8 grey images, 10 classes), written as a local TFDS dataset.
+"""A small real-image dataset that needs no network and no TensorFlow: scikit-learn's bundled
+handwritten digits (1,797 8x8 grey images, 10 classes), held in memory.
 
-The images are upscaled to 32x32 RGB (nearest neighbour) when the dataset is prepared. The
+The images are upscaled to 32x32 RGB (nearest neighbour) when they are loaded. The
 split is fixed: a seeded permutation, the first 1,000 for training and the remaining 797 for
 testing, like VTAB-1k's 1,000 training images.
 """
 
 from __future__ import annotations
 
-import fcntl
 from pathlib import Path
 
 import numpy as np
-import tensorflow_datasets as tfds
 
-NAME = "sklearn_digits"
 NUM_TRAIN = 1000
-
-
-class SklearnDigits(tfds.core.GeneratorBasedBuilder):
-    """scikit-learn's digits as a TFDS dataset with 'train' and 'test' splits."""
-
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "32x32 RGB, 1000 train / 797 test."}
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": tfds.features.Image(shape=(32, 32, 3)),
-                    "label": tfds.features.ClassLabel(num_classes=10),
-                }
-            ),
-            supervised_keys=("image", "label"),
-        )
-
-    def _split_generators(self, dl_manager):
-        images, labels = _images()
-        return {
-            "train": self._generate_examples(images[:NUM_TRAIN], labels[:NUM_TRAIN]),
-            "test": self._generate_examples(images[NUM_TRAIN:], labels[NUM_TRAIN:]),
-        }
-
-    def _generate_examples(self, images: np.ndarray, labels: np.ndarray):
-        for i, (image, label) in enumerate(zip(images, labels, strict=True)):
-            yield i, {"image": image, "label": int(label)}
 
 
 def _images() -> tuple[np.ndarray, np.ndarray]:
@@ -75,17 +42,13 @@ def write_test_images(out: str | Path, count: int = 20) -> list[Path]:
     return paths
 
 
-def prepare(data_dir: str | Path | None = None) -> tfds.core.DatasetBuilder:
-    """Write the dataset under `data_dir` (None: TFDS's default) once; return its builder.
+def splits(size: int) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """((train images, labels), (test images, labels)) at `size` x `size`: uint8 at the stored
+    32x32, else resized as every image-folder pipeline resizes (`images.resize_bilinear_v1`,
+    float32 in [0, 255])."""
+    from adapter_plus_jax.images import resize_bilinear_v1
 
-    Processes that start at the same time (two runs, a suite's shards) take turns through a
-    lock file: TFDS's final rename fails for the second writer of the same dataset.
-    """
-    data_dir = None if data_dir is None else str(data_dir)
-    root = Path(SklearnDigits(data_dir=data_dir).data_dir_root)
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / f".{NAME}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        builder = SklearnDigits(data_dir=data_dir)  # sees what an earlier holder wrote
-        builder.download_and_prepare()
-    return builder
+    images, labels = _images()
+    if images.shape[1] != size:
+        images = np.stack([resize_bilinear_v1(image, (size, size)) for image in images])
+    return (images[:NUM_TRAIN], labels[:NUM_TRAIN]), (images[NUM_TRAIN:], labels[NUM_TRAIN:])

@@ -41,13 +41,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from adapter_plus_jax.data.pipeline import (
-    IMAGE_SIZE,
-    EvalLoader,
-    Example,
-    LoaderOptions,
-    TrainLoader,
-)
+from adapter_plus_jax.data.pipeline import IMAGE_SIZE, LoaderOptions
+from adapter_plus_jax.data.tfdata import EvalLoader, Example, TrainLoader
 from adapter_plus_jax.data.tfds_io import num_examples, process_split, tfds_builder
 
 CROP_PCT = 0.875

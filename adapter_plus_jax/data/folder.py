@@ -11,8 +11,8 @@
 JPEG, PNG, BMP, GIF (first frame) and WebP files are read with Pillow; grayscale, palette, RGBA
 (alpha dropped) and 16-bit images become 8-bit RGB. A file that cannot be decoded is skipped and
 named in a warning, and the count goes to results.json. Images are decoded once, at the start,
-and kept in memory at their own size; resizing to the model's input (TF1 bilinear, as VTAB)
-and the normalisation are the VTAB pipeline's.
+resized to the model's input as the VTAB pipeline resizes (TF1 bilinear, `images.
+resize_bilinear_v1`) and kept in memory (`pipeline.array_loaders`); no TensorFlow is needed.
 """
 
 from __future__ import annotations
@@ -22,18 +22,16 @@ import functools
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
-import tensorflow as tf
 
 from adapter_plus_jax.data.pipeline import (
-    EvalLoader,
+    ArrayEvalLoader,
+    ArrayTrainLoader,
     LoaderOptions,
-    TrainLoader,
-    resize_bilinear_v1,
+    array_loaders,
 )
 from adapter_plus_jax.errors import SetupError
-from adapter_plus_jax.images import EXTENSIONS, decode
+from adapter_plus_jax.images import EXTENSIONS, decode, resize_bilinear_v1
 
 HOLDOUT_FRACTION = 0.2
 HOLDOUT_SEED = 0  # the same holdout for every training seed
@@ -145,16 +143,6 @@ def _decode_all(pairs: tuple[tuple[Path, int], ...]) -> tuple[list[np.ndarray], 
     return images, labels, skipped
 
 
-def _dataset(images: list[np.ndarray], labels: list[int]) -> tf.data.Dataset:
-    def generate():
-        yield from zip(images, labels, strict=True)
-
-    spec = (tf.TensorSpec((None, None, 3), tf.uint8), tf.TensorSpec((), tf.int64))
-    return tf.data.Dataset.from_generator(generate, output_signature=spec).map(
-        lambda image, label: {"image": image, "label": label}
-    )
-
-
 @functools.lru_cache(maxsize=1)  # the suite's seeds decode a folder once
 def load(root: str, train_split: str, eval_split: str) -> dict[str, Any]:
     """Decode every image of the two splits once: {'train': (images, labels), 'eval': ...,
@@ -190,36 +178,24 @@ def describe(root: str, train_split: str, eval_split: str) -> dict[str, Any]:
     }
 
 
+def _arrays(images: list[np.ndarray], labels: list[int], size: int) -> tuple[np.ndarray, ...]:
+    """The images resized to size x size (float32 in [0, 255]; uint8 when all had that size
+    already) as one array, and the labels."""
+    if all(image.shape[:2] == (size, size) for image in images):
+        stacked = np.stack(images)
+    else:
+        stacked = np.stack([resize_bilinear_v1(image, (size, size)) for image in images])
+    return stacked, np.asarray(labels, np.int32)
+
+
 def folder_loaders(
     root: str, splits: tuple[str, str], options: LoaderOptions
-) -> tuple[TrainLoader, EvalLoader]:
+) -> tuple[ArrayTrainLoader, ArrayEvalLoader]:
     """Train batches (shuffled per epoch, last partial batch dropped) and padded eval batches
-    of `splits` = (train_split, eval_split), as `select` reads them."""
+    of `splits` = (train_split, eval_split), as `select` reads them, from memory."""
     data = load(root, *splits)
-    images, labels = data["train"]
-    if len(labels) < options.batch_size:
-        raise SetupError(f"{len(labels)} training images are fewer than "
+    if len(data["train"][1]) < options.batch_size:
+        raise SetupError(f"{len(data['train'][1])} training images are fewer than "
                          f"batch_size={options.batch_size}.")  # fmt: skip
     size = options.image_size
-    train = TrainLoader(
-        _dataset(images, labels),
-        len(labels),
-        lambda ex, _: (resize_bilinear_v1(ex["image"], size), ex["label"]),
-        options,
-        drop_remainder=True,
-        cache=True,
-    )
-    images, labels = data["eval"]
-    n, p, i = len(labels), jax.process_count(), jax.process_index()
-    sizes = [n // p + (k < n % p) for k in range(p)]  # process 0 holds the largest slice
-    start = sum(sizes[:i])
-    local = slice(start, start + sizes[i])
-    evaluation = EvalLoader(
-        _dataset(images[local], labels[local]),
-        sizes[i],
-        sizes[0],
-        lambda ex: (resize_bilinear_v1(ex["image"], size), ex["label"]),
-        options,
-        cache=True,
-    )
-    return train, evaluation
+    return array_loaders(_arrays(*data["train"], size), _arrays(*data["eval"], size), options)

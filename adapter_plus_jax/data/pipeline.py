@@ -1,59 +1,50 @@
-"""The input pipeline shared by every dataset: tf.data to sharded global jax arrays.
+"""Batches for the steps, without TensorFlow: sharded global jax arrays from images in memory.
 
-VTAB-1k preprocessing (docs/recipe.md, "Preprocessing"), identical for train and test:
-
-    TFDS decode (uint8) -> task image/label transform -> resize to 224x224 with the TF1
-    `tf.compat.v1.image.resize` bilinear (legacy grid, align_corners=False) -> /255 ->
-    (x - mean) / std with the mean/std of the ported model's pretrained config -> NHWC float32.
-
-tf.data does everything up to the resize; the loaders yield images in [0, 255]. The two
-element-wise steps ((x / 255 - mean) / std in float32, the reference's order and true divisions,
-so the values are the same; `images.normalize`) run in JAX, inside the consumer's jitted step
-(runner.py's steps), so that the input pipeline does not spend its host cores on them
-(docs/performance.md, "Input pipeline").
-
-The small splits (train800, val200, train800val200) are cached as decoded uint8 images, before
-the resize, so that every epoch after the first one only resizes; the big test sets are
-streamed.
-
-Batches are dicts of global `jax.Array`s, sharded over the 'data' axis of a 1-D mesh of all
-devices: 'image' (B, 224, 224, 3) float32 in [0, 255], 'label' (B,) int32 and 'mask' (B,) bool.
+Every loader yields dicts of global `jax.Array`s sharded over the 'data' axis of a 1-D mesh of
+all devices: 'image' (B, S, S, 3) float32 in [0, 255], 'label' (B,) int32 and 'mask' (B,) bool.
+The normalisation ((x / 255 - mean) / std, `images.normalize`) runs inside the jitted steps.
 What every loader takes besides its data (batch sizes, seed, image size, mesh) is one
 `LoaderOptions`.
 
-- Training (`TrainLoader`): a full shuffle per epoch whose seed is derived from (seed, epoch),
-  so an epoch can be replayed or resumed from its number alone. Every process walks the same
-  shuffled order and keeps its own rows of each global batch, so the global batches do not
-  depend on the number of processes. With `drop_remainder` (VTAB, like the reference's
-  drop_last) an epoch has N // B steps; without it (FGVC) the last batch is padded and masked.
-- Evaluation (`EvalLoader`): each process reads its own slice of the split
-  (`tfds.even_splits`), pads the last batch and marks real examples in 'mask', so that every
-  example counts exactly once; all processes yield the same number of batches.
+Two kinds of loader share these batches (docs/recipe.md, "Preprocessing" and "Input
+pipeline"):
+
+- in memory (this module): a split small enough to hold (the VTAB-1k training splits, image
+  folders, the demo) is decoded and resized once into one array, then batched, shuffled and
+  sharded with numpy (optionally from a copy on the devices), with no TensorFlow;
+- streamed (`tfdata`): tf.data for what does not fit or needs TF's augmentation (VTAB-1k test
+  splits, FGVC, any TFDS dataset).
+
+Both follow the same rules:
+
+- Training: a full shuffle per epoch whose seed is derived from (seed, epoch), so an epoch can
+  be replayed or resumed from its number alone. Every process walks the same shuffled order and
+  keeps its own rows of each global batch, so the global batches do not depend on the number
+  of processes. With `drop_remainder` (VTAB, like the reference's drop_last) an epoch has
+  N // B steps; without it the last batch is padded (zeros, label 0, mask False).
+- Evaluation: each process reads its own slice of the split, pads the last batch and marks real
+  examples in 'mask', so that every example counts exactly once; all processes yield the same
+  number of batches.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import queue
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
-import tensorflow as tf
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-log = logging.getLogger(__name__)
 
 IMAGE_SIZE = 224
 GLOBAL_BATCH = 64
 DATA_AXIS = "data"
 CACHED_SPLITS = ("train800", "val200", "train800val200")
-
-Example = Mapping[str, tf.Tensor]
-# (example, per-example stateless seed of shape [2]) -> (float32 HxWx3 image in [0, 255], label)
-TrainTransform = Callable[[Example, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]
-EvalTransform = Callable[[Example], tuple[tf.Tensor, tf.Tensor]]
+PREFETCH = 2  # batches prepared ahead of the step that takes them
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +57,8 @@ class LoaderOptions:
       seed: the run's seed (the shuffle and augmentation of every epoch derive from it).
       image_size: the model's input size (square).
       mesh: 1-D 'data' mesh (None: all devices).
+      on_device: in-memory loaders keep their images on the devices and gather each batch
+        there (`backend.data_on_device()` says where that pays).
     """
 
     batch_size: int = GLOBAL_BATCH
@@ -73,18 +66,7 @@ class LoaderOptions:
     seed: int = 0
     image_size: int = IMAGE_SIZE
     mesh: Mesh | None = None
-
-
-def _hide_gpus_from_tf() -> None:
-    """Keep TF off the accelerators (as the reference does) so it never claims GPU memory that
-    JAX needs; the input pipeline runs on the host CPU only."""
-    try:
-        tf.config.set_visible_devices([], "GPU")
-    except RuntimeError:  # TF's devices are already initialised; nothing can be changed then
-        log.warning("TensorFlow was initialised before adapter_plus_jax.data; it may use GPUs")
-
-
-_hide_gpus_from_tf()
+    on_device: bool = False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -112,7 +94,7 @@ def _process_rows(sharding: NamedSharding, global_batch: int) -> tuple[int, int]
     return lo, hi
 
 
-class _Batcher:
+class Batcher:
     """Turns host-local numpy batches into global jax arrays sharded over the 'data' axis."""
 
     def __init__(self, global_batch: int, mesh: Mesh | None) -> None:
@@ -125,6 +107,7 @@ class _Batcher:
                 f"the global batch size ({global_batch}) must be a positive multiple of the "
                 f"number of devices ({num_devices})"
             )
+        self.mesh = mesh
         self.global_batch = global_batch
         self.sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
         self.rows = _process_rows(self.sharding, global_batch)
@@ -138,185 +121,217 @@ class _Batcher:
             for k, v in batch.items()
         }
 
-    def iterate(self, ds: tf.data.Dataset) -> Iterator[dict[str, jax.Array]]:
-        for batch in ds.as_numpy_iterator():
+    def iterate(
+        self, batches: Iterable[Mapping[str, np.ndarray]]
+    ) -> Iterator[dict[str, jax.Array]]:
+        for batch in batches:
             yield self.to_global(batch)
 
 
-def _padding(element_spec: Mapping[str, tf.TensorSpec], count: int) -> tf.data.Dataset:
-    """`count` all-zero examples (mask False) shaped like `element_spec`."""
-    zeros = {k: tf.zeros(s.shape, s.dtype) for k, s in element_spec.items()}
-    return tf.data.Dataset.from_tensors(zeros).repeat(count)
-
-
-def _with_mask(image: tf.Tensor, label: tf.Tensor) -> dict[str, tf.Tensor]:
-    return {
-        "image": image,
-        "label": tf.cast(label, tf.int32),  # jax's default integer width
-        "mask": tf.constant(True),
-    }
-
-
-def _epoch_seeds(seed: int, epoch: int) -> tuple[int, int]:
+def epoch_seeds(seed: int, epoch: int) -> tuple[int, int]:
     """(shuffle seed, augmentation seed) of one epoch, a pure function of (seed, epoch)."""
     shuffle_seed, aug_seed = np.random.SeedSequence([seed, epoch]).generate_state(2)
     return int(shuffle_seed) >> 1, int(aug_seed) >> 1  # < 2**31: valid int32/int64 seeds
 
 
-def _options() -> tf.data.Options:
-    options = tf.data.Options()
-    # Same seed, same batches (the default, stated because the resume guarantee rests on it).
-    # Intra-op threads stay on: they copy the examples into a batch in parallel, which measured
-    # faster than the usual max_intra_op_parallelism=1.
-    options.deterministic = True
-    return options
+def process_slice(n: int, index: int, count: int) -> tuple[slice, int]:
+    """(process `index`'s slice of n examples split over `count` processes, the largest slice's
+    size): contiguous, the first n % count processes one longer, as `tfds.even_splits`."""
+    sizes = [n // count + (k < n % count) for k in range(count)]
+    start = sum(sizes[:index])
+    return slice(start, start + sizes[index]), sizes[0]
 
 
-class TrainLoader:
-    """Training batches of any run of epochs, reproducible from (seed, epoch).
+def prefetch(batches: Iterator, size: int = PREFETCH) -> Iterator:
+    """`batches`, produced `size` ahead by a background thread (numpy's copies and the
+    transfers to the devices overlap the step). Closing the iterator stops the thread."""
+    items: queue.Queue = queue.Queue(maxsize=size)
+    stop, done = threading.Event(), object()
+
+    def produce() -> None:
+        try:
+            for item in batches:
+                while not stop.is_set():
+                    try:
+                        items.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            items.put((done, None))
+        except BaseException as e:  # handed to the consumer, raised there
+            items.put((done, e))
+
+    thread = threading.Thread(target=produce, daemon=True, name="apj-prefetch")
+    thread.start()
+    try:
+        while True:
+            item, error = items.get()
+            if error is not None:
+                raise error
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+
+
+# ----------------------------------------------------------------------------------------------
+# In memory.
+
+
+class _OnDevice:
+    """A split's images replicated on every device of the mesh, and the jitted gather of a
+    batch (sharded over 'data') by global example indices (-1: a zero padding example)."""
+
+    def __init__(self, images: np.ndarray, batcher: Batcher) -> None:
+        replicated = NamedSharding(batcher.mesh, PartitionSpec())
+        self.images = jax.make_array_from_process_local_data(replicated, images, images.shape)
+        self._gather = jax.jit(_gather, out_shardings=batcher.sharding)
+
+    def __call__(self, index: jax.Array) -> jax.Array:
+        return self._gather(self.images, index)
+
+
+def _gather(images: jax.Array, index: jax.Array) -> jax.Array:
+    rows = images[jnp.maximum(index, 0)].astype(jnp.float32)
+    return jnp.where((index >= 0)[:, None, None, None], rows, 0)
+
+
+def _host_gather(images: np.ndarray, index: np.ndarray) -> np.ndarray:
+    rows = images[np.maximum(index, 0)].astype(np.float32)
+    rows[index < 0] = 0
+    return rows
+
+
+class ArrayTrainLoader:
+    """Training batches of any run of epochs from images in memory, reproducible from
+    (seed, epoch); the same interface as `tfdata.TrainLoader`.
 
     Args:
-      examples: the split's raw examples in a fixed order (no augmentation, no resizing yet).
-      num_examples: their number N.
-      transform: (example, stateless seed [2]) -> (float32 HxWx3 image in [0, 255], label).
-        The seed is unique per (run seed, epoch, position in the epoch), so augmentations are
-        reproducible and independent of the number of processes.
-      options: the global batch (`batch_size`), the run's `seed` and the `mesh`.
+      images: every training image, (N, S, S, 3) uint8 or float32 in [0, 255], already at the
+        model's input size (resized once, as the streamed pipeline resizes every epoch).
+      labels: (N,) integer labels.
+      options: the global batch (`batch_size`), the run's `seed`, the `mesh`, `on_device`.
       drop_remainder: drop the last incomplete global batch (VTAB: the reference's drop_last);
         if False it is padded and masked.
-      cache: keep `examples` in memory once the first epoch has read them.
+
+    Each epoch's order is `np.random.default_rng(shuffle seed).permutation(N)` with the seed of
+    `epoch_seeds(seed, epoch)`.
     """
 
     def __init__(
         self,
-        examples: tf.data.Dataset,
-        num_examples: int,
-        transform: TrainTransform,
+        images: np.ndarray,
+        labels: np.ndarray,
         options: LoaderOptions,
         *,
-        drop_remainder: bool,
-        cache: bool,
+        drop_remainder: bool = True,
     ) -> None:
-        global_batch = options.batch_size
-        self._batcher = _Batcher(global_batch, options.mesh)
-        self._examples = examples.cache() if cache else examples
-        self._transform = transform
-        self.num_examples = num_examples
-        self.seed = options.seed
-        if drop_remainder:
-            self.steps_per_epoch = num_examples // global_batch
-        else:
-            self.steps_per_epoch = math.ceil(num_examples / global_batch)
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self._batcher = Batcher(options.batch_size, options.mesh)
+        self.images, self.labels = images, np.asarray(labels, np.int32)
+        self.num_examples, self.seed = len(labels), options.seed
+        gb = self.global_batch
+        self.steps_per_epoch = (self.num_examples // gb if drop_remainder
+                                else math.ceil(self.num_examples / gb))  # fmt: skip
         if self.steps_per_epoch == 0:
-            raise ValueError(f"{num_examples} examples do not fill one batch of {global_batch}")
+            raise ValueError(f"{self.num_examples} examples do not fill one batch of {gb}")
+        self._device = _OnDevice(images, self._batcher) if options.on_device else None
 
     @property
     def global_batch(self) -> int:
         return self._batcher.global_batch
 
-    def _num_local_real(self) -> int:
-        """How many real (unpadded) examples this process gets in one epoch."""
-        gb, (lo, hi) = self.global_batch, self._batcher.rows
-        full, rest = divmod(min(self.num_examples, self.steps_per_epoch * gb), gb)
-        return full * (hi - lo) + min(max(rest - lo, 0), hi - lo)
+    def order(self, epoch: int) -> np.ndarray:
+        """The example index of every row of the epoch's global batches, in order (-1 for the
+        padding of a last partial batch)."""
+        shuffle_seed, _ = epoch_seeds(self.seed, epoch)
+        total = self.steps_per_epoch * self.global_batch
+        order = np.random.default_rng(shuffle_seed).permutation(self.num_examples)[:total]
+        return np.concatenate([order, np.full(total - len(order), -1, order.dtype)])
 
-    def _epoch(self, seeds: tf.Tensor) -> tf.data.Dataset:
-        """One epoch's local batches; seeds = (shuffle seed, augmentation seed)."""
+    def local_rows(self, first_epoch: int, num_epochs: int) -> Iterator[dict[str, np.ndarray]]:
+        """This process's rows of every global batch of the epochs: 'index' (the example, -1
+        for padding), 'label' (0 for padding) and 'mask'."""
         gb, (lo, hi) = self.global_batch, self._batcher.rows
-        ds = self._examples.shuffle(
-            self.num_examples, seed=seeds[0], reshuffle_each_iteration=False
-        )
-        ds = ds.take(self.steps_per_epoch * gb).enumerate()
-        ds = ds.filter(lambda i, ex: (i % gb >= lo) & (i % gb < hi))
-        ds = ds.map(
-            lambda i, ex: _with_mask(*self._transform(ex, tf.stack([seeds[1], i]))),
-            num_parallel_calls=tf.data.AUTOTUNE,
-        )
-        pad = self.steps_per_epoch * self._batcher.local_batch - self._num_local_real()
-        if pad:
-            ds = ds.concatenate(_padding(ds.element_spec, pad))
-        return ds.batch(self._batcher.local_batch, drop_remainder=True)
+        for epoch in range(first_epoch, first_epoch + num_epochs):
+            order = self.order(epoch)
+            for step in range(self.steps_per_epoch):
+                index = order[step * gb + lo : step * gb + hi]
+                real = index >= 0
+                label = np.where(real, self.labels[np.maximum(index, 0)], 0)
+                yield {"index": index, "label": label, "mask": real}
 
-    def dataset(self, first_epoch: int, num_epochs: int = 1) -> tf.data.Dataset:
-        """This process's batches of epochs first_epoch .. first_epoch + num_epochs - 1 as one
-        tf.data pipeline (traced once, prefetching across epoch boundaries)."""
-        seeds = np.array(
-            [_epoch_seeds(self.seed, e) for e in range(first_epoch, first_epoch + num_epochs)],
-            np.int64,
-        )
-        ds = tf.data.Dataset.from_tensor_slices(seeds).flat_map(self._epoch)
-        return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
+    def _to_global(self, rows: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        if self._device is None:
+            image = _host_gather(self.images, rows.pop("index"))
+            return self._batcher.to_global({"image": image, **rows})
+        batch = self._batcher.to_global(rows)
+        return {"image": self._device(batch.pop("index")), **batch}
 
     def epochs(self, first_epoch: int, num_epochs: int) -> Iterator[dict[str, jax.Array]]:
         """The global batches of `num_epochs` epochs from `first_epoch` (0-based),
-        `steps_per_epoch` per epoch. The same (seed, epoch) always gives the same batches, so a
-        run resumes by asking for the epochs it has not done."""
-        return self._batcher.iterate(self.dataset(first_epoch, num_epochs))
+        `steps_per_epoch` per epoch, prepared ahead in a background thread."""
+        rows = self.local_rows(first_epoch, num_epochs)
+        return prefetch(self._to_global(r) for r in rows)
 
     def epoch(self, epoch: int) -> Iterator[dict[str, jax.Array]]:
         """The global batches of one epoch."""
         return self.epochs(epoch, 1)
 
 
-class EvalLoader:
-    """Evaluation batches over this process's slice of a split, padded and masked.
+class ArrayEvalLoader:
+    """Evaluation batches over this process's slice of a split held in memory, padded and
+    masked; the same interface as `tfdata.EvalLoader`.
 
     Args:
-      examples: this process's raw examples.
-      num_local: their number.
+      images: this process's images, (n, S, S, 3) uint8 or float32 in [0, 255].
+      labels: their labels.
       num_max_local: the largest slice over all processes (sets the common batch count).
-      transform: example -> (float32 HxWx3 image in [0, 255], label).
-      options: the global batch (`eval_batch_size`) and the `mesh`.
-      cache: cache the raw examples in memory (small splits only).
+      options: the global batch (`eval_batch_size`) and the `mesh` (evaluation reads every
+        image once: its batches go from the host).
     """
 
     def __init__(
-        self,
-        examples: tf.data.Dataset,
-        num_local: int,
-        num_max_local: int,
-        transform: EvalTransform,
-        options: LoaderOptions,
-        *,
-        cache: bool,
+        self, images: np.ndarray, labels: np.ndarray, num_max_local: int, options: LoaderOptions
     ) -> None:
-        self._batcher = _Batcher(options.eval_batch_size, options.mesh)
-        self._examples = examples.cache() if cache else examples
-        self._transform = transform
-        self.num_local = num_local
+        self._batcher = Batcher(options.eval_batch_size, options.mesh)
+        self.images, self.labels = images, np.asarray(labels, np.int32)
+        self.num_local = len(labels)
         self.num_batches = math.ceil(num_max_local / self._batcher.local_batch)
-
-    def dataset(self) -> tf.data.Dataset:
-        """This process's padded batches as a tf.data pipeline."""
-        ds = self._examples.map(
-            lambda ex: _with_mask(*self._transform(ex)), num_parallel_calls=tf.data.AUTOTUNE
-        )
-        pad = self.num_batches * self._batcher.local_batch - self.num_local
-        if pad:
-            ds = ds.concatenate(_padding(ds.element_spec, pad))
-        ds = ds.batch(self._batcher.local_batch, drop_remainder=True)
-        return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
 
     def __len__(self) -> int:
         return self.num_batches
 
+    def _batches(self) -> Iterator[dict[str, jax.Array]]:
+        local = self._batcher.local_batch
+        for b in range(self.num_batches):
+            index = np.arange(b * local, (b + 1) * local)
+            index[index >= self.num_local] = -1
+            real = index >= 0
+            yield self._batcher.to_global({
+                "image": _host_gather(self.images, index),
+                "label": np.where(real, self.labels[np.maximum(index, 0)], 0),
+                "mask": real,
+            })  # fmt: skip
+
     def __iter__(self) -> Iterator[dict[str, jax.Array]]:
-        return self._batcher.iterate(self.dataset())
+        return prefetch(self._batches())
 
 
-# ----------------------------------------------------------------------------------------------
-# The resize.
-
-
-def resize_bilinear_v1(image: tf.Tensor, size: int = IMAGE_SIZE) -> tf.Tensor:
-    """Resize HxWxC to size x size with TF1's bilinear resize (source coordinate = dst*in/out,
-    align_corners=False, half_pixel_centers=False, no antialias), float32 in the input's range.
-
-    This is what the reference runs; `tf.image.resize` (half-pixel centres) and
-    `jax.image.resize` give different pixels.
-    """
-    resized = tf.compat.v1.image.resize(
-        image, [size, size], method=tf.compat.v1.image.ResizeMethod.BILINEAR, align_corners=False
+def array_loaders(
+    train: tuple[np.ndarray, np.ndarray],
+    evaluation: tuple[np.ndarray, np.ndarray],
+    options: LoaderOptions,
+) -> tuple[ArrayTrainLoader, ArrayEvalLoader]:
+    """In-memory loaders of a whole training split and a whole evaluation split (every process
+    holds both; each evaluates its own slice)."""
+    images, labels = evaluation
+    local, largest = process_slice(len(labels), jax.process_index(), jax.process_count())
+    return (
+        ArrayTrainLoader(*train, options, drop_remainder=True),
+        ArrayEvalLoader(images[local], labels[local], largest, options),
     )
-    # TF1 returns the input unchanged (uint8) when it already has the target size.
-    return tf.cast(resized, tf.float32)

@@ -2,80 +2,20 @@
 any compute: a known task, a prepared dataset) and its train and eval loaders. A new dataset is
 added here, in `DATASETS`.
 
-Also the VTAB-1k loaders: the task table (`vtab.TASKS`) read through `tfds_io`.
+TensorFlow is imported only by the datasets read through TFDS (vtab, fgvc, tfds); the demo and
+image folders are held in memory and need none of it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import operator
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from adapter_plus_jax.data.pipeline import CACHED_SPLITS, EvalLoader, LoaderOptions, TrainLoader
-from adapter_plus_jax.data.tfds_io import tfds_builder, tfds_eval_loader, tfds_train_loader
-from adapter_plus_jax.data.vtab import SPLIT_NAMES, TASKS, TaskSpec, get_task
+from adapter_plus_jax.data.pipeline import LoaderOptions, array_loaders
 from adapter_plus_jax.errors import SetupError
-
-log = logging.getLogger(__name__)
-
-# ----------------------------------------------------------------------------------------------
-# VTAB-1k loaders.
-
-
-def vtab_splits(spec: TaskSpec, builder) -> dict[str, str]:
-    """The task's split strings for the prepared builder's `train` size, as the reference
-    computes them (the standard size when the builder has no split info, e.g. when mocked)."""
-    if spec.train_percent is None or "train" not in builder.info.splits:
-        return spec.splits
-    n = builder.info.splits["train"].num_examples
-    if n != spec.num_train:
-        log.warning(
-            "%s: the train split has %d examples, not the standard %d; the 1k subsets differ "
-            "from the paper's",
-            spec.name,
-            n,
-            spec.num_train,
-        )
-    return spec.split_strings(n)
-
-
-def _vtab_split(task: str | TaskSpec, split: str, data_dir: str | Path | None):
-    spec = get_task(task)
-    if split not in SPLIT_NAMES:
-        raise ValueError(f"unknown split {split!r}; expected one of {SPLIT_NAMES}")
-    builder = tfds_builder(spec, data_dir)
-    return spec, builder, vtab_splits(spec, builder)[split]
-
-
-def vtab_train_loader(
-    task: str | TaskSpec,
-    split: str = "train800val200",
-    *,
-    options: LoaderOptions,
-    data_dir: str | Path | None = None,
-) -> TrainLoader:
-    """Training batches of a VTAB-1k task (shuffled per epoch, last partial batch dropped)."""
-    spec, builder, split_str = _vtab_split(task, split, data_dir)
-    return tfds_train_loader(builder, split_str, spec.image_fn, spec.label_fn, options,
-                             cache=split in CACHED_SPLITS)  # fmt: skip
-
-
-def vtab_eval_loader(
-    task: str | TaskSpec,
-    split: str = "test",
-    *,
-    options: LoaderOptions,
-    data_dir: str | Path | None = None,
-) -> EvalLoader:
-    """Evaluation batches of a VTAB-1k task over this process's slice of `split`, with 'mask'
-    marking the real examples of the padded last batch."""
-    spec, builder, split_str = _vtab_split(task, split, data_dir)
-    return tfds_eval_loader(builder, split_str, spec.image_fn, spec.label_fn, options,
-                            cache=split in CACHED_SPLITS)  # fmt: skip
-
 
 # ----------------------------------------------------------------------------------------------
 # The registry.
@@ -87,13 +27,13 @@ class Dataset:
 
     num_classes(config): the class count, after checking that the data can be read (raises
       SetupError with what to do); writes nothing.
-    loaders(config, options): (train loader, eval loader), writing what the dataset needs first
-      (the demo's TFDS files).
+    loaders(config, options): (train loader, eval loader): `pipeline`'s in-memory loaders or
+      `tfdata`'s streamed ones, with the same batches and interface.
     describe(config): what results.json records about the data (class names, ...).
     """
 
     num_classes: Callable[[Any], int]
-    loaders: Callable[[Any, LoaderOptions], tuple[TrainLoader, EvalLoader]]
+    loaders: Callable[[Any, LoaderOptions], tuple[Any, Any]]
     describe: Callable[[Any], dict[str, Any]] = lambda config: {}
 
 
@@ -112,6 +52,8 @@ def _check_prepared(tfds_name: str, data_dir: str | None, how: str) -> None:
 
 
 def _vtab_classes(config: Any) -> int:
+    from adapter_plus_jax.data.vtab import TASKS
+
     if config.task not in TASKS:
         raise SetupError(f"Unknown VTAB-1k task {config.task!r}; expected one of {sorted(TASKS)}.")
     _check_prepared(
@@ -122,7 +64,9 @@ def _vtab_classes(config: Any) -> int:
     return TASKS[config.task].num_classes
 
 
-def _vtab_loaders(config: Any, options: LoaderOptions) -> tuple[TrainLoader, EvalLoader]:
+def _vtab_loaders(config: Any, options: LoaderOptions) -> tuple[Any, Any]:
+    from adapter_plus_jax.data.vtab_loaders import vtab_eval_loader, vtab_train_loader
+
     where = dict(options=options, data_dir=config.data_dir)
     return (
         vtab_train_loader(config.task, config.train_split, **where),
@@ -155,7 +99,7 @@ def _fgvc_classes(config: Any) -> int:
     return spec.num_classes
 
 
-def _fgvc_loaders(config: Any, options: LoaderOptions) -> tuple[TrainLoader, EvalLoader]:
+def _fgvc_loaders(config: Any, options: LoaderOptions) -> tuple[Any, Any]:
     from adapter_plus_jax.data import fgvc
 
     # FGVC crops to 224 whatever the model's size; the model must take 224 x 224.
@@ -188,9 +132,11 @@ def _tfds_classes(config: Any) -> int:
     return num_classes
 
 
-def _tfds_loaders(config: Any, options: LoaderOptions) -> tuple[TrainLoader, EvalLoader]:
+def _tfds_loaders(config: Any, options: LoaderOptions) -> tuple[Any, Any]:
     """A TFDS dataset with 'image' and 'label', resized like VTAB."""
     import tensorflow_datasets as tfds
+
+    from adapter_plus_jax.data.tfds_io import tfds_eval_loader, tfds_train_loader
 
     builder = tfds.builder(config.tfds_name, data_dir=config.data_dir)
     fields = (operator.itemgetter("image"), operator.itemgetter("label"))
@@ -200,12 +146,11 @@ def _tfds_loaders(config: Any, options: LoaderOptions) -> tuple[TrainLoader, Eva
     )
 
 
-def _demo_loaders(config: Any, options: LoaderOptions) -> tuple[TrainLoader, EvalLoader]:
-    """The offline demo: its TFDS files are written on first use (no network)."""
+def _demo_loaders(config: Any, options: LoaderOptions) -> tuple[Any, Any]:
+    """The offline demo, in memory."""
     from adapter_plus_jax.data import demo
 
-    demo.prepare(config.data_dir)
-    return _tfds_loaders(config, options)
+    return array_loaders(*demo.splits(options.image_size), options)
 
 
 def _folder_classes(config: Any) -> int:
@@ -216,7 +161,7 @@ def _folder_classes(config: Any) -> int:
     return len(folder.scan(config.data_dir).classes)
 
 
-def _folder_loaders(config: Any, options: LoaderOptions) -> tuple[TrainLoader, EvalLoader]:
+def _folder_loaders(config: Any, options: LoaderOptions) -> tuple[Any, Any]:
     from adapter_plus_jax.data import folder
 
     return folder.folder_loaders(config.data_dir, (config.train_split, config.eval_split), options)

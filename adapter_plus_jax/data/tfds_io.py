@@ -1,5 +1,6 @@
 """TFDS access: builders pinned to the recipe's versions, splits in stored order, one process's
-slice of a split, and the train/eval loaders of any TFDS split resized like VTAB-1k."""
+slice of a split, and the train/eval loaders of any TFDS split resized like VTAB-1k (training
+splits optionally read into memory)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ import jax
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from adapter_plus_jax.data.pipeline import (
+from adapter_plus_jax.data.pipeline import ArrayTrainLoader, LoaderOptions
+from adapter_plus_jax.data.tfdata import (
     EvalLoader,
     Example,
-    LoaderOptions,
     TrainLoader,
+    read_into_memory,
     resize_bilinear_v1,
 )
 
@@ -109,11 +111,16 @@ def tfds_train_loader(
     options: LoaderOptions,
     *,
     cache: bool,
-) -> TrainLoader:
+    in_memory: bool = False,
+) -> TrainLoader | ArrayTrainLoader:
     """Training batches of a TFDS split, resized as VTAB (TF1 bilinear to
-    `options.image_size`, no augmentation), shuffled per epoch, last partial batch dropped."""
+    `options.image_size`, no augmentation), shuffled per epoch, last partial batch dropped.
+    `in_memory`: the split is read and resized once into host memory and batched from there
+    (`pipeline.ArrayTrainLoader`); else streamed, its decoded images cached if `cache`."""
     examples = read_split(builder, split, image_fn, label_fn)
     size = options.image_size
+    if in_memory:
+        return ArrayTrainLoader(*read_into_memory(examples, size), options)
     return TrainLoader(
         examples,
         num_examples(examples),
