@@ -14,6 +14,11 @@ What differs between backends is decided here and nowhere else:
   NVIDIA GPUs, checked by `check_attention`.
 - host memory: glibc's huge pages for XLA:CPU's large buffers, which only a restart of the
   process can turn on (`reexec_with_huge_pages`).
+- input: in-memory datasets keep their images on the accelerators, where gathering a batch
+  costs nothing, and on the host on CPUs (`data_on_device`).
+- compilation: JAX's persistent compilation cache, on by default in
+  ~/.cache/adapter_plus_jax/xla (`use_compilation_cache`), so that runs whose steps are the same
+  program (the same backbone, method and padded head) compile once per machine.
 
 The steps take these choices from one object, `plan(module)`: `train.make_train_step`,
 `train.make_eval_step` (and their NNX counterparts, `serving.TaskSet`) build their jitted steps
@@ -44,6 +49,51 @@ def on_cpu() -> bool:
 def low_precision(dtype: Any) -> bool:
     """True for 16-bit compute dtypes (bfloat16, float16)."""
     return jnp.dtype(dtype).itemsize < 4
+
+
+def data_on_device() -> bool:
+    """Whether in-memory loaders keep their images on the devices (accelerators: a batch is
+    gathered there and only its indices travel) rather than on the host (CPUs)."""
+    return not on_cpu()
+
+
+# ----------------------------------------------------------------------------------------------
+# The persistent compilation cache.
+
+CACHE_ENV = "ADAPTER_PLUS_JAX_COMPILATION_CACHE"
+DEFAULT_CACHE = "~/.cache/adapter_plus_jax/xla"
+CACHE_OFF = ("off", "none", "false", "0")
+
+
+def compilation_cache_dir(setting: str | None = None) -> Path | None:
+    """Where compiled programs are cached, or None for no cache: `setting` (the config's
+    `compilation_cache`) if given, else $ADAPTER_PLUS_JAX_COMPILATION_CACHE, else a directory
+    that JAX was already told (JAX_COMPILATION_CACHE_DIR), else DEFAULT_CACHE. 'off' (or none,
+    false, 0) turns the cache off."""
+    value = setting or os.environ.get(CACHE_ENV) or jax.config.jax_compilation_cache_dir
+    value = value or DEFAULT_CACHE
+    return None if value.strip().lower() in CACHE_OFF else Path(value).expanduser()
+
+
+def use_compilation_cache(setting: str | None = None) -> Path | None:
+    """Point JAX's persistent compilation cache at `compilation_cache_dir(setting)` (every
+    program, however quick to compile), before the first compilation; returns the directory
+    (None: off). A directory that cannot be created turns the cache off with a warning."""
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    path = compilation_cache_dir(setting)
+    if path is not None:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            print(f"WARNING: no compilation cache ({path}: {e.strerror}).", file=sys.stderr)
+            path = None
+    if str(path or "") != (jax.config.jax_compilation_cache_dir or ""):
+        cc.reset_cache()  # a directory set earlier in this process is replaced
+    jax.config.update("jax_compilation_cache_dir", None if path is None else str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path
 
 
 # ----------------------------------------------------------------------------------------------

@@ -182,6 +182,10 @@ def base_config() -> ml_collections.ConfigDict:
     # 'cudnn': cuDNN's fused attention, an opt-in for NVIDIA GPUs in bfloat16 (docs/
     # performance.md, 'GPU').
     c.model.attention = "xla"
+    # The head's width: 0 pads it with masked-out classes to a multiple of 128, so that runs
+    # with other class counts share one compiled step (params.head_width); -1: no padding;
+    # N: N outputs. Results and exported tasks have the dataset's classes either way.
+    c.model.head_width = 0
 
     c.method = "adapter_plus"
     c.train_mode = "peft"  # peft | linear | train_ln | finetune
@@ -202,6 +206,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 18
     c.checkpoint_every_epochs = 10
     c.log_every_steps = 5
+    # JAX's persistent compilation cache: '' = $ADAPTER_PLUS_JAX_COMPILATION_CACHE or
+    # ~/.cache/adapter_plus_jax/xla; a directory; 'off' (backend.compilation_cache_dir).
+    c.compilation_cache = ""
     return c
 
 
@@ -254,6 +261,8 @@ _RULES: dict[str, tuple[Any, str]] = {
     "log_every_steps": (lambda v, c: _integer(v) and v >= 1, "a positive integer"),
     "model.drop_path_rate": (lambda v, c: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "model.dtype": (lambda v, c: v in ("float32", "bfloat16"), "'float32' or 'bfloat16'"),
+    "model.head_width": (lambda v, c: _integer(v) and v >= -1, "-1, 0 or a class count"),
+    "compilation_cache": (lambda v, c: isinstance(v, str), "a directory, '' or 'off'"),
     "train_mode": (
         lambda v, c: v in ("linear", "peft", "train_ln", "finetune"),
         "linear, peft, train_ln or finetune",

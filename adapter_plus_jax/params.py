@@ -124,6 +124,40 @@ def merge(trainable: Mapping[str, Any], frozen: Mapping[str, Any]) -> dict:
     return traverse_util.unflatten_dict(flat)
 
 
+HEAD_MULTIPLE = 128  # head widths round up to this by default (`head_width`)
+
+
+def head_width(num_classes: int, setting: int = 0) -> int:
+    """The width a head of `num_classes` classes is padded to: `setting` if positive (at least
+    the class count), the class count itself for -1, else the class count rounded up to a
+    multiple of HEAD_MULTIPLE, so that runs with other class counts compile the same step."""
+    if setting > 0:
+        if setting < num_classes:
+            raise ValueError(
+                f"model.head_width={setting} is smaller than the {num_classes} classes; use 0 "
+                "(automatic) or a width >= the class count."
+            )
+        return setting
+    if setting == -1 or num_classes == 0:
+        return num_classes
+    return -(-num_classes // HEAD_MULTIPLE) * HEAD_MULTIPLE
+
+
+def resize_head(params: Mapping[str, Any], width: int) -> dict:
+    """`params` with the head's kernel and bias cut or padded with zeros to `width` outputs. A
+    padded class whose logit is masked out (`train.mask_classes`) gets no gradient, so its
+    zeros never change; cutting back to the class count gives the unpadded head."""
+    head = dict(params["head"])
+    pad = width - head["bias"].shape[-1]
+
+    def resized(x: Any) -> Any:
+        if pad <= 0:
+            return x[..., :width]
+        return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
+
+    return {**params, "head": {k: resized(v) for k, v in head.items()}}
+
+
 # ----------------------------------------------------------------------------------------------
 # Pretrained weights into a model with fresh PEFT modules.
 

@@ -15,96 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from adapter_plus_jax.config import CONFIGS_DIR
+from adapter_plus_jax.benchmark import Benchmark, PaperResult, benchmark
 
 RESULTS_MD, PLOT_PNG, SUITE_JSON = "results.md", "params_vs_accuracy.png", "suite.json"
 FAILED_JSON = "failed.json"  # <task>/seed<seed>/failed.json: the last attempt's error
-
-
-# ----------------------------------------------------------------------------------------------
-# The paper's numbers.
-
-
-@dataclasses.dataclass(frozen=True)
-class PaperResult:
-    """One method's row in the paper: trainable parameters (M, averaged over tasks; None when
-    not given), the group means (None when the paper gives only the average) and the average.
-    In the plot, the points of one `series` are joined by a line and labelled with `point`."""
-
-    method: str
-    params_m: float | None
-    groups: tuple[float, ...] | None
-    average: float
-    series: str = ""  # default: the method
-    point: str = ""
-
-
-FIXED, PER_TASK = "Adapter+ (fixed r)", "Adapter+ (r per task, opt.)"
-# "Adapters Strike Back" (Steitz & Roth, CVPR 2024), ViT-B/16 IN-21k, mean over seeds 18, 45, 25,
-# from its tables; the per-task-r rows' parameter counts were read off its Figure 1
-# (about +-0.005 M). Groups: Natural, Specialized, Structured.
-PAPER_VTAB = (
-    PaperResult("Adapter+ r=8", 0.20, (83.3, 86.2, 63.3), 77.6, FIXED, "r=8"),
-    PaperResult("Adapter+ opt. r in [1..32]", 0.27, None, 77.9, PER_TASK, "r<=32"),
-    PaperResult("Adapter+ opt. r in [1..8]", 0.16, None, 77.7, PER_TASK, "r<=8"),
-    PaperResult("Adapter+ opt. r in [1..4]", 0.11, None, 77.4, PER_TASK, "r<=4"),
-    PaperResult("Adapter+ r=4", 0.13, None, 77.4, FIXED, "r=4"),
-    PaperResult("Adapter+ r=2", 0.09, None, 76.9, FIXED, "r=2"),
-    PaperResult("Adapter+ r=1", 0.07, None, 76.3, FIXED, "r=1"),
-    PaperResult("VPT-deep", 0.60, (82.5, 84.6, 62.1), 76.4),
-    PaperResult("LoRA r=8 (q, k)", 0.29, (82.4, 84.3, 60.1), 75.6),
-    PaperResult("Full fine-tuning", 85.8, (78.6, 86.3, 57.8), 74.2),
-)
-# FGVC: Adapter+ with r per dataset (cub 2, nabirds 2, oxfordflower 1, stanforddogs 1,
-# stanfordcars 32); the paper-numbers file gives the mean accuracy only.
-PAPER_FGVC = (PaperResult("Adapter+ (r per dataset)", None, None, 90.7),)
-
-
-# ----------------------------------------------------------------------------------------------
-# Benchmarks.
-
-
-@dataclasses.dataclass(frozen=True)
-class Benchmark:
-    """A suite of tasks: its groups (in the paper's order), config module and paper numbers.
-
-    With several groups the average is the mean of the group means (VTAB-1k's "global"
-    average); with one group it is the mean over its tasks.
-    """
-
-    name: str
-    title: str
-    groups: Mapping[str, tuple[str, ...]]
-    paper: tuple[PaperResult, ...]
-
-    @property
-    def tasks(self) -> tuple[str, ...]:
-        return tuple(t for tasks in self.groups.values() for t in tasks)
-
-    @property
-    def config_file(self) -> Path:
-        return CONFIGS_DIR / f"{self.name}.py"
-
-    def group_of(self, task: str) -> str:
-        return next(g for g, tasks in self.groups.items() if task in tasks)
-
-
-def benchmark(name: str) -> Benchmark:
-    """The named benchmark ('vtab' or 'fgvc'), with the task lists of the data modules."""
-    # The data modules import TensorFlow; timm must be loaded first (both bring an LLVM, and
-    # the other order aborts the process).
-    import timm  # noqa: F401
-
-    if name == "vtab":
-        from adapter_plus_jax.data import vtab
-
-        groups = {g: tuple(t for t, s in vtab.TASKS.items() if s.group == g) for g in vtab.GROUPS}
-        return Benchmark("vtab", "VTAB-1k", groups, PAPER_VTAB)
-    if name == "fgvc":
-        from adapter_plus_jax.data import fgvc
-
-        return Benchmark("fgvc", "FGVC", {"FGVC": tuple(fgvc.FGVC)}, PAPER_FGVC)
-    raise ValueError(f"Unknown benchmark {name!r}; expected vtab or fgvc.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -398,7 +312,7 @@ def report(
     name = benchmark_name or settings.get("benchmark")
     if name is None:
         raise ValueError(f"No {SUITE_JSON} in {workdir}: pass --benchmark vtab|fgvc.")
-    bench = benchmark(name)
+    bench = benchmark(name, settings.get("root"))
     runs = collect_runs(workdir)
     if not runs:
         raise ValueError(f"No finished runs (<task>/seed<seed>/results.json) under {workdir}.")

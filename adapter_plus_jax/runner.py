@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import shutil
@@ -22,11 +23,12 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from adapter_plus_jax import backend, console, train
 from adapter_plus_jax import config as cfglib
-from adapter_plus_jax import console, train
 from adapter_plus_jax import params as params_lib
 from adapter_plus_jax.checkpoint import CHECKPOINTS_DIR, Checkpointer, has_checkpoints
 from adapter_plus_jax.errors import SetupError
@@ -116,10 +118,19 @@ class Experiment:
     n_trainable: int
     n_total: int
     rng: jax.Array
+    num_classes: int  # the dataset's; the head may be wider (`params.head_width`)
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)  # for results.json
 
     @property
     def steps_per_epoch(self) -> int:
         return self.train_loader.steps_per_epoch
+
+    @property
+    def class_count(self) -> np.int32 | None:
+        """The train and eval steps' `num_classes` argument: the class count when the head is
+        padded (a traced value: every class count runs one compiled step), else None."""
+        width = self.module.config.num_classes
+        return None if width == self.num_classes else np.int32(self.num_classes)
 
 
 def setup(config: ml_collections.ConfigDict, workdir: Path) -> Experiment:
@@ -140,9 +151,18 @@ def setup(config: ml_collections.ConfigDict, workdir: Path) -> Experiment:
     mesh = data_mesh()
     rng = jax.random.key(config.seed)
     module, params = build_model(config, num_classes, rng)
+    n_trainable = params_lib.trainable_count(params, config.train_mode)
+    n_total = params_lib.param_count(params)
+    try:
+        width = params_lib.head_width(num_classes, config.model.head_width)
+    except ValueError as e:
+        raise SetupError(str(e)) from None
+    if width != num_classes:  # zeros beyond the classes, masked out in the steps
+        module = module.clone(config=module.config.replace(num_classes=width))
+        params = params_lib.resize_head(params, width)
     # Images in [0, 255]: the jitted steps normalise them (`input_fn`).
     options = LoaderOptions(config.batch_size, config.eval_batch_size, config.seed,
-                            module.config.img_size[0], mesh)  # fmt: skip
+                            module.config.img_size[0], mesh, backend.data_on_device())  # fmt: skip
     train_loader, eval_loader = dataset.loaders(config, options)
 
     schedule = lr_schedule(config, train_loader.steps_per_epoch)
@@ -150,8 +170,7 @@ def setup(config: ml_collections.ConfigDict, workdir: Path) -> Experiment:
     state, frozen = train.init_state(params, tx, config.train_mode)
     return Experiment(
         config, workdir, dataset, module, train_loader, eval_loader, schedule, tx,
-        replicate(state, mesh), replicate(frozen, mesh), params_lib.param_count(state.params),
-        params_lib.param_count(params), rng,
+        replicate(state, mesh), replicate(frozen, mesh), n_trainable, n_total, rng, num_classes,
     )  # fmt: skip
 
 
@@ -162,7 +181,9 @@ def input_fn(module: Any) -> Callable[[jax.Array], jax.Array]:
     return functools.partial(normalize, mean=tuple(cfg.mean), std=tuple(cfg.std))
 
 
-def run_train_step(module: Any, tx: Any, label_smoothing: float, rng: jax.Array) -> Callable:
+def run_train_step(
+    module: Any, tx: Any, label_smoothing: float, rng: jax.Array | None = None
+) -> Callable:
     """The train step as runs use it: the backend's form (`train.make_train_step`), taking the
     loaders' images in [0, 255] (`input_fn`)."""
     return train.make_train_step(module, tx, label_smoothing, rng, input_fn=input_fn(module))
@@ -187,18 +208,30 @@ def restore_state(exp: Experiment, ckpt: Checkpointer, resume: Resume) -> None:
         ) from e
 
 
+def compile_step(step: Callable, *args: Any) -> tuple[Callable, float, float]:
+    """(`step` compiled for `args`, the seconds spent tracing and lowering it, the seconds
+    spent compiling it with XLA or reading it back from the persistent compilation cache)."""
+    start = time.perf_counter()
+    lowered = step.lower(*args)
+    traced = time.perf_counter()
+    compiled = lowered.compile()
+    return compiled, traced - start, time.perf_counter() - traced
+
+
 def train_epochs(
     exp: Experiment, ckpt: Checkpointer, logger: Logger, resume: Resume
 ) -> tuple[float, int]:
     """Train from `resume.epoch` to `config.epochs`, logging and checkpointing; returns the
-    run's (seconds, images seen), counting those before the resume."""
+    run's (seconds, images seen), counting those before the resume. This session's compile
+    time, steady rate and time waiting for input go to `exp.timings`."""
     from tqdm import tqdm
 
     config, steps, epochs = exp.config, exp.steps_per_epoch, exp.config.epochs
-    train_step = run_train_step(
-        exp.module, exp.tx, config.label_smoothing, jax.random.fold_in(exp.rng, 2)
-    )
-    start, images_seen = time.perf_counter(), 0
+    train_step = run_train_step(exp.module, exp.tx, config.label_smoothing)
+    # The run's key is an argument, not a constant of the program: every seed (and every class
+    # count, `class_count`) runs one compiled step.
+    key = replicate(jax.random.fold_in(exp.rng, 2), exp.state.step.sharding.mesh)
+    start, images_seen, waited = time.perf_counter(), 0, 0.0
     with tqdm(total=epochs * steps, initial=resume.epoch * steps, unit="step",
                dynamic_ncols=True) as bar:  # fmt: skip
         # One pipeline over all remaining epochs, so prefetching runs across epoch boundaries.
@@ -207,12 +240,20 @@ def train_epochs(
         # Steps are counted on the host, and the loop waits for the step before the one it has
         # just dispatched: the host prepares the next batch while the device computes, and no more
         # than two steps (and their batches) are in flight.
-        previous = None
-        for step, batch in enumerate(batches, start=resume.epoch * steps + 1):
-            exp.state, metrics = train_step(
-                exp.state, exp.frozen, batch["image"], batch["label"], batch["mask"]
-            )
+        previous, compiled, steady_start = None, None, None
+        for step in range(resume.epoch * steps + 1, epochs * steps + 1):
+            fetch = time.perf_counter()
+            batch = next(batches)
+            args = (exp.frozen, batch["image"], batch["label"], batch["mask"], exp.class_count, key)
+            if compiled is None:
+                compiled, *seconds = compile_step(train_step, exp.state, *args)
+                exp.timings.update(train_trace_s=seconds[0], train_compile_s=seconds[1])
+            elif steady_start is not None:
+                waited += time.perf_counter() - fetch
+            exp.state, metrics = compiled(exp.state, *args)
             jax.block_until_ready(previous)
+            if previous is not None and steady_start is None:  # the first step is done
+                steady_start, steady_images = time.perf_counter(), images_seen
             previous = metrics
             images_seen += config.batch_size
             epoch, end_of_epoch = (step - 1) // steps, step % steps == 0
@@ -236,20 +277,40 @@ def train_epochs(
                 meta = {
                     "epoch": epoch + 1,
                     "config": config_record(config),
+                    "num_classes": exp.num_classes,
                     "train_time_s": resume.train_time_s + time.perf_counter() - start,
                     "images_seen": resume.images_seen + images_seen,
                 }
                 ckpt.save(step, exp.state, meta)
         jax.block_until_ready(exp.state)
+    if steady_start is not None and images_seen > steady_images:
+        steady = time.perf_counter() - steady_start
+        exp.timings["steady_images_per_s"] = (images_seen - steady_images) / steady
+        exp.timings["input_wait_fraction"] = waited / steady
     return resume.train_time_s + time.perf_counter() - start, resume.images_seen + images_seen
 
 
 def evaluate(exp: Experiment) -> tuple[float, float]:
-    """(accuracy on the eval split, seconds)."""
+    """(accuracy on the eval split, seconds, compilation included); the compile time and the
+    rate after it go to `exp.timings`."""
     eval_step = run_eval_step(exp.module)
     start = time.perf_counter()
     params = params_lib.merge(exp.state.params, exp.frozen)
-    return train.evaluate(eval_step, params, exp.eval_loader), time.perf_counter() - start
+    batches = iter(exp.eval_loader)
+    first = next(batches)
+    compiled, trace_s, compile_s = compile_step(
+        eval_step, params, first["image"], first["label"], first["mask"], exp.class_count
+    )
+    counted = time.perf_counter()
+    accuracy = train.evaluate(
+        lambda p, x, y, m: compiled(p, x, y, m, exp.class_count), params,
+        itertools.chain([first], batches),
+    )  # fmt: skip
+    end = time.perf_counter()
+    evaluated = len(exp.eval_loader) * exp.config.eval_batch_size  # padding included
+    exp.timings.update(eval_trace_s=trace_s, eval_compile_s=compile_s,
+                       eval_images_per_s=evaluated / (end - counted))  # fmt: skip
+    return accuracy, end - start
 
 
 def _summary_line(exp: Experiment) -> str:
@@ -318,6 +379,10 @@ def run_in(
         "train_images_per_s": images_seen / train_time if train_time else None,
         "eval_time_s": eval_time,
         "devices": jax.device_count(),
+        "num_classes": exp.num_classes,
+        "head_width": exp.module.config.num_classes,
+        "compile_s": exp.timings.get("train_compile_s", 0.0) + exp.timings["eval_compile_s"],
+        **exp.timings,
     }
     results.update(exp.dataset.describe(config))
     if jax.process_index() == 0:
@@ -374,6 +439,7 @@ def run(
     cfglib.validate(config)
     if distributed and not jax.distributed.is_initialized():
         jax.distributed.initialize()
+    backend.use_compilation_cache(config.compilation_cache)
     if eval_only and not has_checkpoints(workdir):
         raise SetupError(f"--eval-only: no checkpoint in {workdir / CHECKPOINTS_DIR}.")
     before = set(workdir.iterdir()) if workdir.is_dir() else None

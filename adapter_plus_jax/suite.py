@@ -39,15 +39,9 @@ from typing import Any
 
 import ml_collections
 
+from adapter_plus_jax.benchmark import BENCHMARKS, Benchmark, benchmark
 from adapter_plus_jax.config import OVERRIDES_HELP, apply_overrides, load_config, split_overrides
-from adapter_plus_jax.report import (
-    FAILED_JSON,
-    PLOT_PNG,
-    SUITE_JSON,
-    Benchmark,
-    benchmark,
-    report,
-)
+from adapter_plus_jax.report import FAILED_JSON, PLOT_PNG, SUITE_JSON, report
 from adapter_plus_jax.workdir import write_json_atomic
 
 DEFAULT_SEEDS = (18, 45, 25)  # the paper's seeds
@@ -92,10 +86,13 @@ def make_config(
     overrides: Sequence[str] = (),
     config_file: Path | None = None,
 ) -> ml_collections.ConfigDict:
-    """The config of one run: get_config('<task>,seed=<seed>[,method=..][,args]') + overrides."""
-    arg = f"{task},seed={seed}" + (f",method={method}" if method else "")
+    """The config of one run: get_config('<task>,seed=<seed>[,method=..][,args]') + overrides,
+    with the benchmark's common head width unless the overrides set one."""
+    arg = f"{bench.config_arg(task)},seed={seed}" + (f",method={method}" if method else "")
     arg += f",{config_args}" if config_args else ""
     config = load_config(f"{config_file or bench.config_file}:{arg}")
+    if config.model.head_width == 0:  # automatic: one width, one compiled step, for all tasks
+        config.model.head_width = bench.head_width
     apply_overrides(config, overrides)
     return config
 
@@ -105,7 +102,7 @@ def write_suite_json(workdir: Path, settings: dict[str, Any]) -> None:
     path = workdir / SUITE_JSON
     if path.is_file():
         old = json.loads(path.read_text())
-        keys = ("benchmark", "method", "config_args")
+        keys = ("benchmark", "root", "method", "config_args")
         before, now = ({k: d.get(k) for k in keys} for d in (old, settings))
         if before != now:
             raise ValueError(
@@ -142,6 +139,7 @@ def run_suite(
         raise ValueError(f"Unknown {bench.title} task(s) {unknown}; known: {list(bench.tasks)}.")
     settings = dict(
         benchmark=bench.name,
+        root=str(bench.root) if bench.root else None,
         method=method,
         config_args=config_args,
         overrides=list(overrides),
@@ -207,7 +205,8 @@ def parse_args(argv: Sequence[str] | None, prog: str = "apj suite") -> argparse.
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="train and evaluate every (task, seed) of a benchmark",
                          epilog=OVERRIDES_HELP)  # fmt: skip
-    run.add_argument("--benchmark", choices=("vtab", "fgvc"), required=True)
+    run.add_argument("--benchmark", choices=BENCHMARKS, required=True)
+    run.add_argument("--root", default=None, help="folders: the folder of image folders (tasks)")
     run.add_argument("--workdir", type=Path, required=True)
     run.add_argument("--seeds", type=_int_list, default=list(DEFAULT_SEEDS))
     run.add_argument("--tasks", type=_str_list, default=None, help="default: all")
@@ -241,7 +240,7 @@ def parse_args(argv: Sequence[str] | None, prog: str = "apj suite") -> argparse.
     rep.add_argument("--note", default="", help="a line to put under the title")
     rep.add_argument(
         "--benchmark",
-        choices=("vtab", "fgvc"),
+        choices=BENCHMARKS,
         default=None,
         help="default: the one recorded by `run`",
     )
@@ -284,7 +283,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "apj suite") -> int:
         if args.command == "select-rank":
             return _select_rank(args)
         failed = run_suite(
-            benchmark(args.benchmark),
+            benchmark(args.benchmark, args.root),
             args.workdir,
             seeds=args.seeds,
             tasks=args.tasks,

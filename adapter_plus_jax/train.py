@@ -114,13 +114,35 @@ def init_state(
     return TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable)), frozen
 
 
-def _losses(logits: jax.Array, labels: jax.Array, label_smoothing: float) -> jax.Array:
-    """Per-example cross-entropy with torch's label smoothing, in float32."""
-    num_classes = logits.shape[-1]
-    targets = jax.nn.one_hot(labels, num_classes)
-    if label_smoothing:
-        targets = targets * (1 - label_smoothing) + label_smoothing / num_classes
-    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+def mask_classes(logits: jax.Array, num_classes: jax.Array | int | None) -> jax.Array:
+    """`logits` with the columns from `num_classes` on (a padded head's, see
+    `params.resize_head`) at -inf: such a class is never predicted and gets no probability and
+    no gradient. `num_classes` may be traced, so heads of one width share one compiled step;
+    None: no mask."""
+    if num_classes is None:
+        return logits
+    return jnp.where(jnp.arange(logits.shape[-1]) < num_classes, logits, -jnp.inf)
+
+
+def _losses(
+    logits: jax.Array,
+    labels: jax.Array,
+    label_smoothing: float,
+    num_classes: jax.Array | int | None = None,
+) -> jax.Array:
+    """Per-example cross-entropy with torch's label smoothing, in float32, over the first
+    `num_classes` logits (None: all)."""
+    logits = logits.astype(jnp.float32)
+    if num_classes is None:
+        targets = jax.nn.one_hot(labels, logits.shape[-1])
+        if label_smoothing:
+            targets = targets * (1 - label_smoothing) + label_smoothing / logits.shape[-1]
+        return optax.softmax_cross_entropy(logits, targets)
+    real = jnp.arange(logits.shape[-1]) < num_classes
+    targets = jax.nn.one_hot(labels, logits.shape[-1]) * (1 - label_smoothing)
+    targets = targets + jnp.where(real, label_smoothing / num_classes, 0.0)
+    log_p = jax.nn.log_softmax(jnp.where(real, logits, -jnp.inf))
+    return -jnp.sum(jnp.where(real, targets * log_p, 0.0), axis=-1)
 
 
 def cross_entropy(
@@ -185,6 +207,7 @@ def loss_and_grads(
     mask: jax.Array,
     label_smoothing: float = 0.0,
     chunk: int | None = None,
+    num_classes: jax.Array | int | None = None,
 ) -> tuple[tuple[jax.Array, jax.Array], Any]:
     """((the batch's mean loss over `mask`, logits), its gradient w.r.t. `params`).
 
@@ -193,14 +216,16 @@ def loss_and_grads(
     i)), so every chunking and every backend draws the same masks. `chunk`
     (`backend.Plan.chunk_size`): the batch in chunks of that many examples one after another
     under `lax.scan`, gradients summed, a last, smaller chunk for the remainder; None: the
-    whole batch at once.
+    whole batch at once. `num_classes`: the loss and the logits cover the first `num_classes`
+    classes of a padded head (`mask_classes`).
     """
     count = jnp.maximum(jnp.sum(mask), 1)
 
     def loss_fn(p, start, x, y, m):
         """This chunk's share of the batch's mean loss, and its logits."""
         logits = apply(p, example_keys(key, start, x.shape[0]), x)
-        return jnp.sum(_losses(logits, y, label_smoothing) * m) / count, logits
+        losses = _losses(logits, y, label_smoothing, num_classes)
+        return jnp.sum(losses * m) / count, mask_classes(logits, num_classes)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if chunk is None:
@@ -233,7 +258,8 @@ def make_train_step(
     plan: backend.Plan | None = None,
     jit: bool = True,
 ) -> Callable:
-    """train_step(state, frozen, images, labels, mask=None) -> (state, metrics), in the form
+    """train_step(state, frozen, images, labels, mask=None, num_classes=None, rng=None) ->
+    (state, metrics), in the form
     that is fastest on this backend (`backend.plan(module)`, or `plan`): jitted with the plan's
     compiler options, the state donated (its arrays are deleted by the call: use the state it
     returns; `jit=False` gives the plain function), the batch in the plan's chunks.
@@ -242,9 +268,14 @@ def make_train_step(
     (`images.normalize`) for loaders that yield images in [0, 255], so that the input pipeline
     does not spend its host cores on it. Dropout and drop path draw from fold_in(rng, step),
     then per example (`example_keys`), so a resumed run draws the same masks, and so does every
-    chunking. A padded example (mask False) counts in neither the loss nor the accuracy.
+    chunking; `rng` given to the step replaces the one given here, as an argument (runs with
+    other seeds then share one compiled step). A padded example (mask False) counts in neither
+    the loss nor the accuracy.
+    `num_classes` (an int32 scalar, traced: any value runs the same compiled step) trains a
+    head padded beyond the class count (`params.resize_head`) on its first `num_classes`
+    classes only (`mask_classes`); None: every output is a class.
     """
-    rng = jax.random.key(0) if rng is None else rng
+    default_rng = jax.random.key(0) if rng is None else rng
     plan = backend.plan(module) if plan is None else plan
     prepare = (lambda x: x) if input_fn is None else input_fn
 
@@ -254,16 +285,19 @@ def make_train_step(
         images: jax.Array,
         labels: jax.Array,
         mask: jax.Array | None = None,
+        num_classes: jax.Array | None = None,
+        rng: jax.Array | None = None,
     ):
         mask = jnp.ones(labels.shape, bool) if mask is None else mask
+        key = default_rng if rng is None else rng
 
         def apply(trainable, key, x):
             variables = {"params": merge(trainable, frozen)}
             return module.apply(variables, prepare(x), train=True, rngs={"dropout": key})
 
         (loss, logits), grads = loss_and_grads(
-            apply, state.params, jax.random.fold_in(rng, state.step), images, labels, mask,
-            label_smoothing, plan.chunk_size(images.shape[0]),
+            apply, state.params, jax.random.fold_in(key, state.step), images, labels, mask,
+            label_smoothing, plan.chunk_size(images.shape[0]), num_classes,
         )  # fmt: skip
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -288,17 +322,18 @@ def make_eval_step(
     plan: backend.Plan | None = None,
     jit: bool = True,
 ) -> Callable:
-    """eval_step(params, images, labels, mask) -> (number correct, number counted), in the
-    backend's form (`backend.plan`, or `plan`: jitted with its compiler options, the forward
-    over its chunks), after `input_fn` as in `make_train_step`."""
+    """eval_step(params, images, labels, mask, num_classes=None) -> (number correct, number
+    counted), in the backend's form (`backend.plan`, or `plan`: jitted with its compiler
+    options, the forward over its chunks), after `input_fn` and with `num_classes` as in
+    `make_train_step`."""
     plan = backend.plan(module) if plan is None else plan
     prepare = (lambda x: x) if input_fn is None else input_fn
     forward = backend.map_chunks(  # input_fn per chunk, as in the train step
         lambda params, x: module.apply({"params": params}, prepare(x), train=False), plan.chunk
     )
 
-    def eval_step(params, images, labels, mask):
-        logits = forward(params, images)
+    def eval_step(params, images, labels, mask, num_classes=None):
+        logits = mask_classes(forward(params, images), num_classes)
         correct = (jnp.argmax(logits, -1) == labels) & mask
         return jnp.sum(correct), jnp.sum(mask)
 

@@ -48,6 +48,7 @@ RESUMABLE_KEYS = frozenset(
         "model.weights_dir",
         "model.remat",
         "model.attention",
+        "compilation_cache",
     }
 )
 

@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from adapter_plus_jax import benchmark, report, runner, suite
 from adapter_plus_jax import config as config_lib
-from adapter_plus_jax import report, runner, suite
 
 # Three groups of 2, 1 and 3 tasks; two seeds.
-TOY = report.Benchmark(
+TOY = benchmark.Benchmark(
     "toy",
     "Toy",
     {"A": ("a1", "a2"), "B": ("b1",), "C": ("c1", "c2", "c3")},
-    (report.PaperResult("paper method", 0.2, (1.0, 2.0, 3.0), 2.0),),
+    (benchmark.PaperResult("paper method", 0.2, (1.0, 2.0, 3.0), 2.0),),
 )
 # task -> (accuracy of seed 1, accuracy of seed 2, trainable params)
 TOY_RUNS = {
@@ -87,7 +87,7 @@ def test_markdown_tables() -> None:
 
 
 def test_vtab_groups_and_paper_numbers() -> None:
-    vtab = report.benchmark("vtab")
+    vtab = benchmark.benchmark("vtab")
     assert [len(t) for t in vtab.groups.values()] == [7, 4, 8]
     assert list(vtab.groups) == ["Natural", "Specialized", "Structured"]
     adapter_plus = vtab.paper[0]
@@ -96,13 +96,13 @@ def test_vtab_groups_and_paper_numbers() -> None:
     for p in vtab.paper:
         if p.groups:
             assert np.mean(p.groups) == pytest.approx(p.average, abs=0.051), p.method
-    fgvc = report.benchmark("fgvc")
+    fgvc = benchmark.benchmark("fgvc")
     assert fgvc.tasks == ("cub", "nabirds", "oxfordflower", "stanforddogs", "stanfordcars")
     assert fgvc.paper[0].average == 90.7
 
 
 def test_fgvc_report_is_one_mean_beside_the_paper(tmp_path: Path) -> None:
-    fgvc = report.benchmark("fgvc")
+    fgvc = benchmark.benchmark("fgvc")
     accuracy = {"cub": 0.9, "nabirds": 0.8, "oxfordflower": 0.99, "stanforddogs": 0.9}
     runs = {
         t: {18: {"test_accuracy": a, "trainable_params": 10**5, "method": "adapter_plus"}}
