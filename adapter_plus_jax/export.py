@@ -26,7 +26,7 @@ from flax import traverse_util
 
 from adapter_plus_jax.checkpoint import CHECKPOINTS_DIR, Checkpointer, has_checkpoints
 from adapter_plus_jax.errors import SetupError
-from adapter_plus_jax.params import key_diff, merge_lora, param_count, param_group
+from adapter_plus_jax.params import key_diff, merge_lora, param_count, param_group, resize_head
 from adapter_plus_jax.pretrained import PARAMS_FILE, check_target
 from adapter_plus_jax.runner import RESULTS_FILE, build_model
 from adapter_plus_jax.task import (
@@ -104,7 +104,9 @@ def export_run(
     config, trained, meta = _read_run(workdir, allow_unfinished)
     if merge and (not config.lora or config.adapter or config.prompt):
         raise SetupError(f"--merge-lora needs a LoRA run; {workdir} is {config.method}.")
-    num_classes = int(trained["head"]["kernel"].shape[-1])
+    # A head padded for training (`params.head_width`) is cut back to the dataset's classes.
+    num_classes = int(meta.get("num_classes") or trained["head"]["kernel"].shape[-1])
+    trained = resize_head(trained, num_classes) if "head" in trained else trained
     names = _class_names(workdir, class_names, num_classes)
     # Only the parameters' shapes are needed: a run trained with cuDNN's attention on a GPU
     # exports anywhere (a task does not record the kernel).

@@ -287,6 +287,8 @@ def check_resume(
     if found is None:
         return None
     step, meta = found
+    if "head_width" not in meta.get("config", {}).get("model", {"head_width": None}):
+        config.model.head_width = -1  # made before heads were padded: continue unpadded
     changes = config_changes(meta.get("config", {}), config)
     if changes and not allow_config_change:
         raise SetupError(

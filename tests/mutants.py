@@ -360,9 +360,9 @@ MUTANTS = [
         "the chunked train step averages each chunk's loss over the chunk, not over the batch",
         *_one(
             "adapter_plus_jax/train.py",
-            "return jnp.sum(_losses(logits, y, label_smoothing) * m) / count, logits",
-            "return jnp.sum(_losses(logits, y, label_smoothing) * m) / jnp.maximum(m.sum(), 1), "
-            "logits",
+            "return jnp.sum(losses * m) / count, mask_classes(logits, num_classes)",
+            "return jnp.sum(losses * m) / jnp.maximum(m.sum(), 1), "
+            "mask_classes(logits, num_classes)",
         ),
         tests=(f"{CHUNKED_STEP}[7-3]",),
     ),
@@ -405,6 +405,26 @@ MUTANTS = [
             "return train.make_eval_step(module)",
         ),
         tests=(RUN_STEPS,),
+    ),
+    Mutant(
+        "padded_classes_in_loss",
+        "the padded head's extra classes take part in the softmax of the loss",
+        *_one(
+            "adapter_plus_jax/train.py",
+            "log_p = jax.nn.log_softmax(jnp.where(real, logits, -jnp.inf))",
+            "log_p = jax.nn.log_softmax(logits)",
+        ),
+        tests=("tests/test_padded_head.py::test_padded_training_equals_unpadded",),
+    ),
+    Mutant(
+        "padded_classes_predicted",
+        "evaluation's argmax also looks at the padded head's extra classes",
+        *_one(
+            "adapter_plus_jax/train.py",
+            "logits = mask_classes(forward(params, images), num_classes)",
+            "logits = forward(params, images)",
+        ),
+        tests=("tests/test_padded_head.py::test_padded_training_equals_unpadded",),
     ),
     Mutant(
         "reexec_loops",
