@@ -26,9 +26,10 @@ from flax import traverse_util
 
 from adapter_plus_jax.checkpoint import CHECKPOINTS_DIR, Checkpointer, has_checkpoints
 from adapter_plus_jax.errors import SetupError
+from adapter_plus_jax.experiment import build_model
 from adapter_plus_jax.params import key_diff, merge_lora, param_count, param_group, resize_head
 from adapter_plus_jax.pretrained import PARAMS_FILE, check_target
-from adapter_plus_jax.runner import RESULTS_FILE, build_model
+from adapter_plus_jax.runner import RESULTS_FILE
 from adapter_plus_jax.task import (
     BackboneRecord,
     Task,

@@ -3,13 +3,14 @@
 Builds a local TFDS dataset of realistic JPEGs (500x375, like many VTAB natural images), then
 measures with the real loaders (`adapter_plus_jax.data`):
 
-- train: train800val200 (1000 images) after the first epoch, i.e. from the uint8 cache: shuffle,
-  TF1 bilinear resize to 224, batch, global jax arrays, as medians over `--rounds` rounds:
-  - tf.data alone (the numpy batches, no jax arrays) and jax arrays as runner.py gets them
-    (images in [0, 255], normalised inside its jitted steps), interleaved and timed alike: the
-    steady rate from the first batch to the last (what every step of a run pays), and the
-    one-time costs of an iterator (building it up to its first batch; closing it, which
-    tf.data's AUTOTUNE thread sometimes holds up), which a run pays once;
+- train: train800val200 (1000 images), as medians over `--rounds` interleaved rounds:
+  - streamed after the first epoch, i.e. from tf.data's uint8 cache (shuffle, TF1 bilinear
+    resize to 224, batch): tf.data alone (the numpy batches, no jax arrays) and as jax arrays;
+  - in memory, as runs read the 1k splits now: decoded and resized once (timed), then
+    shuffled, batched and sharded with numpy from the host, and from a copy on the devices;
+  each timed alike: the steady rate from the first batch to the last (what every step of a run
+  pays), and the one-time costs of an iterator (building it up to its first batch; closing
+  it, which tf.data's AUTOTUNE thread sometimes holds up), which a run pays once;
 - test: a streamed split (TFDS read, JPEG decode, resize), tf.data alone then jax arrays;
 - peak host RAM of the process (ru_maxrss).
 
@@ -38,7 +39,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
-from adapter_plus_jax.data import vtab, vtab_loaders  # noqa: E402
+from adapter_plus_jax.data import pipeline, tfds_io, vtab, vtab_loaders  # noqa: E402
 from adapter_plus_jax.data.pipeline import LoaderOptions  # noqa: E402
 
 HEIGHT, WIDTH = 375, 500  # the default JPEG size
@@ -187,13 +188,25 @@ def main() -> None:
             "bench", "bench_jpegs:1.0.0", "1.0.0", "Natural", 10, TRAIN_SIZE, train_percent=80
         )
         kw = dict(options=LoaderOptions(args.batch, args.batch), data_dir=data_dir)
-        raw = vtab_loaders.vtab_train_loader(spec, "train800val200", **kw)
+        # The same split streamed through tf.data (its decoded uint8 images cached, resized
+        # every epoch) and read once into memory (resized once, batched with numpy).
+        builder = tfds_io.tfds_builder(spec, data_dir)
+        split = vtab_loaders.vtab_splits(spec, builder)["train800val200"]
+        loader_args = (builder, split, spec.image_fn, spec.label_fn, kw["options"])
+        raw = tfds_io.tfds_train_loader(*loader_args, cache=True)
         first, _ = rate(raw.epoch(0))
+        start = time.perf_counter()
+        memory = tfds_io.tfds_train_loader(*loader_args, cache=False, in_memory=True)
+        read_s = time.perf_counter() - start
+        on_device = dataclasses.replace(kw["options"], on_device=True)
+        device = pipeline.ArrayTrainLoader(memory.images, memory.labels, on_device)
         train = interleaved(
             "train",
             {
                 "tf.data": lambda: raw.dataset(1, args.epochs).as_numpy_iterator(),
                 "jax": lambda: raw.epochs(1, args.epochs),
+                "memory": lambda: memory.epochs(1, args.epochs),
+                "device": lambda: device.epochs(1, args.epochs),
             },
             args.rounds,
         )
@@ -218,10 +231,18 @@ def main() -> None:
         "| pipeline | images/s | vs tf.data alone |",
         "|---|---|---|",
         f"| train, epoch 0 (decode + fill the uint8 cache) | {first:,.0f} | |",
+        f"| train, read into memory once (decode + resize: {read_s:.1f} s) | "
+        f"{len(memory.labels) / read_s:,.0f} | |",
         f"| train, epochs 1-{args.epochs} from cache ({train['jax'][0].batches} steps), "
         f"tf.data alone | {steady(train['tf.data']):,.0f} | 1.00x |",
-        f"| the same as jax arrays, as runner.py gets them (normalised in its steps) | "
+        f"| the same as jax arrays, as runner.py got them before (tf.data) | "
         f"{steady(train['jax']):,.0f} | {steady(train['jax']) / steady(train['tf.data']):.2f}x |",
+        f"| in memory (numpy, no TensorFlow), as jax arrays: what runs get now | "
+        f"{steady(train['memory']):,.0f} | "
+        f"{steady(train['memory']) / steady(train['tf.data']):.2f}x |",
+        f"| in memory, images on the devices (batches gathered there; accelerators' default) | "
+        f"{steady(train['device']):,.0f} | "
+        f"{steady(train['device']) / steady(train['tf.data']):.2f}x |",
         f"| test, streamed ({args.test_size} images, decode each time), tf.data alone | "
         f"{steady(test['tf.data']):,.0f} | 1.00x |",
         f"| the same as jax arrays, as evaluation gets them | {steady(test['jax']):,.0f} | "

@@ -3,7 +3,7 @@
 Peers, on one ViT with Adapter+ r=8 (random weights: speed does not depend on them) and the
 same batch of uint8 images, each a complete step per call:
 
-- runs: the step `apj train` runs (`runner.run_train_step`): the loaders' images in [0, 255],
+- runs: the step `apj train` runs (`experiment.run_train_step`): the loaders' images in [0, 255],
   normalised inside the step;
 - README, Linen: the README's loop: `apj.normalize` on the batch, then the step of
   `apj.train.make_train_step` (the backend's plan: chunks and compiler options);
@@ -45,8 +45,8 @@ import train_step as ts  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import adapter_plus_jax as apj  # noqa: E402
+from adapter_plus_jax import experiment, train  # noqa: E402
 from adapter_plus_jax import params as params_lib  # noqa: E402
-from adapter_plus_jax import runner, train  # noqa: E402
 from adapter_plus_jax.model import VisionTransformer, ViTConfig  # noqa: E402
 
 RUNS = "runs (`apj train`'s step)"
@@ -71,7 +71,7 @@ def linen_peers(module, params, images, labels) -> list[ts.Peer]:
         return ts.Peer(name, run)
 
     raw = jnp.asarray(images, jnp.float32)
-    runs = runner.run_train_step(module, tx, 0.0, jax.random.key(1))
+    runs = experiment.run_train_step(module, tx, 0.0, jax.random.key(1))
     readme = train.make_train_step(module, tx)
 
     def plain(state, frozen, x, y):  # no plan: the whole batch, XLA's defaults

@@ -94,7 +94,7 @@ MUTANTS = [
         "backbone_trained",
         "runner trains every parameter whatever train_mode says",
         *_one(
-            "adapter_plus_jax/runner.py",
+            "adapter_plus_jax/experiment.py",
             "state, frozen = train.init_state(params, tx, config.train_mode)",
             'state, frozen = train.init_state(params, tx, "finetune")',
         ),
@@ -390,7 +390,7 @@ MUTANTS = [
         "run_trains_unnormalised",
         "runs train on the loaders' [0, 255] images without normalising them",
         *_one(
-            "adapter_plus_jax/runner.py",
+            "adapter_plus_jax/experiment.py",
             "label_smoothing, rng, input_fn=input_fn(module))",
             "label_smoothing, rng)",
         ),
@@ -400,7 +400,7 @@ MUTANTS = [
         "run_evaluates_unnormalised",
         "runs evaluate the loaders' [0, 255] images without normalising them",
         *_one(
-            "adapter_plus_jax/runner.py",
+            "adapter_plus_jax/experiment.py",
             "return train.make_eval_step(module, input_fn=input_fn(module))",
             "return train.make_eval_step(module)",
         ),

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from runs import ROOT, final_state, load_config, main_process
 
+from adapter_plus_jax import experiment, peft, runner, train
 from adapter_plus_jax import params as params_lib
-from adapter_plus_jax import peft, runner, train
 from adapter_plus_jax.params import param_count, trainable_mask
 
 
@@ -61,7 +61,7 @@ def test_eight_devices_train_like_one_and_reject_indivisible_batches(tmp_path: P
         """
         import jax, jax.numpy as jnp, numpy as np
         from jax.sharding import NamedSharding, PartitionSpec as P
-        from adapter_plus_jax import peft, runner, train
+        from adapter_plus_jax import experiment, peft, train
         from adapter_plus_jax.data.pipeline import data_mesh
         from adapter_plus_jax.params import split, trainable_mask
         from adapter_plus_jax.model import VisionTransformer, ViTConfig
@@ -80,7 +80,7 @@ def test_eight_devices_train_like_one_and_reject_indivisible_batches(tmp_path: P
             trainable, frozen = split(params, trainable_mask(params))
             tx = train.adamw(train.reference_lr(1e-2, 2, warmup_epochs=1, epochs=2))
             state = train.TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable))
-            state, frozen = runner.replicate(state, mesh), runner.replicate(frozen, mesh)
+            state, frozen = experiment.replicate(state, mesh), experiment.replicate(frozen, mesh)
             step = train.make_train_step(module, tx)  # jitted, the state donated
             shard = NamedSharding(mesh, P("data"))
             for images, labels in data:
@@ -94,8 +94,8 @@ def test_eight_devices_train_like_one_and_reject_indivisible_batches(tmp_path: P
         print("max difference", err)
         assert err <= 1e-5, err
         try:
-            runner.check_batch(12)
-        except runner.SetupError as e:
+            experiment.check_batch(12)
+        except experiment.SetupError as e:
             print("rejected:", e)
         """
     )
@@ -231,13 +231,13 @@ def test_any_tfds_dataset_through_configs_tfds(tmp_path: Path, monkeypatch) -> N
     config.data_dir = str(tmp_path / "tfds")
     monkeypatch.setattr(tfds.core.DatasetBuilder, "is_prepared", lambda self: True)
     seen = {}
-    build = runner.build_model
+    build = experiment.build_model
 
     def spy(config, num_classes, rng):
         seen["num_classes"] = num_classes
         return build(config, num_classes, rng)
 
-    monkeypatch.setattr(runner, "build_model", spy)
+    monkeypatch.setattr(experiment, "build_model", spy)
     with tfds.testing.mock_data(num_examples=16):
         results = runner.run(config, tmp_path / "w")
     assert seen["num_classes"] == 10 and results["task"] == "cifar10"
@@ -275,7 +275,10 @@ def test_runs_steps_take_images_in_0_255_and_normalise_them() -> None:
         own = jax.tree.map(jnp.copy, trainable)
         return train.TrainState(jnp.zeros((), jnp.int32), own, tx.init(own))
 
-    run_train, run_eval = runner.run_train_step(module, tx, 0.1, rng), runner.run_eval_step(module)
+    run_train, run_eval = (
+        experiment.run_train_step(module, tx, 0.1, rng),
+        experiment.run_eval_step(module),
+    )
     got, got_metrics = run_train(state(), frozen, raw, labels, mask)
     want, want_metrics = train.make_train_step(module, tx, 0.1, rng)(state(), frozen, x, labels,
                                                                      mask)  # fmt: skip
