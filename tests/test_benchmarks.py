@@ -28,3 +28,38 @@ def test_gpu_script_tiny_mode_writes_every_table(tmp_path: Path) -> None:
     assert "as runner.py gets them" in summary  # the input pipeline's table
     assert "| qkv 96->288 | float32 result + float32 bias, rounded once (ours) |" in summary
     assert (out / "train_step_b4" / "train_step_tiny_bfloat16.json").is_file()
+
+
+NO_TF = 'raise ImportError("TensorFlow is not installed here (blocked by the test)")\n'
+
+
+def test_gpu_e2e_script_tiny_mode_runs_without_tensorflow(tmp_path: Path) -> None:
+    """`benchmarks/gpu_e2e.sh --tiny`: the folders, the run, the suite of 3 tasks, the isolated
+    step and the summary with the projected VTAB-1k time, where tensorflow cannot be imported;
+    --wheels with an empty folder installs nothing on this complete environment."""
+    blocked, wheels, out = tmp_path / "no_tf", tmp_path / "wheels", tmp_path / "e2e"
+    for name in ("tensorflow", "tensorflow_datasets"):
+        (blocked / name).mkdir(parents=True)
+        (blocked / name / "__init__.py").write_text(NO_TF)
+    wheels.mkdir()
+    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=str(blocked), JAX_PLATFORMS="cpu")
+    run = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_e2e.sh"), "--tiny", "--wheels", str(wheels),
+         str(out)],
+        env=env, capture_output=True, text=True, timeout=900, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "nothing missing" in run.stdout
+    summary = (out / "summary.md").read_text()
+    assert summary in run.stdout
+    assert "# benchmarks/gpu_e2e.sh --tiny" in summary
+    assert "| steady images/s over the isolated step's (target >= 0.9) | n/a |" not in summary
+    for line in ("| steady images/s over the isolated step's", "| input-wait fraction",
+                 "| evaluation images/s |", "**Projected VTAB-1k suite time: "):  # fmt: skip
+        assert line in summary, line
+    assert (out / "run" / "results.json").is_file()
+    runs = sorted(p.parent.parent.name for p in (out / "suite").glob("*/seed18/results.json"))
+    assert runs == ["task0", "task1", "task2"]
+    assert (out / "suite" / "results.md").is_file()
+    for step in ("train_step", "eval_step"):  # the run's steps, for the suite to load
+        assert list((out / "xla_cache").glob(f"jit_{step}-*")), step

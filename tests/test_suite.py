@@ -101,6 +101,32 @@ def test_vtab_groups_and_paper_numbers() -> None:
     assert fgvc.paper[0].average == 90.7
 
 
+def test_one_head_width_per_benchmark(tmp_path: Path) -> None:
+    """Every run of a suite gets the benchmark's common head width (the most classes, rounded
+    up), so that all of them share one compiled step; an explicit width is kept."""
+    vtab = benchmark.benchmark("vtab")
+    assert max(vtab.num_classes.values()) == 397 and vtab.head_width == 512
+    assert suite.make_config(vtab, "dtd", 18).model.head_width == 512
+    kept = suite.make_config(vtab, "dtd", 18, overrides=["model.head_width=-1"])
+    assert kept.model.head_width == -1
+    assert benchmark.benchmark("fgvc").head_width == 640  # NABirds: 555 classes
+
+    for task, classes in (("a", 2), ("b", 3)):
+        for c in range(classes):
+            (tmp_path / task / "train" / f"c{c}").mkdir(parents=True)
+            (tmp_path / task / "train" / f"c{c}" / "0.png").write_bytes(b"")
+    (tmp_path / "not_a_task").mkdir()
+    folders = benchmark.benchmark("folders", tmp_path)
+    assert folders.tasks == ("a", "b") and folders.num_classes == {"a": 2, "b": 3}
+    config = suite.make_config(folders, "b", 45)
+    assert config.data_dir == str(tmp_path / "b") and config.seed == 45
+    assert config.dataset == "folder" and config.model.head_width == 128
+    with pytest.raises(ValueError, match="needs --root"):
+        benchmark.benchmark("folders")
+    with pytest.raises(ValueError, match="holds no image folder"):
+        benchmark.benchmark("folders", tmp_path / "not_a_task")
+
+
 def test_fgvc_report_is_one_mean_beside_the_paper(tmp_path: Path) -> None:
     fgvc = benchmark.benchmark("fgvc")
     accuracy = {"cub": 0.9, "nabirds": 0.8, "oxfordflower": 0.99, "stanforddogs": 0.9}
