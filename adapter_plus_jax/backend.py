@@ -14,8 +14,6 @@ What differs between backends is decided here and nowhere else:
   NVIDIA GPUs, checked by `check_attention`.
 - host memory: glibc's huge pages for XLA:CPU's large buffers, which only a restart of the
   process can turn on (`reexec_with_huge_pages`).
-- input: in-memory datasets keep their images on the accelerators, where gathering a batch
-  costs nothing, and on the host on CPUs (`data_on_device`).
 - compilation: JAX's persistent compilation cache, on by default in
   ~/.cache/adapter_plus_jax/xla (`use_compilation_cache`), so that runs whose steps are the same
   program (the same backbone, method and padded head) compile once per machine.
@@ -49,12 +47,6 @@ def on_cpu() -> bool:
 def low_precision(dtype: Any) -> bool:
     """True for 16-bit compute dtypes (bfloat16, float16)."""
     return jnp.dtype(dtype).itemsize < 4
-
-
-def data_on_device() -> bool:
-    """Whether in-memory loaders keep their images on the devices (accelerators: a batch is
-    gathered there and only its indices travel) rather than on the host (CPUs)."""
-    return not on_cpu()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -19,8 +19,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from adapter_plus_jax import backend, train
 from adapter_plus_jax import params as params_lib
+from adapter_plus_jax import train
 from adapter_plus_jax.checkpoint import Checkpointer
 from adapter_plus_jax.errors import SetupError
 from adapter_plus_jax.factory import create_model, weights_path
@@ -139,7 +139,7 @@ def setup(config: ml_collections.ConfigDict, workdir: Path) -> Experiment:
         params = params_lib.resize_head(params, width)
     # Images in [0, 255]: the jitted steps normalise them (`input_fn`).
     options = LoaderOptions(config.batch_size, config.eval_batch_size, config.seed,
-                            module.config.img_size[0], mesh, backend.data_on_device())  # fmt: skip
+                            module.config.img_size[0], mesh)  # fmt: skip
     train_loader, eval_loader = dataset.loaders(config, options)
 
     schedule = lr_schedule(config, train_loader.steps_per_epoch)

@@ -6,8 +6,8 @@ measures with the real loaders (`adapter_plus_jax.data`):
 - train: train800val200 (1000 images), as medians over `--rounds` interleaved rounds:
   - streamed after the first epoch, i.e. from tf.data's uint8 cache (shuffle, TF1 bilinear
     resize to 224, batch): tf.data alone (the numpy batches, no jax arrays) and as jax arrays;
-  - in memory, as runs read the 1k splits now: decoded and resized once (timed), then
-    shuffled, batched and sharded with numpy from the host, and from a copy on the devices;
+  - in memory, as runs read the 1k splits now: decoded and resized once (timed), then each
+    batch gathered on the devices by the indices numpy shuffles and shards;
   each timed alike: the steady rate from the first batch to the last (what every step of a run
   pays), and the one-time costs of an iterator (building it up to its first batch; closing
   it, which tf.data's AUTOTUNE thread sometimes holds up), which a run pays once;
@@ -39,7 +39,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
-from adapter_plus_jax.data import pipeline, tfds_io, vtab, vtab_loaders  # noqa: E402
+from adapter_plus_jax.data import tfds_io, vtab, vtab_loaders  # noqa: E402
 from adapter_plus_jax.data.pipeline import LoaderOptions  # noqa: E402
 
 HEIGHT, WIDTH = 375, 500  # the default JPEG size
@@ -198,15 +198,12 @@ def main() -> None:
         start = time.perf_counter()
         memory = tfds_io.tfds_train_loader(*loader_args, cache=False, in_memory=True)
         read_s = time.perf_counter() - start
-        on_device = dataclasses.replace(kw["options"], on_device=True)
-        device = pipeline.ArrayTrainLoader(memory.images, memory.labels, on_device)
         train = interleaved(
             "train",
             {
                 "tf.data": lambda: raw.dataset(1, args.epochs).as_numpy_iterator(),
                 "jax": lambda: raw.epochs(1, args.epochs),
                 "memory": lambda: memory.epochs(1, args.epochs),
-                "device": lambda: device.epochs(1, args.epochs),
             },
             args.rounds,
         )
@@ -237,12 +234,9 @@ def main() -> None:
         f"tf.data alone | {steady(train['tf.data']):,.0f} | 1.00x |",
         f"| the same as jax arrays, as runner.py got them before (tf.data) | "
         f"{steady(train['jax']):,.0f} | {steady(train['jax']) / steady(train['tf.data']):.2f}x |",
-        f"| in memory (numpy, no TensorFlow), as jax arrays: what runs get now | "
+        f"| in memory (no TensorFlow; batches gathered on the devices): what runs get now | "
         f"{steady(train['memory']):,.0f} | "
         f"{steady(train['memory']) / steady(train['tf.data']):.2f}x |",
-        f"| in memory, images on the devices (batches gathered there; accelerators' default) | "
-        f"{steady(train['device']):,.0f} | "
-        f"{steady(train['device']) / steady(train['tf.data']):.2f}x |",
         f"| test, streamed ({args.test_size} images, decode each time), tf.data alone | "
         f"{steady(test['tf.data']):,.0f} | 1.00x |",
         f"| the same as jax arrays, as evaluation gets them | {steady(test['jax']):,.0f} | "

@@ -77,22 +77,11 @@ def test_batches_do_not_depend_on_the_process_count(drop_remainder):
 
     whole = list(loader().local_rows(0, 2))
     parts = [list(as_process(loader(), rows).local_rows(0, 2)) for rows in [(0, 4), (4, 8)]]
-    assert len(whole) == len(parts[0]) == len(parts[1])
+    assert len(whole) == len(parts[0]) == len(parts[1]) == (6 if drop_remainder else 8)
     for full, a, b in zip(whole, *parts, strict=True):
-        for key in full:
-            np.testing.assert_array_equal(full[key], np.concatenate([a[key], b[key]]))
-
-
-def test_on_device_batches_equal_host_batches():
-    images, labels = dataset(size=6)
-    host = pipeline.ArrayTrainLoader(images, labels, pipeline.LoaderOptions(8, seed=5),
-                                      drop_remainder=False)  # fmt: skip
-    device = pipeline.ArrayTrainLoader(
-        images, labels, pipeline.LoaderOptions(8, seed=5, on_device=True), drop_remainder=False
-    )
-    for a, b in zip(rows_of(host.epochs(0, 2)), rows_of(device.epochs(0, 2)), strict=True):
-        assert all(np.array_equal(u, v) for u, v in zip(a, b, strict=True))
-        assert a[0].dtype == b[0].dtype == np.float32
+        np.testing.assert_array_equal(full, np.concatenate([a, b]))
+    padding = np.concatenate(whole) < 0
+    assert padding.sum() == (0 if drop_remainder else 2 * 2)  # 30 examples in 4 batches of 8
 
 
 def test_same_examples_as_the_streamed_loader():
@@ -130,16 +119,22 @@ def test_same_examples_as_the_streamed_loader():
 
 def test_eval_counts_every_example_once():
     images, labels = dataset(n=21)
-    loader = pipeline.ArrayEvalLoader(images, labels, 21, pipeline.LoaderOptions(eval_batch_size=8))
+    options = pipeline.LoaderOptions(eval_batch_size=8)
+    loader = pipeline.ArrayEvalLoader(images, labels, options)
     assert len(loader) == 3
     x, y, mask = (np.concatenate(k) for k in zip(*rows_of(loader), strict=True))
-    assert mask.sum() == 21 and not mask[21:].any()
+    assert x.dtype == np.float32 and mask.sum() == 21 and not mask[21:].any()
+    assert not x[~mask].any() and not y[~mask].any()
     np.testing.assert_array_equal(ids(x)[mask], np.arange(21))
     np.testing.assert_array_equal(y[mask], labels)
-    # Another process with a smaller slice yields as many batches (all processes step together).
-    smaller = pipeline.ArrayEvalLoader(images[:17], labels[:17], 21,
-                                       pipeline.LoaderOptions(eval_batch_size=8))  # fmt: skip
-    assert len(list(smaller)) == 3
+    # Over 4 processes: each its own slice, all with as many batches (they step together).
+    seen = []
+    for p in range(4):
+        part = pipeline.ArrayEvalLoader(images, labels, options, process=(p, 4))
+        rows = list(part.local_rows())
+        assert len(rows) == 1  # 21 / 4 -> at most 6 examples, one local batch of 8
+        seen += [i for r in rows for i in r if i >= 0]
+    assert seen == list(range(21))
 
 
 @pytest.mark.parametrize("processes", [1, 3, 4])

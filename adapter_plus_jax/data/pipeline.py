@@ -10,8 +10,9 @@ Two kinds of loader share these batches (docs/recipe.md, "Preprocessing" and "In
 pipeline"):
 
 - in memory (this module): a split small enough to hold (the VTAB-1k training splits, image
-  folders, the demo) is decoded and resized once into one array, then batched, shuffled and
-  sharded with numpy (optionally from a copy on the devices), with no TensorFlow;
+  folders, the demo) is decoded and resized once into one array on the devices; shuffling and
+  sharding are numpy's (example indices), and each batch is gathered on the devices, with no
+  TensorFlow;
 - streamed (`tfdata`): tf.data for what does not fit or needs TF's augmentation (VTAB-1k test
   splits, FGVC, any TFDS dataset).
 
@@ -57,8 +58,6 @@ class LoaderOptions:
       seed: the run's seed (the shuffle and augmentation of every epoch derive from it).
       image_size: the model's input size (square).
       mesh: 1-D 'data' mesh (None: all devices).
-      on_device: in-memory loaders keep their images on the devices and gather each batch
-        there (`backend.data_on_device()` says where that pays).
     """
 
     batch_size: int = GLOBAL_BATCH
@@ -66,7 +65,6 @@ class LoaderOptions:
     seed: int = 0
     image_size: int = IMAGE_SIZE
     mesh: Mesh | None = None
-    on_device: bool = False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -181,28 +179,29 @@ def prefetch(batches: Iterator, size: int = PREFETCH) -> Iterator:
 # In memory.
 
 
-class _OnDevice:
-    """A split's images replicated on every device of the mesh, and the jitted gather of a
-    batch (sharded over 'data') by global example indices (-1: a zero padding example)."""
+class _Images:
+    """A split's images, replicated on every device of the mesh (host memory on CPUs), and the
+    jitted gather of a batch, sharded over 'data', by global example indices (-1: a padding
+    example of zeros). Gathering there beats numpy's copies into fresh host buffers on every
+    backend (docs/performance.md, "Input pipeline")."""
 
     def __init__(self, images: np.ndarray, batcher: Batcher) -> None:
         replicated = NamedSharding(batcher.mesh, PartitionSpec())
-        self.images = jax.make_array_from_process_local_data(replicated, images, images.shape)
+        self.array = jax.make_array_from_process_local_data(replicated, images, images.shape)
+        self._batcher = batcher
         self._gather = jax.jit(_gather, out_shardings=batcher.sharding)
 
-    def __call__(self, index: jax.Array) -> jax.Array:
-        return self._gather(self.images, index)
+    def batch(self, index: np.ndarray, labels: np.ndarray) -> dict[str, jax.Array]:
+        """The global batch whose rows on this process are examples `index` (-1: padding)."""
+        real = index >= 0
+        label = np.where(real, labels[np.maximum(index, 0)], 0).astype(np.int32)
+        batch = self._batcher.to_global({"index": index, "label": label, "mask": real})
+        return {"image": self._gather(self.array, batch.pop("index")), **batch}
 
 
 def _gather(images: jax.Array, index: jax.Array) -> jax.Array:
     rows = images[jnp.maximum(index, 0)].astype(jnp.float32)
     return jnp.where((index >= 0)[:, None, None, None], rows, 0)
-
-
-def _host_gather(images: np.ndarray, index: np.ndarray) -> np.ndarray:
-    rows = images[np.maximum(index, 0)].astype(np.float32)
-    rows[index < 0] = 0
-    return rows
 
 
 class ArrayTrainLoader:
@@ -211,9 +210,10 @@ class ArrayTrainLoader:
 
     Args:
       images: every training image, (N, S, S, 3) uint8 or float32 in [0, 255], already at the
-        model's input size (resized once, as the streamed pipeline resizes every epoch).
+        model's input size (resized once, as the streamed pipeline resizes every epoch); they
+        are moved to the devices.
       labels: (N,) integer labels.
-      options: the global batch (`batch_size`), the run's `seed`, the `mesh`, `on_device`.
+      options: the global batch (`batch_size`), the run's `seed` and the `mesh`.
       drop_remainder: drop the last incomplete global batch (VTAB: the reference's drop_last);
         if False it is padded and masked.
 
@@ -232,14 +232,14 @@ class ArrayTrainLoader:
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
         self._batcher = Batcher(options.batch_size, options.mesh)
-        self.images, self.labels = images, np.asarray(labels, np.int32)
+        self.labels = np.asarray(labels, np.int32)
         self.num_examples, self.seed = len(labels), options.seed
         gb = self.global_batch
         self.steps_per_epoch = (self.num_examples // gb if drop_remainder
                                 else math.ceil(self.num_examples / gb))  # fmt: skip
         if self.steps_per_epoch == 0:
             raise ValueError(f"{self.num_examples} examples do not fill one batch of {gb}")
-        self._device = _OnDevice(images, self._batcher) if options.on_device else None
+        self.images = _Images(images, self._batcher)
 
     @property
     def global_batch(self) -> int:
@@ -253,30 +253,20 @@ class ArrayTrainLoader:
         order = np.random.default_rng(shuffle_seed).permutation(self.num_examples)[:total]
         return np.concatenate([order, np.full(total - len(order), -1, order.dtype)])
 
-    def local_rows(self, first_epoch: int, num_epochs: int) -> Iterator[dict[str, np.ndarray]]:
-        """This process's rows of every global batch of the epochs: 'index' (the example, -1
-        for padding), 'label' (0 for padding) and 'mask'."""
+    def local_rows(self, first_epoch: int, num_epochs: int) -> Iterator[np.ndarray]:
+        """This process's rows of every global batch of the epochs: the example of each row
+        (-1 for padding)."""
         gb, (lo, hi) = self.global_batch, self._batcher.rows
         for epoch in range(first_epoch, first_epoch + num_epochs):
             order = self.order(epoch)
             for step in range(self.steps_per_epoch):
-                index = order[step * gb + lo : step * gb + hi]
-                real = index >= 0
-                label = np.where(real, self.labels[np.maximum(index, 0)], 0)
-                yield {"index": index, "label": label, "mask": real}
-
-    def _to_global(self, rows: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        if self._device is None:
-            image = _host_gather(self.images, rows.pop("index"))
-            return self._batcher.to_global({"image": image, **rows})
-        batch = self._batcher.to_global(rows)
-        return {"image": self._device(batch.pop("index")), **batch}
+                yield order[step * gb + lo : step * gb + hi]
 
     def epochs(self, first_epoch: int, num_epochs: int) -> Iterator[dict[str, jax.Array]]:
         """The global batches of `num_epochs` epochs from `first_epoch` (0-based),
         `steps_per_epoch` per epoch, prepared ahead in a background thread."""
         rows = self.local_rows(first_epoch, num_epochs)
-        return prefetch(self._to_global(r) for r in rows)
+        return prefetch(self.images.batch(index, self.labels) for index in rows)
 
     def epoch(self, epoch: int) -> Iterator[dict[str, jax.Array]]:
         """The global batches of one epoch."""
@@ -284,42 +274,44 @@ class ArrayTrainLoader:
 
 
 class ArrayEvalLoader:
-    """Evaluation batches over this process's slice of a split held in memory, padded and
-    masked; the same interface as `tfdata.EvalLoader`.
+    """Evaluation batches of a split held in memory, each process over its own slice
+    (`process_slice`), padded and masked; the same interface as `tfdata.EvalLoader`.
 
     Args:
-      images: this process's images, (n, S, S, 3) uint8 or float32 in [0, 255].
+      images: the whole split, (n, S, S, 3) uint8 or float32 in [0, 255] (every process holds
+        it, on its devices).
       labels: their labels.
-      num_max_local: the largest slice over all processes (sets the common batch count).
-      options: the global batch (`eval_batch_size`) and the `mesh` (evaluation reads every
-        image once: its batches go from the host).
+      options: the global batch (`eval_batch_size`) and the `mesh`.
+      process: (this process's index, the number of processes); default: JAX's.
     """
 
     def __init__(
-        self, images: np.ndarray, labels: np.ndarray, num_max_local: int, options: LoaderOptions
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        options: LoaderOptions,
+        process: tuple[int, int] | None = None,
     ) -> None:
         self._batcher = Batcher(options.eval_batch_size, options.mesh)
-        self.images, self.labels = images, np.asarray(labels, np.int32)
-        self.num_local = len(labels)
-        self.num_batches = math.ceil(num_max_local / self._batcher.local_batch)
+        self.labels = np.asarray(labels, np.int32)
+        index, count = process or (jax.process_index(), jax.process_count())
+        self._slice, largest = process_slice(len(labels), index, count)
+        self.num_local = self._slice.stop - self._slice.start
+        self.num_batches = math.ceil(largest / self._batcher.local_batch)
+        self.images = _Images(images, self._batcher)
 
     def __len__(self) -> int:
         return self.num_batches
 
-    def _batches(self) -> Iterator[dict[str, jax.Array]]:
+    def local_rows(self) -> Iterator[np.ndarray]:
+        """This process's rows of every batch: the example of each row (-1 for padding)."""
         local = self._batcher.local_batch
         for b in range(self.num_batches):
-            index = np.arange(b * local, (b + 1) * local)
-            index[index >= self.num_local] = -1
-            real = index >= 0
-            yield self._batcher.to_global({
-                "image": _host_gather(self.images, index),
-                "label": np.where(real, self.labels[np.maximum(index, 0)], 0),
-                "mask": real,
-            })  # fmt: skip
+            index = self._slice.start + np.arange(b * local, (b + 1) * local)
+            yield np.where(index < self._slice.stop, index, -1)
 
     def __iter__(self) -> Iterator[dict[str, jax.Array]]:
-        return prefetch(self._batches())
+        return prefetch(self.images.batch(index, self.labels) for index in self.local_rows())
 
 
 def array_loaders(
@@ -327,11 +319,5 @@ def array_loaders(
     evaluation: tuple[np.ndarray, np.ndarray],
     options: LoaderOptions,
 ) -> tuple[ArrayTrainLoader, ArrayEvalLoader]:
-    """In-memory loaders of a whole training split and a whole evaluation split (every process
-    holds both; each evaluates its own slice)."""
-    images, labels = evaluation
-    local, largest = process_slice(len(labels), jax.process_index(), jax.process_count())
-    return (
-        ArrayTrainLoader(*train, options, drop_remainder=True),
-        ArrayEvalLoader(images[local], labels[local], largest, options),
-    )
+    """In-memory loaders of a whole training split and a whole evaluation split."""
+    return ArrayTrainLoader(*train, options), ArrayEvalLoader(*evaluation, options)

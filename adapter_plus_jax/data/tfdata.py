@@ -228,14 +228,12 @@ def read_into_memory(examples: tf.data.Dataset, size: int) -> tuple[np.ndarray, 
         lambda ex: (
             resize_bilinear_v1(ex["image"], size),
             tf.reduce_all(tf.shape(ex["image"])[:2] == size),
-            ex["label"],
+            tf.cast(ex["label"], tf.int32),
         ),
         num_parallel_calls=tf.data.AUTOTUNE,
     )
-    images, same, labels = [], True, []
-    for image, unchanged, label in resized.as_numpy_iterator():
-        images.append(image)
-        same &= bool(unchanged)
-        labels.append(label)
-    stacked = np.stack(images) if images else np.zeros((0, size, size, 3), np.float32)
-    return (stacked.astype(np.uint8) if same else stacked), np.asarray(labels, np.int32)
+    parts = list(resized.batch(256).prefetch(1).as_numpy_iterator())  # batched: no per-image
+    if not parts:  # Python round trip
+        return np.zeros((0, size, size, 3), np.float32), np.zeros((0,), np.int32)
+    images, same, labels = (np.concatenate(k) for k in zip(*parts, strict=True))
+    return (images.astype(np.uint8) if same.all() else images), labels
