@@ -55,6 +55,7 @@ def low_precision(dtype: Any) -> bool:
 CACHE_ENV = "ADAPTER_PLUS_JAX_COMPILATION_CACHE"
 DEFAULT_CACHE = "~/.cache/adapter_plus_jax/xla"
 CACHE_OFF = ("off", "none", "false", "0")
+CACHE_MAX_BYTES = 4 << 30
 
 
 def compilation_cache_dir(setting: str | None = None) -> Path | None:
@@ -68,9 +69,11 @@ def compilation_cache_dir(setting: str | None = None) -> Path | None:
 
 
 def use_compilation_cache(setting: str | None = None) -> Path | None:
-    """Point JAX's persistent compilation cache at `compilation_cache_dir(setting)` (every
-    program, however quick to compile), before the first compilation; returns the directory
-    (None: off). A directory that cannot be created turns the cache off with a warning."""
+    """Point JAX's persistent compilation cache at `compilation_cache_dir(setting)` before the
+    first compilation; returns the directory (None: off). Unless the environment says
+    otherwise, every program is kept however quick its compilation (the steps of small models
+    too) and the cache is capped at CACHE_MAX_BYTES, its least recently used entries evicted.
+    A directory that cannot be created turns the cache off with a warning."""
     from jax.experimental.compilation_cache import compilation_cache as cc
 
     path = compilation_cache_dir(setting)
@@ -83,8 +86,10 @@ def use_compilation_cache(setting: str | None = None) -> Path | None:
     if str(path or "") != (jax.config.jax_compilation_cache_dir or ""):
         cc.reset_cache()  # a directory set earlier in this process is replaced
     jax.config.update("jax_compilation_cache_dir", None if path is None else str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ:
+        jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
     return path
 
 

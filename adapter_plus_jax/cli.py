@@ -34,22 +34,16 @@ class Command:
 
 
 COMMANDS = {
-    "train": Command(
-        "train and evaluate one run (resumes in its workdir)", "adapter_plus_jax.cli:train", ("*",)
-    ),  # fmt: skip
-    "suite": Command(
-        "whole benchmarks over seeds: run, report, select-rank",
-        "adapter_plus_jax.suite:main",
-        ("run", "select-rank"),
-    ),  # fmt: skip
+    "train": Command("train and evaluate one run (resumes in its workdir)",
+                     "adapter_plus_jax.cli:train", ("*",)),  # fmt: skip
+    "suite": Command("whole benchmarks over seeds: run, report, select-rank",
+                     "adapter_plus_jax.suite:main", ("run", "select-rank")),  # fmt: skip
     "port": Command("port a timm ViT's weights to a Flax directory", "adapter_plus_jax.port:main"),
     "export": Command("a finished run as a small task directory", "adapter_plus_jax.export:main"),
-    "predict": Command(
-        "classify image files with exported tasks", "adapter_plus_jax.predict:main"
-    ),  # fmt: skip
-    "data": Command(
-        "prepare TFDS datasets; write the demo's test images", "adapter_plus_jax.data.prepare:main"
-    ),  # fmt: skip
+    "predict": Command("classify image files with exported tasks",
+                       "adapter_plus_jax.predict:main"),  # fmt: skip
+    "data": Command("prepare TFDS datasets; write the demo's test images",
+                    "adapter_plus_jax.data.prepare:main"),  # fmt: skip
 }
 
 

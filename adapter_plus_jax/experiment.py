@@ -102,12 +102,14 @@ class Experiment:
     def steps_per_epoch(self) -> int:
         return self.train_loader.steps_per_epoch
 
-    @property
-    def class_count(self) -> np.int32 | None:
+    @functools.cached_property
+    def class_count(self) -> jax.Array | None:
         """The train and eval steps' `num_classes` argument: the class count when the head is
-        padded (a traced value: every class count runs one compiled step), else None."""
-        width = self.module.config.num_classes
-        return None if width == self.num_classes else np.int32(self.num_classes)
+        padded (an argument, replicated like the state, so that every class count runs one
+        compiled step), else None."""
+        if self.module.config.num_classes == self.num_classes:
+            return None
+        return replicate(np.int32(self.num_classes), self.state.step.sharding.mesh)
 
 
 def setup(config: ml_collections.ConfigDict, workdir: Path) -> Experiment:

@@ -100,7 +100,9 @@ def preprocess(image: np.ndarray, spec: Mapping[str, Any]) -> np.ndarray:
 
 def find_images(folder: Path) -> list[Path]:
     """The image files under `folder` (recursively, by extension), sorted."""
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in EXTENSIONS)
+    return sorted(
+        p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in EXTENSIONS
+    )
 
 
 def normalize(images: jax.Array, mean: Sequence[float], std: Sequence[float]) -> jax.Array:

@@ -96,9 +96,6 @@ def select_rank(
     write_json_atomic(workdir / SELECTION_FILE, record)
     rows = "\n".join(f"  r={r:<3} {100 * a:6.2f}%" + ("  <- chosen" if r == best else "")
                      for r, a in val_accuracy.items())  # fmt: skip
-    print(
-        f"validation accuracy per rank:\n{rows}\ntest accuracy with r={best}: "
-        f"{final['test_accuracy']:.4f}; record in {workdir / SELECTION_FILE}",
-        flush=True,
-    )
+    print(f"validation accuracy per rank:\n{rows}\ntest accuracy with r={best}: "
+          f"{final['test_accuracy']:.4f}; record in {workdir / SELECTION_FILE}", flush=True)
     return record

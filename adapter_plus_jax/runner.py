@@ -131,7 +131,9 @@ def evaluate(exp: Experiment) -> tuple[float, float]:
     start = time.perf_counter()
     params = params_lib.merge(exp.state.params, exp.frozen)
     batches = iter(exp.eval_loader)
-    first = next(batches)
+    first = next(batches, None)
+    if first is None:
+        raise SetupError(f"{exp.config.eval_split}: no examples to evaluate.")
     compiled, trace_s, compile_s = compile_step(
         eval_step, params, first["image"], first["label"], first["mask"], exp.class_count
     )

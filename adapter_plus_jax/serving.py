@@ -128,7 +128,8 @@ def _group_params(tasks: Sequence[Task], module: VisionTransformer, backbone: Fl
     shared = {k: base[k] for k in shapes if k not in stacked_keys}
     pairs = list(zip(tasks, own, strict=True))
     stacked = {
-        k: np.stack([_fit(t, o, k, tuple(shapes[k].shape)) for t, o in pairs]) for k in stacked_keys
+        k: np.stack([_fit(t, o, k, tuple(shapes[k].shape)) for t, o in pairs])
+        for k in stacked_keys
     }
     return traverse_util.unflatten_dict(shared), traverse_util.unflatten_dict(stacked)
 
@@ -208,10 +209,8 @@ class TaskSet:
         for i, task in enumerate(self.tasks):
             structure = _structure(task)
             for n, (key, members) in enumerate(groups):
-                if (
-                    task.shares_backbone
-                    and self.tasks[members[0]].shares_backbone
-                    and _fits(key, structure)
+                if task.shares_backbone and self.tasks[members[0]].shares_backbone and _fits(
+                    key, structure
                 ):
                     pairs = zip(key, structure, strict=True)
                     merged = tuple(k if k is not None else s for k, s in pairs)

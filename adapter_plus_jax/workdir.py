@@ -21,7 +21,9 @@ import json
 import os
 import shutil
 import socket
+import sys
 import time
+import types
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -202,6 +204,9 @@ class _Scalars:
     """TensorBoard scalar events, written with the `tensorboard` package alone (no TensorFlow)."""
 
     def __init__(self, logdir: Path) -> None:
+        # TensorBoard's own switch to its file I/O without TensorFlow, which it would otherwise
+        # import (and its GPU libraries with it) wherever TensorFlow is installed.
+        sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("notf"))
         from tensorboard.compat.proto import event_pb2, summary_pb2
         from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
@@ -287,9 +292,12 @@ def check_resume(
     if found is None:
         return None
     step, meta = found
-    if "head_width" not in meta.get("config", {}).get("model", {"head_width": None}):
-        config.model.head_width = -1  # made before heads were padded: continue unpadded
-    changes = config_changes(meta.get("config", {}), config)
+    saved = meta.get("config", {})
+    if "model" in saved and "head_width" not in saved["model"]:
+        # Made before heads were padded: it continues unpadded, as it was made.
+        saved = {**saved, "model": {**saved["model"], "head_width": -1}}
+        config.model.head_width = -1
+    changes = config_changes(saved, config)
     if changes and not allow_config_change:
         raise SetupError(
             f"The checkpoint in {ckpt.directory} (step {step}) was made with another config: "

@@ -97,16 +97,14 @@ def measure(size: str, n: int, batch: int, rounds: int) -> dict:
     ids = rng.integers(0, n, batch)
     images = rng.uniform(0, 255, (batch, 224, 224, 3)).astype(np.float32)
     serving = TaskSet(tasks, backbone, batch_size=batch)
-    peers = {
-        "mixed": lambda: serving.logits(images, ids),
-        "sequential": (lambda run: lambda: run(images, ids))(sequential_peer(tasks, backbone)),
-    }
+    peers = {"mixed": lambda: serving.logits(images, ids),
+             "sequential": (lambda run: lambda: run(images, ids))(sequential_peer(tasks, backbone))}
     # Warm up (compiles) and check that both give the same logits.
     mixed, seq = peers["mixed"](), peers["sequential"]()
     error = max(float(np.abs(a - b).max()) for a, b in zip(mixed, seq, strict=True))
     times = {name: [] for name in peers}
     for r in range(rounds):
-        for name in list(peers) if r % 2 == 0 else list(peers)[::-1]:
+        for name in (list(peers) if r % 2 == 0 else list(peers)[::-1]):
             start = time.perf_counter()
             peers[name]()
             times[name].append(time.perf_counter() - start)

@@ -5,8 +5,17 @@ TensorFlow's LLVM was loaded first ("Option ... registered more than once"). Imp
 before any test module imports TensorFlow avoids that.
 """
 
+import os
+import tempfile
+
 import pytest
 import timm  # noqa: F401
+
+# Runs in tests compile into a scratch compilation cache, not the user's
+# ~/.cache/adapter_plus_jax/xla; tests of the cache itself set their own.
+os.environ.setdefault(
+    "ADAPTER_PLUS_JAX_COMPILATION_CACHE", tempfile.mkdtemp(prefix="apj-test-xla-cache-")
+)
 
 
 @pytest.fixture

@@ -184,3 +184,5 @@ def test_compiler_options_choose_the_float32_dot_library(monkeypatch: pytest.Mon
     monkeypatch.setenv(backend.CPU_DOTS_ENV, "mkl")
     with pytest.raises(ValueError, match="expected 'onednn' or 'xla'"):
         backend.compiler_options(jnp.float32)
+
+

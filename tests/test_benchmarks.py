@@ -25,7 +25,7 @@ def test_gpu_script_tiny_mode_writes_every_table(tmp_path: Path) -> None:
     for table in ("| Train step | images/s |", "| Evaluation forward | images/s |"):
         assert table in summary
     assert "| reference (torch, " in summary and "| ours (jax) |" in summary
-    assert "as runner.py gets them" in summary  # the input pipeline's table
+    assert "what runs get now" in summary  # the input pipeline's table
     assert "| qkv 96->288 | float32 result + float32 bias, rounded once (ours) |" in summary
     assert (out / "train_step_b4" / "train_step_tiny_bfloat16.json").is_file()
 

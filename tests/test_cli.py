@@ -78,7 +78,9 @@ def test_config_fields_in_both_forms_and_old_flag_spellings() -> None:
         split_overrides(["--config.lr"])
 
 
-@pytest.mark.parametrize("script, command", [("main.py", "train"), ("port_weights.py", "port")])
+@pytest.mark.parametrize(
+    "script, command", [("main.py", "train"), ("port_weights.py", "port")]
+)
 def test_root_scripts_are_the_commands(script: str, command: str, capsys) -> None:
     done = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)  # fmt: skip

@@ -136,19 +136,13 @@ def test_several_tasks_and_a_merged_lora_task_in_one_call(exported, images, caps
         assert [r["file"] for r in mine] == [r["file"] for r in good]
         for a, b in zip(mine, good, strict=True):
             assert [q["index"] for q in a["predictions"]] == [q["index"] for q in b["predictions"]]
-            np.testing.assert_allclose(
-                [q["probability"] for q in a["predictions"]],
-                [q["probability"] for q in b["predictions"]],
-                atol=1e-6,
-            )
+            np.testing.assert_allclose([q["probability"] for q in a["predictions"]],
+                                       [q["probability"] for q in b["predictions"]], atol=1e-6)
     # Merged and unmerged LoRA give the same probabilities (to float32 rounding).
     for a, b in zip(alone["digits_lora"], alone["digits_merged"], strict=True):
         if "predictions" in a:
-            np.testing.assert_allclose(
-                [q["probability"] for q in a["predictions"]],
-                [q["probability"] for q in b["predictions"]],
-                atol=1e-5,
-            )
+            np.testing.assert_allclose([q["probability"] for q in a["predictions"]],
+                                       [q["probability"] for q in b["predictions"]], atol=1e-5)
     # The merged task is a plain ViT directory that load_pretrained reads, with no LoRA.
     module, variables, _ = load_pretrained(exported["digits_merged"])
     assert module.lora is None and "lora_q" not in variables["params"]["blocks_0"]["attn"]

@@ -170,9 +170,7 @@ def test_rank_selection_trains_on_train_scores_on_val_and_retrains(tmp_path, mon
     ]
     # The rank runs saw train/ only and were scored on val/; the final run train/ + val/.
     assert [(r["num_train"], r["num_eval"], r["eval_set"]) for *_, r in calls] == [
-        (12, 12, "val/"),
-        (12, 12, "val/"),
-        (24, 12, "test/"),
+        (12, 12, "val/"), (12, 12, "val/"), (24, 12, "test/")
     ]
     assert record["chosen_rank"] == best and record["val_accuracy"] == {"1": val[1], "2": val[2]}
     assert record["test_accuracy"] == calls[-1][-1]["test_accuracy"]

@@ -49,9 +49,7 @@ def test_no_import_cycles() -> None:
 
     def visit(name: str) -> None:
         if name in stack:
-            raise AssertionError(
-                "import cycle: " + " -> ".join([*stack[stack.index(name) :], name])
-            )
+            raise AssertionError("import cycle: " + " -> ".join([*stack[stack.index(name):], name]))
         if name in done:
             return
         stack.append(name)

@@ -57,7 +57,9 @@ def _step(dtype):
     tx = train.adamw(train.reference_lr(1e-3, 10), 1e-4)
     state = train.TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable))
     compiled = (
-        jax.jit(train.make_train_step(module, tx, jit=False)).lower(state, frozen, x, y).compile()
+        jax.jit(train.make_train_step(module, tx, jit=False))
+        .lower(state, frozen, x, y)
+        .compile()
     )
     return compiled, (state, frozen, x, y)
 

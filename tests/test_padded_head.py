@@ -131,7 +131,7 @@ def _folder(root: Path, classes: int, per_class: int) -> None:
 
 
 def test_second_run_with_another_class_count_loads_its_step(tmp_path: Path) -> None:
-    """Two folder runs of one backbone (the folder config's default bfloat16) with 3 and 5
+    """Two folder runs of one backbone (the folder config's default bfloat16) with 3 and 4
     classes, in two processes sharing a compilation cache: the second one's steps come from the
     cache, in at most a quarter of the first one's compile time. Its results hold the class
     count, not the head's width."""

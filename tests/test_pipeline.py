@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -166,13 +168,16 @@ def test_prefetch_passes_errors_and_stops():
 
     it = pipeline.prefetch(endless(), size=2)
     assert [next(it) for _ in range(3)] == [0, 1, 2]
-    it.close()
-    import time
-
-    time.sleep(0.5)
+    it.close()  # returns once the thread has stopped
     count = len(produced)
-    time.sleep(0.3)
-    assert len(produced) == count < 10  # the thread stopped
+    assert not [t for t in threading.enumerate() if t.name == "apj-prefetch"]
+    assert count < 10 and len(produced) == count
+    # A producer that has finished while its queue is full stops too when closed early.
+    short = pipeline.prefetch(iter(range(3)), size=2)
+    assert next(short) == 0
+    time.sleep(0.3)  # the producer has queued the rest and its end
+    short.close()
+    assert not [t for t in threading.enumerate() if t.name == "apj-prefetch"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,6 +203,24 @@ def test_tensorflow_is_blocked(no_tensorflow):
     proc = subprocess.run([sys.executable, "-c", "import tensorflow"], env=no_tensorflow,
                           capture_output=True, text=True)  # fmt: skip
     assert proc.returncode != 0 and "blocked by the test" in proc.stderr
+
+
+def test_tensorboard_events_without_importing_tensorflow(tmp_path):
+    """Runs write TensorBoard events without importing TensorFlow, even where it is installed
+    (this environment has it)."""
+    script = (
+        "import sys; from pathlib import Path; from adapter_plus_jax.workdir import _Scalars\n"
+        "w = _Scalars(Path(sys.argv[1])); w.scalar('loss', 0.5, 3); w.close()\n"
+        "print('tensorflow' in sys.modules)"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True,
+                          text=True, cwd=ROOT)  # fmt: skip
+    assert proc.stdout.strip() == "False", proc.stderr[-2000:]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(3, 0.5)]
 
 
 def write_folder(root: Path, classes: int = 3, per_class: int = 6) -> None:

@@ -150,6 +150,32 @@ def test_a_changed_config_continues_on_purpose(finished, tmp_path, capsys) -> No
     assert checkpoint_steps(workdir) == [60, 80] and results["epochs"] == EPOCHS + 1
 
 
+def test_a_checkpoint_from_before_padded_heads_resumes_unpadded(finished, tmp_path) -> None:
+    """A checkpoint whose config has no model.head_width (made before heads were padded)
+    continues as it was made, unpadded, without a config-change refusal."""
+    import copy
+
+    from adapter_plus_jax.workdir import check_resume, config_record
+
+    saved = copy.deepcopy(config_record(tiny_demo(EPOCHS)))
+    del saved["model"]["head_width"]
+
+    class Old:
+        directory = tmp_path / "checkpoints"
+
+        def find_good(self):
+            return 60, {"epoch": EPOCHS, "config": saved}
+
+    config = tiny_demo(EPOCHS)
+    assert config.model.head_width == 0
+    resume = check_resume(Old(), config, allow_config_change=False)
+    assert (resume.step, resume.epoch, config.model.head_width) == (60, EPOCHS, -1)
+    saved["model"]["head_width"] = 0  # a checkpoint of today: a changed width is refused
+    config.model.head_width = 7
+    with pytest.raises(SetupError, match="head_width: 0 -> 7"):
+        check_resume(Old(), config, allow_config_change=False)
+
+
 # ----------------------------------------------------------------------------------------------
 # 2. Damaged checkpoints; 5. a full disk.
 

@@ -31,10 +31,12 @@ Both follow the same rules:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import queue
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -141,25 +143,30 @@ def process_slice(n: int, index: int, count: int) -> tuple[slice, int]:
 
 
 def prefetch(batches: Iterator, size: int = PREFETCH) -> Iterator:
-    """`batches`, produced `size` ahead by a background thread (numpy's copies and the
-    transfers to the devices overlap the step). Closing the iterator stops the thread."""
+    """`batches`, produced `size` ahead by a background thread (the index work and the
+    dispatch of each batch's gather overlap the step). Closing the iterator, or dropping it,
+    stops the thread and releases the batches it holds."""
     items: queue.Queue = queue.Queue(maxsize=size)
     stop, done = threading.Event(), object()
+
+    def offer(entry: tuple[Any, BaseException | None]) -> bool:
+        """Queue `entry` unless the consumer has gone; False once it has."""
+        while not stop.is_set():
+            try:
+                items.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def produce() -> None:
         try:
             for item in batches:
-                while not stop.is_set():
-                    try:
-                        items.put((item, None), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not offer((item, None)):
                     return
-            items.put((done, None))
+            offer((done, None))
         except BaseException as e:  # handed to the consumer, raised there
-            items.put((done, e))
+            offer((done, e))
 
     thread = threading.Thread(target=produce, daemon=True, name="apj-prefetch")
     thread.start()
@@ -173,6 +180,12 @@ def prefetch(batches: Iterator, size: int = PREFETCH) -> Iterator:
             yield item
     finally:
         stop.set()
+        while thread.is_alive() or not items.empty():  # let go of what it prepared
+            try:
+                items.get(timeout=0.1)
+            except queue.Empty:
+                continue
+        thread.join()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,8 +195,8 @@ def prefetch(batches: Iterator, size: int = PREFETCH) -> Iterator:
 class _Images:
     """A split's images, replicated on every device of the mesh (host memory on CPUs), and the
     jitted gather of a batch, sharded over 'data', by global example indices (-1: a padding
-    example of zeros). Gathering there beats numpy's copies into fresh host buffers on every
-    backend (docs/performance.md, "Input pipeline")."""
+    example of zeros). On CPUs this beats numpy's copies into fresh host buffers
+    (docs/performance.md, "Input pipeline"); on accelerators only indices and labels travel."""
 
     def __init__(self, images: np.ndarray, batcher: Batcher) -> None:
         replicated = NamedSharding(batcher.mesh, PartitionSpec())
@@ -211,7 +224,7 @@ class ArrayTrainLoader:
     Args:
       images: every training image, (N, S, S, 3) uint8 or float32 in [0, 255], already at the
         model's input size (resized once, as the streamed pipeline resizes every epoch); they
-        are moved to the devices.
+        are moved to the devices (every device holds all of them) with the first epoch.
       labels: (N,) integer labels.
       options: the global batch (`batch_size`), the run's `seed` and the `mesh`.
       drop_remainder: drop the last incomplete global batch (VTAB: the reference's drop_last);
@@ -239,11 +252,18 @@ class ArrayTrainLoader:
                                 else math.ceil(self.num_examples / gb))  # fmt: skip
         if self.steps_per_epoch == 0:
             raise ValueError(f"{self.num_examples} examples do not fill one batch of {gb}")
-        self.images = _Images(images, self._batcher)
+        self._source: np.ndarray | None = images
 
     @property
     def global_batch(self) -> int:
         return self._batcher.global_batch
+
+    @functools.cached_property
+    def images(self) -> _Images:
+        """The images on the devices, put there when the first epoch is asked for (an
+        `--eval-only` run never does); the host copy is let go then."""
+        images, self._source = self._source, None
+        return _Images(images, self._batcher)
 
     def order(self, epoch: int) -> np.ndarray:
         """The example index of every row of the epoch's global batches, in order (-1 for the
@@ -296,7 +316,6 @@ class ArrayEvalLoader:
         self.labels = np.asarray(labels, np.int32)
         index, count = process or (jax.process_index(), jax.process_count())
         self._slice, largest = process_slice(len(labels), index, count)
-        self.num_local = self._slice.stop - self._slice.start
         self.num_batches = math.ceil(largest / self._batcher.local_batch)
         self.images = _Images(images, self._batcher)
 

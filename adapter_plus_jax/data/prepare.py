@@ -1,7 +1,7 @@
 """Download and prepare the TFDS datasets of VTAB-1k and FGVC.
 
-apj data prepare --tasks all --data-dir DIR
-apj data demo-images --out digits   # the demo's test images as PNG
+    apj data prepare --tasks all --data-dir DIR
+    apj data demo-images --out digits   # the demo's test images as PNG
 """
 
 from __future__ import annotations
