@@ -18,6 +18,7 @@ from runs import final_state, tiny_demo
 from adapter_plus_jax import export, predict, runner
 from adapter_plus_jax.data import demo
 from adapter_plus_jax.images import decode, normalize
+from adapter_plus_jax.params import resize_head
 from adapter_plus_jax.pretrained import load_pretrained
 from adapter_plus_jax.serving import TaskSet
 from adapter_plus_jax.task import backbone_digest, load_backbone, read_task
@@ -60,8 +61,10 @@ def test_the_exported_task_is_the_runs_model(runs, exported):
     assert files == ["params.safetensors", "task.json"]
     results = json.loads((runs["adapter"] / "results.json").read_text())
     task = read_task(exported["digits"])
-    # Exactly the checkpoint's trained parameters, nothing of the backbone.
-    trained = traverse_util.flatten_dict(final_state(runs["adapter"])["params"])
+    # Exactly the checkpoint's trained parameters, nothing of the backbone; the head, padded
+    # for training, cut back to the 10 classes.
+    assert final_state(runs["adapter"])["params"]["head"]["bias"].shape == (128,)
+    trained = traverse_util.flatten_dict(resize_head(final_state(runs["adapter"])["params"], 10))
     own = traverse_util.flatten_dict(task.params)
     assert own.keys() == trained.keys()
     assert all(np.array_equal(own[k], trained[k]) for k in own)

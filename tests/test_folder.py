@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from adapter_plus_jax import config as cfglib
-from adapter_plus_jax import ranks, runner
+from adapter_plus_jax import experiment, ranks, runner
 from adapter_plus_jax.data import folder
 from adapter_plus_jax.errors import SetupError
 
@@ -137,7 +137,7 @@ def test_bad_layouts_fail_before_any_compute(tmp_path: Path, layout, message, mo
         (root / "train" / "empty").mkdir()
         (root / "train" / "empty" / "notes.txt").write_text("no image here")
     config = cfglib.load_config(f"configs/folder.py:{root}")
-    monkeypatch.setattr(runner, "build_model", lambda *a: pytest.fail("a model was built"))
+    monkeypatch.setattr(experiment, "build_model", lambda *a: pytest.fail("a model was built"))
     with pytest.raises(SetupError, match=message):
         runner.run(config, tmp_path / "run")
     assert not (tmp_path / "run").exists()
