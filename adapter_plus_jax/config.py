@@ -209,6 +209,10 @@ def base_config() -> ml_collections.ConfigDict:
     # JAX's persistent compilation cache: '' = $ADAPTER_PLUS_JAX_COMPILATION_CACHE or
     # ~/.cache/adapter_plus_jax/xla; a directory; 'off' (backend.compilation_cache_dir).
     c.compilation_cache = ""
+    # Image folders: where their decoded images are cached ('' = $ADAPTER_PLUS_JAX_DATA_CACHE
+    # or ~/.cache/adapter_plus_jax/folders; 'off': decoded into memory by every run;
+    # data/image_cache.py).
+    c.data_cache = ""
     return c
 
 
@@ -263,6 +267,7 @@ _RULES: dict[str, tuple[Any, str]] = {
     "model.dtype": (lambda v, c: v in ("float32", "bfloat16"), "'float32' or 'bfloat16'"),
     "model.head_width": (lambda v, c: _integer(v) and v >= -1, "-1, 0 or a class count"),
     "compilation_cache": (lambda v, c: isinstance(v, str), "a directory, '' or 'off'"),
+    "data_cache": (lambda v, c: isinstance(v, str), "a directory, '' or 'off'"),
     "train_mode": (
         lambda v, c: v in ("linear", "peft", "train_ln", "finetune"),
         "linear, peft, train_ln or finetune",

@@ -15,6 +15,8 @@ close to, not equal to, training's.
 
 from __future__ import annotations
 
+import functools
+import importlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,18 +25,58 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".heic", ".heif", ".avif")
 KINDS = ("resize", "resize_shorter_crop")
+# Formats Pillow reads only with a plugin: suffix -> (module, what to install).
+PLUGINS = {".heic": ("pillow_heif", "pillow-heif"), ".heif": ("pillow_heif", "pillow-heif")}
+# JPEGs resized to a side S are decoded at the smallest DCT scale (1/2, 1/4, 1/8) that keeps
+# at least DRAFT_MARGIN x S pixels on each side (docs/performance.md, "Decoding photos").
+DRAFT_MARGIN = 2
 
 
-def decode(path: str | Path) -> np.ndarray:
-    """An image file as uint8 HxWx3 RGB: grayscale, palette, RGBA (alpha dropped) and 16-bit
-    images become 8-bit RGB, GIFs give their first frame. Raises what Pillow raises for a file
-    it cannot read (OSError, ValueError, ...)."""
-    from PIL import Image
+class ImageError(ValueError):
+    """An image file that cannot be read, with what to do about it."""
 
+
+@functools.cache
+def _plugin(module: str) -> bool:
+    """Register a Pillow plugin (pillow_heif: HEIC/HEIF) once; False where it is missing."""
+    try:
+        plugin = importlib.import_module(module)
+    except ImportError:
+        return False
+    plugin.register_heif_opener()
+    return True
+
+
+def decode(path: str | Path, size: int | None = None) -> np.ndarray:
+    """An image file as uint8 HxWx3 RGB, upright: the EXIF orientation is applied (phones
+    store photos sideways and say so there). Grayscale, palette, RGBA (alpha dropped), CMYK
+    and 16-bit images become 8-bit RGB, GIFs give their first frame; HEIC/HEIF needs
+    pillow-heif, AVIF a Pillow with AVIF support.
+
+    `size`: the side the image will be resized to; a JPEG is then decoded at a reduced DCT
+    scale that keeps at least DRAFT_MARGIN x size pixels (much faster for photos; the pixels
+    after the resize are close to, not equal to, those of the full decode). Raises ImageError
+    for a missing plugin, and what Pillow raises for a file it cannot read (OSError,
+    ValueError, Image.DecompressionBombError, ...)."""
+    from PIL import Image, ImageOps
+
+    suffix = Path(path).suffix.lower()
+    if suffix in PLUGINS and not _plugin(PLUGINS[suffix][0]):
+        raise ImageError(f"reading {suffix} files needs {PLUGINS[suffix][1]}: "
+                         f"pip install {PLUGINS[suffix][1]}")  # fmt: skip
     with Image.open(path) as image:
         image.seek(0)  # GIF: the first frame
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit and image.width * image.height > limit:  # Pillow only warns up to twice that
+            raise Image.DecompressionBombError(
+                f"{image.width}x{image.height} pixels, over Pillow's limit of {limit} "
+                "(PIL.Image.MAX_IMAGE_PIXELS)"
+            )
+        if size and image.format == "JPEG":
+            image.draft("RGB", (DRAFT_MARGIN * size, DRAFT_MARGIN * size))
+        image = ImageOps.exif_transpose(image)
         if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit (or 32-bit) grayscale
             values = np.asarray(image).astype(np.float64)
             peak = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
@@ -46,17 +88,24 @@ def decode(path: str | Path) -> np.ndarray:
 def resize_bilinear_v1(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """HxWxC -> size[0] x size[1] x C float32 as `tf.compat.v1.image.resize(..., BILINEAR,
     align_corners=False)` computes it: source coordinate = dst * (in / out) in float32, the
-    lower neighbour clamped below, the upper one at the border, and TF's lerp order."""
+    lower neighbour clamped below, the upper one at the border, and TF's lerp order (along x
+    within the two source rows, then along y)."""
     src = np.asarray(image, np.float32)
     if src.shape[:2] == tuple(size):
         return src
     ys, y0, y1 = _grid(src.shape[0], size[0])
     xs, x0, x1 = _grid(src.shape[1], size[1])
     xs = xs[None, :, None]
-    top_left, top_right = src[y0][:, x0], src[y0][:, x1]
-    bottom_left, bottom_right = src[y1][:, x0], src[y1][:, x1]
-    top = top_left + (top_right - top_left) * xs
-    bottom = bottom_left + (bottom_right - bottom_left) * xs
+
+    def along_x(rows: np.ndarray) -> np.ndarray:
+        left, right = rows[:, x0], rows[:, x1]
+        return left + (right - left) * xs
+
+    if src.shape[0] <= 2 * size[0]:  # every source row is used: interpolate each one once
+        across = along_x(src)
+        top, bottom = across[y0], across[y1]
+    else:
+        top, bottom = along_x(src[y0]), along_x(src[y1])
     return top + (bottom - top) * ys[:, None, None]
 
 
@@ -85,6 +134,24 @@ def resize_shorter_crop(image: np.ndarray, shorter: int, crop: int) -> np.ndarra
     )
     top, left = int(round((new_h - crop) / 2)), int(round((new_w - crop) / 2))
     return resized[top : top + crop, left : left + crop]
+
+
+def resized_uint8(path: str | Path, size: int) -> np.ndarray:
+    """A file as image folders train on it: decoded for a resize to `size` (`decode`), resized
+    with `resize_bilinear_v1` and rounded to uint8 (size x size x 3)."""
+    resized = resize_bilinear_v1(decode(path, size), (size, size))
+    return np.clip(np.round(resized), 0, 255).astype(np.uint8)
+
+
+def preprocess_file(path: str | Path, spec: Mapping[str, Any]) -> np.ndarray:
+    """An image file as the model's float32 input in [0, 255], as `spec` (an exported task's
+    'preprocessing') says; `spec['uint8']` (image folders): as `resized_uint8`."""
+    if spec.get("uint8"):
+        size = tuple(spec["size"])
+        if size[0] != size[1]:
+            raise ValueError(f"uint8 preprocessing takes a square size, not {size}")
+        return resized_uint8(path, size[0]).astype(np.float32)
+    return preprocess(decode(path), spec)
 
 
 def preprocess(image: np.ndarray, spec: Mapping[str, Any]) -> np.ndarray:

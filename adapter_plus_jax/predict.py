@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from adapter_plus_jax.errors import SetupError
-from adapter_plus_jax.images import EXTENSIONS, decode, find_images, preprocess
+from adapter_plus_jax.images import EXTENSIONS, find_images, preprocess_file
 from adapter_plus_jax.serving import TaskSet
 from adapter_plus_jax.task import Task, load_backbone, read_task
 
@@ -78,12 +78,11 @@ def collect(inputs: Sequence[str]) -> tuple[list[Path], list[tuple[str, str]], b
 
 def _prepared(path: Path, tasks: Sequence[Task]) -> list[np.ndarray]:
     """The image as each task's input (tasks with the same preprocessing share one)."""
-    image, done = decode(path), {}
-    out = []
+    done, out = {}, []
     for task in tasks:
         key = json.dumps(dict(task.preprocessing), sort_keys=True)
         if key not in done:
-            done[key] = preprocess(image, task.preprocessing)
+            done[key] = preprocess_file(path, task.preprocessing)
         out.append(done[key])
     return out
 

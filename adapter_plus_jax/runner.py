@@ -220,7 +220,7 @@ def run_in(
         "compile_s": exp.timings.get("train_compile_s", 0.0) + exp.timings["eval_compile_s"],
         **exp.timings,
     }
-    results.update(exp.dataset.describe(config))
+    results.update(exp.dataset.describe(config, exp.module.config.img_size[0]))
     if jax.process_index() == 0:
         write_json_atomic(results_path, results)
     print(f"test accuracy {accuracy:.4f} ({config.task}); results in {results_path}", flush=True)

@@ -318,6 +318,8 @@ def preprocessing_for(dataset: str, config: ViTConfig) -> dict[str, Any]:
     norm = {"mean": list(config.mean), "std": list(config.std), "scale": 255.0}
     if dataset == "fgvc":
         return {"kind": "resize_shorter_crop", "shorter": 256, "size": [224, 224], **norm}
+    if dataset == "folder":  # decoded for the resize and rounded, as image folders train
+        return {"kind": "resize", "size": list(config.img_size), "uint8": True, **norm}
     return {"kind": "resize", "size": list(config.img_size), **norm}
 
 

@@ -51,6 +51,7 @@ RESUMABLE_KEYS = frozenset(
         "model.remat",
         "model.attention",
         "compilation_cache",
+        "data_cache",
     }
 )
 

@@ -16,6 +16,7 @@ import timm  # noqa: F401
 os.environ.setdefault(
     "ADAPTER_PLUS_JAX_COMPILATION_CACHE", tempfile.mkdtemp(prefix="apj-test-xla-cache-")
 )
+os.environ.setdefault("ADAPTER_PLUS_JAX_DATA_CACHE", tempfile.mkdtemp(prefix="apj-test-images-"))
 
 
 @pytest.fixture

@@ -427,6 +427,19 @@ MUTANTS = [
         tests=("tests/test_padded_head.py::test_padded_training_equals_unpadded",),
     ),
     Mutant(
+        "exif_orientation_ignored",
+        "photos are read as stored, sideways, not as their EXIF orientation shows them",
+        *_one(
+            "adapter_plus_jax/images.py",
+            "        image = ImageOps.exif_transpose(image)\n",
+            "",
+        ),
+        tests=(
+            "tests/test_photos.py::test_exif_orientation_is_applied",
+            "tests/test_photos.py::test_sideways_photo_predicts_as_upright",
+        ),
+    ),
+    Mutant(
         "reexec_loops",
         "the huge-page restart does not see that the process already has the tunable",
         *_one(

@@ -16,6 +16,7 @@ from adapter_plus_jax import config as cfglib
 from adapter_plus_jax import experiment, ranks, runner
 from adapter_plus_jax.data import folder
 from adapter_plus_jax.errors import SetupError
+from adapter_plus_jax.images import decode
 
 CLASSES = ("0 zero", "Katze ü", "dog-2")  # sorted: digits, upper case, lower case
 
@@ -51,17 +52,17 @@ def make_folder(root: Path, splits=("train", "test"), per_class: int = 8) -> Pat
 def test_image_modes_become_rgb(tmp_path: Path) -> None:
     gray = np.arange(6 * 4, dtype=np.uint16).reshape(6, 4) * 2000
     Image.fromarray(gray).save(tmp_path / "16.png")
-    assert folder.decode(tmp_path / "16.png")[2, 1, 0] == round(int(gray[2, 1]) * 255 / 65535)
+    assert decode(tmp_path / "16.png")[2, 1, 0] == round(int(gray[2, 1]) * 255 / 65535)
     rgba = np.zeros((3, 3, 4), np.uint8)
     rgba[..., 0], rgba[..., 3] = 200, 0  # red, fully transparent: alpha is dropped
     Image.fromarray(rgba).save(tmp_path / "a.png")
-    assert folder.decode(tmp_path / "a.png")[0, 0].tolist() == [200, 0, 0]
+    assert decode(tmp_path / "a.png")[0, 0].tolist() == [200, 0, 0]
     palette = Image.new("P", (2, 2), 1)  # every pixel: entry 1 of the palette
     palette.putpalette([0, 0, 0, 10, 20, 30] + [0] * (3 * 254))
     palette.save(tmp_path / "p.gif")
-    assert folder.decode(tmp_path / "p.gif")[1, 1].tolist() == [10, 20, 30]
+    assert decode(tmp_path / "p.gif")[1, 1].tolist() == [10, 20, 30]
     for name in ("16.png", "a.png", "p.gif"):
-        image = folder.decode(tmp_path / name)
+        image = decode(tmp_path / name)
         assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[-1] == 3
 
 
@@ -83,6 +84,7 @@ def test_trains_end_to_end_and_records_the_classes(tmp_path: Path) -> None:
     results = runner.run(config, tmp_path / "run")
     assert results["class_names"] == sorted(CLASSES)
     assert results["skipped_images"] == [str(corrupt)]
+    assert results["skipped_counts"] == {"undecodable": 1}
     assert results["num_train"] == 3 * 8 and results["num_eval"] == 3 * 8
     assert results["eval_set"] == "test/" and 0.0 <= results["test_accuracy"] <= 1.0
     assert json.loads((tmp_path / "run" / "results.json").read_text())["class_names"] == list(

@@ -8,22 +8,28 @@
                            evaluated) a seeded, stratified holdout of the training images
                            (HOLDOUT_FRACTION of each class) takes its place
 
-JPEG, PNG, BMP, GIF (first frame) and WebP files are read with Pillow; grayscale, palette, RGBA
-(alpha dropped) and 16-bit images become 8-bit RGB. A file that cannot be decoded is skipped and
-named in a warning, and the count goes to results.json. Images are decoded once, at the start,
-resized to the model's input as the VTAB pipeline resizes (TF1 bilinear, `images.
-resize_bilinear_v1`) and kept in memory (`pipeline.array_loaders`); no TensorFlow is needed.
+JPEG, PNG, BMP, GIF (first frame), WebP, HEIC/HEIF (pillow-heif) and AVIF files are read with
+Pillow, in class folders and their subfolders (linked folders followed once); the EXIF
+orientation is applied; grayscale, palette, RGBA (alpha dropped), CMYK and 16-bit images
+become 8-bit RGB. Every image is decoded once, on the host's cores, and resized at once to the
+model's input (TF1 bilinear, as VTAB, then rounded to uint8) into a memory-mapped cache file
+(`image_cache`) that later runs over the same files read back; batches are read from it, so
+a folder larger than memory trains. A file that cannot be read (corrupt, over Pillow's pixel
+limit, no permission, no plugin) or a folder that cannot be listed is skipped and named in a
+warning, and results.json lists and counts them (`skipped_images`, `skipped_counts`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from adapter_plus_jax.data.image_cache import decode_files, shown
 from adapter_plus_jax.data.pipeline import (
     ArrayEvalLoader,
     ArrayTrainLoader,
@@ -31,7 +37,7 @@ from adapter_plus_jax.data.pipeline import (
     array_loaders,
 )
 from adapter_plus_jax.errors import SetupError
-from adapter_plus_jax.images import EXTENSIONS, decode, resize_bilinear_v1
+from adapter_plus_jax.images import EXTENSIONS
 
 HOLDOUT_FRACTION = 0.2
 HOLDOUT_SEED = 0  # the same holdout for every training seed
@@ -44,20 +50,49 @@ class ImageFolder:
     root: Path
     classes: tuple[str, ...]
     splits: dict[str, tuple[tuple[Path, int], ...]]  # 'train', and 'val' / 'test' if present
+    problems: tuple[tuple[str, str], ...] = ()  # (path, reason): what could not be listed
 
 
-def _class_files(split_dir: Path) -> dict[str, list[Path]]:
-    classes = sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+def _image_files(folder: Path, seen: set[str], problems: list) -> list[Path]:
+    """The image files under `folder` (subfolders included), sorted. Linked folders are
+    followed once: a folder already read (a link loop, two links to one folder) is skipped
+    and named in `problems`, as is a folder that cannot be read."""
+    found = []
+
+    def unreadable(error: OSError) -> None:
+        problems.append((shown(error.filename), f"{type(error).__name__}: {error.strerror}"))
+
+    for where, folders, names in os.walk(folder, onerror=unreadable, followlinks=True):
+        real = os.path.realpath(where)
+        if real in seen:
+            problems.append((shown(where), "LinkedTwice: a folder already read (followed once)"))
+            folders[:] = []
+            continue
+        seen.add(real)
+        folders[:] = sorted(f for f in folders if not f.startswith("."))
+        found += [Path(where, n) for n in names
+                  if not n.startswith(".") and Path(n).suffix.lower() in EXTENSIONS]  # fmt: skip
+    return sorted(found)
+
+
+def _class_files(split_dir: Path, problems: list) -> dict[str, list[Path]]:
+    try:
+        entries = sorted(split_dir.iterdir())
+    except OSError as e:
+        raise SetupError(f"Cannot read {shown(split_dir)}: {e.strerror}.") from None
+    classes = [p for p in entries if p.is_dir() and not p.name.startswith(".")]
     if not classes:
         raise SetupError(
             f"{split_dir} has no class folders: put each class's images in {split_dir}/<class>/."
         )
-    files = {}
+    files, seen = {}, set()
     for c in classes:
-        images = sorted(p for p in c.iterdir() if p.is_file() and p.suffix.lower() in EXTENSIONS)
-        if not images:
+        before = len(problems)
+        images = _image_files(c, seen, problems)
+        if not images and len(problems) == before:
             raise SetupError(
-                f"{c} holds no image file ({', '.join(EXTENSIONS)}); add images or remove it."
+                f"{shown(c)} holds no image file ({', '.join(EXTENSIONS)}); add images or "
+                "remove it."
             )
         files[c.name] = images
     return files
@@ -73,13 +108,14 @@ def scan(root: str) -> ImageFolder:
             f"Image folder {path} {what}: expected {path}/train/<class>/<images> "
             "(and optionally val/ and test/ with the same class folders)."
         )
-    found = {"train": _class_files(path / "train")}
+    problems: list[tuple[str, str]] = []
+    found = {"train": _class_files(path / "train", problems)}
     classes = tuple(found["train"])
     if len(classes) < 2:
         raise SetupError(f"{path / 'train'} has one class folder ({classes[0]}); need two or more.")
     for name in ("val", "test"):
         if (path / name).is_dir():
-            found[name] = _class_files(path / name)
+            found[name] = _class_files(path / name, problems)
             unknown = sorted(set(found[name]) - set(classes))
             if unknown:
                 raise SetupError(
@@ -91,7 +127,7 @@ def scan(root: str) -> ImageFolder:
         name: tuple((f, label[c]) for c, fs in files.items() for f in fs)
         for name, files in found.items()
     }
-    return ImageFolder(path, classes, splits)
+    return ImageFolder(path, classes, splits, tuple(problems))
 
 
 def select(
@@ -131,71 +167,70 @@ def select(
     return train, evaluation, note
 
 
-def _decode_all(pairs: tuple[tuple[Path, int], ...]) -> tuple[list[np.ndarray], list[int], list]:
-    images, labels, skipped = [], [], []
-    for path, label in pairs:
-        try:
-            images.append(decode(path))
-        except Exception as e:  # Pillow raises several types for broken files
-            skipped.append((path, f"{type(e).__name__}: {e}"))
-            continue
-        labels.append(label)
-    return images, labels, skipped
+# The kinds of file a run skips, by the error that skipped it, as results.json counts them.
+SKIPPED_KINDS = {
+    "DecompressionBombError": "too_large",
+    "PermissionError": "unreadable",
+    "ImageError": "needs_plugin",
+    "LinkedTwice": "linked_twice",
+}
 
 
-@functools.lru_cache(maxsize=1)  # the suite's seeds decode a folder once
-def load(root: str, train_split: str, eval_split: str) -> dict[str, Any]:
-    """Decode every image of the two splits once: {'train': (images, labels), 'eval': ...,
-    'skipped': [(path, error)], 'holdout': note or None}."""
+def skipped_counts(skipped: tuple[tuple[str, str], ...]) -> dict[str, int]:
+    """How many files or folders were skipped, by kind (SKIPPED_KINDS; else 'undecodable')."""
+    counts: dict[str, int] = {}
+    for _, reason in skipped:
+        kind = SKIPPED_KINDS.get(reason.split(":")[0], "undecodable")
+        counts[kind] = counts.get(kind, 0) + 1
+    return counts
+
+
+@functools.lru_cache(maxsize=1)  # describe() after training reads what the loaders read
+def load(root: str, splits: tuple[str, str], size: int, cache: str | None) -> dict[str, Any]:
+    """Every image of the two splits decoded once at size x size (`image_cache`, in `cache`;
+    None: in memory only): {'train': (images, labels), 'eval': ..., 'skipped': ((path,
+    reason), ...), 'holdout': note or None}."""
     folder = scan(root)
-    train_pairs, eval_pairs, note = select(folder, train_split, eval_split)
+    train_pairs, eval_pairs, note = select(folder, *splits)
     if note:
         print(f"{folder.root}: {note}.", flush=True)
-    train_images, train_labels, skipped = _decode_all(train_pairs)
-    eval_images, eval_labels, skipped_eval = _decode_all(eval_pairs)
-    skipped += skipped_eval
-    if skipped:
-        names = ", ".join(str(p) for p, _ in skipped[:5]) + (" ..." if len(skipped) > 5 else "")
-        print(f"WARNING: skipped {len(skipped)} image file(s) that cannot be decoded: {names}",
-              flush=True)  # fmt: skip
-    for split, labels in ((train_split, train_labels), (eval_split, eval_labels)):
-        if not labels:
+    data, skipped = {"holdout": note}, folder.problems
+    for name, pairs, split in (("train", train_pairs, splits[0]), ("eval", eval_pairs, splits[1])):
+        decoded = decode_files([p for p, _ in pairs], size, cache)
+        labels = np.array([y for _, y in pairs], np.int32)[decoded.kept]
+        if not len(labels):
             raise SetupError(f"No readable image for {split} in {folder.root}.")
-    return {"train": (train_images, train_labels), "eval": (eval_images, eval_labels),
-            "skipped": skipped, "holdout": note}  # fmt: skip
+        data[name], skipped = (decoded.images, labels), skipped + decoded.skipped
+    if skipped:
+        names = ", ".join(p for p, _ in skipped[:5]) + (" ..." if len(skipped) > 5 else "")
+        print(f"WARNING: skipped {len(skipped)} image file(s) or folder(s) "
+              f"({skipped_counts(skipped)}): {names}", flush=True)  # fmt: skip
+    data["skipped"] = skipped
+    return data
 
 
-def describe(root: str, train_split: str, eval_split: str) -> dict[str, Any]:
+def describe(root: str, splits: tuple[str, str], size: int, cache: str | None) -> dict[str, Any]:
     """What results.json records about the folder."""
-    data = load(root, train_split, eval_split)
+    data = load(root, splits, size, cache)
     return {
         "class_names": list(scan(root).classes),
-        "eval_set": "holdout" if data["holdout"] else f"{eval_split}/",
+        "eval_set": "holdout" if data["holdout"] else f"{splits[1]}/",
         "holdout": data["holdout"],
         "num_train": len(data["train"][1]),
         "num_eval": len(data["eval"][1]),
-        "skipped_images": [str(p) for p, _ in data["skipped"]],
+        "skipped_images": [p for p, _ in data["skipped"]],
+        "skipped_counts": skipped_counts(data["skipped"]),
     }
 
 
-def _arrays(images: list[np.ndarray], labels: list[int], size: int) -> tuple[np.ndarray, ...]:
-    """The images resized to size x size (float32 in [0, 255]; uint8 when all had that size
-    already) as one array, and the labels."""
-    if all(image.shape[:2] == (size, size) for image in images):
-        stacked = np.stack(images)
-    else:
-        stacked = np.stack([resize_bilinear_v1(image, (size, size)) for image in images])
-    return stacked, np.asarray(labels, np.int32)
-
-
 def folder_loaders(
-    root: str, splits: tuple[str, str], options: LoaderOptions
+    root: str, splits: tuple[str, str], options: LoaderOptions, cache: str | None
 ) -> tuple[ArrayTrainLoader, ArrayEvalLoader]:
     """Train batches (shuffled per epoch, last partial batch dropped) and padded eval batches
-    of `splits` = (train_split, eval_split), as `select` reads them, from memory."""
-    data = load(root, *splits)
+    of `splits` = (train_split, eval_split), as `select` reads them, from the decoded images'
+    memory-mapped cache (`cache`; None: from memory)."""
+    data = load(root, splits, options.image_size, cache)
     if len(data["train"][1]) < options.batch_size:
         raise SetupError(f"{len(data['train'][1])} training images are fewer than "
                          f"batch_size={options.batch_size}.")  # fmt: skip
-    size = options.image_size
-    return array_loaders(_arrays(*data["train"], size), _arrays(*data["eval"], size), options)
+    return array_loaders(data["train"], data["eval"], options)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import queue
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -212,6 +213,36 @@ class _Images:
         return {"image": self._gather(self.array, batch.pop("index")), **batch}
 
 
+class _HostImages:
+    """A split's images in a file (a memory-mapped .npy: a folder larger than memory): each
+    batch's rows are read from the file on the host (`os.preadv`, so the file's pages stay in
+    the page cache instead of the process's memory), as uint8, and sent; the steps convert
+    them."""
+
+    def __init__(self, images: np.memmap, batcher: Batcher) -> None:
+        self.array, self._batcher = images, batcher
+        self._fd = os.open(images.filename, os.O_RDONLY)
+        self._row = int(np.prod(images.shape[1:])) * images.itemsize
+
+    def __del__(self) -> None:
+        os.close(self._fd)
+
+    def batch(self, index: np.ndarray, labels: np.ndarray) -> dict[str, jax.Array]:
+        real = index >= 0
+        rows = np.zeros((len(index), *self.array.shape[1:]), self.array.dtype)
+        for row, i in zip(rows, index, strict=True):
+            if i >= 0:
+                os.preadv(self._fd, [row], self.array.offset + int(i) * self._row)
+        label = np.where(real, labels[np.maximum(index, 0)], 0).astype(np.int32)
+        return self._batcher.to_global({"image": rows, "label": label, "mask": real})
+
+
+def _source(images: np.ndarray, batcher: Batcher) -> _Images | _HostImages:
+    """Where a split's batches come from: its file for a memory-mapped array, else a copy
+    on the devices."""
+    return (_HostImages if isinstance(images, np.memmap) else _Images)(images, batcher)
+
+
 def _gather(images: jax.Array, index: jax.Array) -> jax.Array:
     rows = images[jnp.maximum(index, 0)].astype(jnp.float32)
     return jnp.where((index >= 0)[:, None, None, None], rows, 0)
@@ -224,7 +255,8 @@ class ArrayTrainLoader:
     Args:
       images: every training image, (N, S, S, 3) uint8 or float32 in [0, 255], already at the
         model's input size (resized once, as the streamed pipeline resizes every epoch); they
-        are moved to the devices (every device holds all of them) with the first epoch.
+        are moved to the devices (every device holds all of them) with the first epoch, unless
+        they are a memory-mapped file (`np.memmap`), which batches are read from.
       labels: (N,) integer labels.
       options: the global batch (`batch_size`), the run's `seed` and the `mesh`.
       drop_remainder: drop the last incomplete global batch (VTAB: the reference's drop_last);
@@ -259,11 +291,11 @@ class ArrayTrainLoader:
         return self._batcher.global_batch
 
     @functools.cached_property
-    def images(self) -> _Images:
-        """The images on the devices, put there when the first epoch is asked for (an
-        `--eval-only` run never does); the host copy is let go then."""
+    def images(self) -> _Images | _HostImages:
+        """The images' source (`_source`), made when the first epoch is asked for (an
+        `--eval-only` run never does); a host copy put on the devices is let go then."""
         images, self._source = self._source, None
-        return _Images(images, self._batcher)
+        return _source(images, self._batcher)
 
     def order(self, epoch: int) -> np.ndarray:
         """The example index of every row of the epoch's global batches, in order (-1 for the
@@ -317,7 +349,7 @@ class ArrayEvalLoader:
         index, count = process or (jax.process_index(), jax.process_count())
         self._slice, largest = process_slice(len(labels), index, count)
         self.num_batches = math.ceil(largest / self._batcher.local_batch)
-        self.images = _Images(images, self._batcher)
+        self.images = _source(images, self._batcher)
 
     def __len__(self) -> int:
         return self.num_batches

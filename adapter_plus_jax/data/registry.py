@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,12 +30,13 @@ class Dataset:
       SetupError with what to do); writes nothing.
     loaders(config, options): (train loader, eval loader): `pipeline`'s in-memory loaders or
       `tfdata`'s streamed ones, with the same batches and interface.
-    describe(config): what results.json records about the data (class names, ...).
+    describe(config, image_size): what results.json records about the data (class names,
+      skipped files, ...), once the loaders have read it.
     """
 
     num_classes: Callable[[Any], int]
     loaders: Callable[[Any, LoaderOptions], tuple[Any, Any]]
-    describe: Callable[[Any], dict[str, Any]] = lambda config: {}
+    describe: Callable[[Any, int], dict[str, Any]] = lambda config, image_size: {}
 
 
 def _check_prepared(tfds_name: str, data_dir: str | None, how: str) -> None:
@@ -161,16 +163,27 @@ def _folder_classes(config: Any) -> int:
     return len(folder.scan(config.data_dir).classes)
 
 
+def _folder_cache(config: Any) -> str | None:
+    """Where a folder's decoded images are cached: `config.data_cache`, else
+    $ADAPTER_PLUS_JAX_DATA_CACHE, else image_cache.DEFAULT_DIR; None for 'off'."""
+    from adapter_plus_jax.data.image_cache import CACHE_ENV, DEFAULT_DIR
+
+    value = config.data_cache or os.environ.get(CACHE_ENV) or DEFAULT_DIR
+    return None if value.strip().lower() in ("off", "none", "false", "0") else value
+
+
 def _folder_loaders(config: Any, options: LoaderOptions) -> tuple[Any, Any]:
     from adapter_plus_jax.data import folder
 
-    return folder.folder_loaders(config.data_dir, (config.train_split, config.eval_split), options)
+    splits = (config.train_split, config.eval_split)
+    return folder.folder_loaders(config.data_dir, splits, options, _folder_cache(config))
 
 
-def _folder_describe(config: Any) -> dict[str, Any]:
+def _folder_describe(config: Any, image_size: int) -> dict[str, Any]:
     from adapter_plus_jax.data import folder
 
-    return folder.describe(config.data_dir, config.train_split, config.eval_split)
+    splits = (config.train_split, config.eval_split)
+    return folder.describe(config.data_dir, splits, image_size, _folder_cache(config))
 
 
 DATASETS: dict[str, Dataset] = {
