@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -60,12 +61,15 @@ def decode(path: str | Path, size: int | None = None) -> np.ndarray:
     after the resize are close to, not equal to, those of the full decode). Raises ImageError
     for a missing plugin, and what Pillow raises for a file it cannot read (OSError,
     ValueError, Image.DecompressionBombError, ...)."""
-    from PIL import Image, ImageOps
+    from PIL import Image, ImageOps, features
 
     suffix = Path(path).suffix.lower()
     if suffix in PLUGINS and not _plugin(PLUGINS[suffix][0]):
         raise ImageError(f"reading {suffix} files needs {PLUGINS[suffix][1]}: "
                          f"pip install {PLUGINS[suffix][1]}")  # fmt: skip
+    if suffix == ".avif" and not features.check("avif"):
+        raise ImageError("reading .avif files needs a Pillow built with AVIF support: "
+                         "pip install -U pillow")  # fmt: skip
     with Image.open(path) as image:
         image.seek(0)  # GIF: the first frame
         limit = Image.MAX_IMAGE_PIXELS
@@ -74,7 +78,7 @@ def decode(path: str | Path, size: int | None = None) -> np.ndarray:
                 f"{image.width}x{image.height} pixels, over Pillow's limit of {limit} "
                 "(PIL.Image.MAX_IMAGE_PIXELS)"
             )
-        if size and image.format == "JPEG":
+        if size and image.format in ("JPEG", "MPO"):  # MPO: phones' multi-picture JPEGs
             image.draft("RGB", (DRAFT_MARGIN * size, DRAFT_MARGIN * size))
         image = ImageOps.exif_transpose(image)
         if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit (or 32-bit) grayscale
@@ -90,15 +94,15 @@ def resize_bilinear_v1(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     align_corners=False)` computes it: source coordinate = dst * (in / out) in float32, the
     lower neighbour clamped below, the upper one at the border, and TF's lerp order (along x
     within the two source rows, then along y)."""
-    src = np.asarray(image, np.float32)
+    src = np.asarray(image)  # converted to float32 row by row, as they are used
     if src.shape[:2] == tuple(size):
-        return src
+        return src.astype(np.float32)
     ys, y0, y1 = _grid(src.shape[0], size[0])
     xs, x0, x1 = _grid(src.shape[1], size[1])
     xs = xs[None, :, None]
 
     def along_x(rows: np.ndarray) -> np.ndarray:
-        left, right = rows[:, x0], rows[:, x1]
+        left, right = rows[:, x0].astype(np.float32), rows[:, x1].astype(np.float32)
         return left + (right - left) * xs
 
     if src.shape[0] <= 2 * size[0]:  # every source row is used: interpolate each one once
@@ -163,6 +167,11 @@ def preprocess(image: np.ndarray, spec: Mapping[str, Any]) -> np.ndarray:
     if kind == "resize_shorter_crop":
         return resize_shorter_crop(image, int(spec["shorter"]), int(spec["size"][0]))
     raise ValueError(f"Unknown preprocessing {kind!r}; expected one of {KINDS}.")
+
+
+def shown(path: str | Path) -> str:
+    """A path as text that can always be printed (names that are not UTF-8 escaped)."""
+    return os.fsdecode(path).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def find_images(folder: Path) -> list[Path]:

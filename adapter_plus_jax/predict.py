@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from adapter_plus_jax.errors import SetupError
-from adapter_plus_jax.images import EXTENSIONS, find_images, preprocess_file
+from adapter_plus_jax.images import EXTENSIONS, find_images, preprocess_file, shown
 from adapter_plus_jax.serving import TaskSet
 from adapter_plus_jax.task import Task, load_backbone, read_task
 
@@ -108,10 +108,10 @@ def classify(
             top = iter(serving.predict(np.stack(images), ids, top_k) if images else [])
             for path in chunk:
                 if path in errors:
-                    yield {"file": str(path), "error": errors[path]}
+                    yield {"file": shown(path), "error": errors[path]}
                     continue
                 for task in tasks:
-                    yield {"file": str(path), "task": task.name, "predictions": [
+                    yield {"file": shown(path), "task": task.name, "predictions": [
                         {"class": p.name, "index": p.index, "probability": p.probability}
                         for p in next(top)
                     ]}  # fmt: skip

@@ -212,3 +212,54 @@ def test_bad_files_and_folders_are_skipped_named_and_counted(tmp_path: Path, mon
     import json
 
     json.dumps(list(skipped)).encode("ascii")
+
+
+def test_reduced_decode_with_orientation(tmp_path: Path) -> None:
+    """A large sideways JPEG, decoded at a reduced scale for a small input, is rotated too."""
+    upright = np.asarray(Image.fromarray(_photo()).resize((640, 480), Image.BICUBIC))
+    _sideways(upright, tmp_path / "side.jpg")
+    Image.fromarray(upright).save(tmp_path / "up.jpg", quality=100)
+    side, up = (images_lib.resized_uint8(tmp_path / n, 64) for n in ("side.jpg", "up.jpg"))
+    assert np.abs(side.astype(int) - up.astype(int)).mean() < 3
+
+
+def test_skips_the_environment_caused_are_retried(tmp_path: Path, monkeypatch) -> None:
+    """A HEIC file skipped for want of pillow-heif is read by the next run once the plugin is
+    there (the cache entry is not reused); a corrupt file's skip is. A run killed while writing
+    leaves a temporary file that the next one removes."""
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+    paths = [tmp_path / "a.png", tmp_path / "b.heic", tmp_path / "c.jpg"]
+    _write(paths[0], 0)
+    Image.fromarray(_photo()).save(paths[1])
+    paths[2].write_bytes(b"\xff\xd8 not a jpeg")
+    cache = tmp_path / "cache"
+    (cache / f".{image_cache.cache_key(paths, 16)}.otherhost.1.npy").parent.mkdir()
+    leftover = cache / f".{image_cache.cache_key(paths, 16)}.otherhost.1.npy"
+    leftover.write_bytes(b"cut short")
+    monkeypatch.setattr(images_lib, "_plugin", lambda module: False)
+    first = image_cache.decode_files(paths, 16, cache)
+    assert first.kept.tolist() == [0] and not leftover.exists()
+    assert [r.split(":")[0] for _, r in first.skipped] == ["ImageError", "UnidentifiedImageError"]
+    monkeypatch.undo()
+    second = image_cache.decode_files(paths, 16, cache)
+    assert second.kept.tolist() == [0, 1] and len(second.skipped) == 1
+    np.testing.assert_array_equal(second.images[0], first.images[0])
+
+    def no_decoding(*args):
+        raise AssertionError("decoded again")
+
+    monkeypatch.setattr(image_cache, "resized_uint8", no_decoding)
+    assert image_cache.decode_files(paths, 16, cache).kept.tolist() == [0, 1]  # reused now
+
+
+def test_a_sliced_memory_map_is_refused(tmp_path: Path) -> None:
+    paths = [tmp_path / f"{i}.png" for i in range(4)]
+    for i, p in enumerate(paths):
+        _write(p, i)
+    decoded = image_cache.decode_files(paths, 8, tmp_path / "cache")
+    loader = pipeline.ArrayTrainLoader(decoded.images[1:], np.arange(3),
+                                       pipeline.LoaderOptions(2))  # fmt: skip
+    with pytest.raises(ValueError, match="whole .npy file"):
+        next(loader.epoch(0))

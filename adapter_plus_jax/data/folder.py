@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from adapter_plus_jax.data.image_cache import decode_files, shown
+from adapter_plus_jax.data.image_cache import decode_files
 from adapter_plus_jax.data.pipeline import (
     ArrayEvalLoader,
     ArrayTrainLoader,
@@ -37,7 +37,7 @@ from adapter_plus_jax.data.pipeline import (
     array_loaders,
 )
 from adapter_plus_jax.errors import SetupError
-from adapter_plus_jax.images import EXTENSIONS
+from adapter_plus_jax.images import EXTENSIONS, shown
 
 HOLDOUT_FRACTION = 0.2
 HOLDOUT_SEED = 0  # the same holdout for every training seed

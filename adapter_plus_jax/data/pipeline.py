@@ -220,12 +220,16 @@ class _HostImages:
     them."""
 
     def __init__(self, images: np.memmap, batcher: Batcher) -> None:
+        self._fd = None
+        if os.path.getsize(images.filename) != images.offset + images.nbytes:
+            raise ValueError("a memory-mapped split must be a whole .npy file, not a slice")
         self.array, self._batcher = images, batcher
         self._fd = os.open(images.filename, os.O_RDONLY)
         self._row = int(np.prod(images.shape[1:])) * images.itemsize
 
     def __del__(self) -> None:
-        os.close(self._fd)
+        if self._fd is not None:
+            os.close(self._fd)
 
     def batch(self, index: np.ndarray, labels: np.ndarray) -> dict[str, jax.Array]:
         real = index >= 0
@@ -331,7 +335,7 @@ class ArrayEvalLoader:
 
     Args:
       images: the whole split, (n, S, S, 3) uint8 or float32 in [0, 255] (every process holds
-        it, on its devices).
+        it: on its devices, or as a memory-mapped file that batches are read from).
       labels: their labels.
       options: the global batch (`eval_batch_size`) and the `mesh`.
       process: (this process's index, the number of processes); default: JAX's.
