@@ -61,13 +61,9 @@ part() {  # part NAME LIMIT_S COMMAND...: run COMMAND under a time limit, log to
     fi
 }
 
-if command -v nvidia-smi >/dev/null; then
-    nvidia-smi >"$out/nvidia-smi.txt" 2>&1
-    head -n 12 "$out/nvidia-smi.txt"
-fi
-"$python" -c "import jax, flax, optax, torch, timm; print('jax', jax.__version__, jax.devices(),
-    '| flax', flax.__version__, '| optax', optax.__version__, '| torch', torch.__version__,
-    '| timm', timm.__version__)" 2>&1 | tee "$out/versions.txt"
+# shellcheck source=benchmarks/host.sh
+source "$here/host.sh"
+describe_host "$python" "$out"
 for b in "${batches[@]}"; do
     part "train_step_b$b" "$limit" "$python" "$here/train_step.py" --dtype bfloat16 \
         --batch "$b" "${train_args[@]}" --out "$out/train_step_b$b"

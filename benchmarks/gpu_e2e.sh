@@ -124,13 +124,9 @@ if [[ -n "$lacking" ]]; then
     exit 2
 fi
 
-if command -v nvidia-smi >/dev/null; then
-    nvidia-smi >"$out/nvidia-smi.txt" 2>&1
-    head -n 12 "$out/nvidia-smi.txt"
-fi
-"$python" -c "import jax, flax, optax, torch, timm; print('jax', jax.__version__, jax.devices(),
-    '| flax', flax.__version__, '| optax', optax.__version__, '| torch', torch.__version__,
-    '| timm', timm.__version__)" 2>&1 | tee "$out/versions.txt"
+# shellcheck source=benchmarks/host.sh
+source "$here/host.sh"
+describe_host "$python" "$out"
 
 # A fresh start: a finished run or suite run would be skipped, and a filled cache not compile.
 rm -rf "$out/data" "$out/run" "$out/suite" "$out/xla_cache" "$out/train_step"
