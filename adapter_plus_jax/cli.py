@@ -20,7 +20,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from adapter_plus_jax import backend
+from adapter_plus_jax import backend, distributed
 from adapter_plus_jax import config as cfglib
 
 
@@ -116,7 +116,8 @@ TRAIN_DOC = """Train and evaluate Adapter+ (or LoRA, VPT, linear probing, fine-t
 Rerunning a command with the same --workdir resumes from its last good checkpoint (a finished
 run prints its results); a checkpoint made with another config is refused unless
 --allow-config-change. Other libraries' logs go to WORKDIR/log.txt (--verbose: the console).
-On several hosts, start the same command on each with --distributed.
+Several processes (hosts) train one run when each starts the same command with --distributed
+and its --process-id (README, "Several hosts").
 """
 
 
@@ -133,9 +134,6 @@ def train(argv: Sequence[str], prog: str = "apj train") -> int:
         "--eval-only", action="store_true", help="evaluate the last checkpoint in --workdir"
     )
     parser.add_argument(
-        "--distributed", action="store_true", help="jax.distributed.initialize() (multi-host)"
-    )
-    parser.add_argument(
         "--allow-config-change",
         action="store_true",
         help="resume a checkpoint made with another config, with the new values",
@@ -143,6 +141,7 @@ def train(argv: Sequence[str], prog: str = "apj train") -> int:
     parser.add_argument(
         "--verbose", action="store_true", help="show other libraries' logs (else WORKDIR/log.txt)"
     )
+    distributed.add_arguments(parser)
     try:
         overrides, rest = cfglib.split_overrides(argv)
     except ValueError as e:
@@ -152,16 +151,19 @@ def train(argv: Sequence[str], prog: str = "apj train") -> int:
 
     console.show_libraries() if args.verbose else console.quiet_libraries()
     try:
+        cluster = distributed.cluster_from_args(args)
         config = cfglib.load_config(args.config)
         cfglib.apply_overrides(config, overrides)
     except ValueError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
+    if cluster is not None and (status := distributed.supervised(prog, cluster)) is not None:
+        return status
     from adapter_plus_jax import runner
 
     try:
-        runner.run(config, args.workdir, args.eval_only, args.allow_config_change,
-                   args.distributed)  # fmt: skip
+        with distributed.failing_together():
+            runner.run(config, args.workdir, args.eval_only, args.allow_config_change, cluster)
     except (runner.SetupError, FloatingPointError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1

@@ -98,11 +98,18 @@ def show_libraries() -> None:
         pass
 
 
-def log_to(workdir: Path) -> None:
-    """Write the library log of the run in `workdir` to WORKDIR/log.txt (when quieted)."""
+def log_file(process: int = 0) -> str:
+    """The log's name: log.txt, and log.process<I>.txt for the other processes of a
+    multi-process run, which share the workdir."""
+    return LOG_FILE if process == 0 else f"log.process{process}.txt"
+
+
+def log_to(workdir: Path, process: int = 0) -> None:
+    """Write the library log of the run in `workdir` to WORKDIR/log.txt (when quieted); process
+    `process` of a multi-process run to its own file (`log_file`)."""
     if _handler is not None:
         quiet_libraries()  # TensorFlow adds its handler when first imported, which may be later
-        _handler.open(workdir / LOG_FILE)
+        _handler.open(workdir / log_file(process))
 
 
 def close() -> None:

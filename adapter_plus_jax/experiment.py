@@ -64,7 +64,18 @@ def check_batch(batch_size: int, what: str = "batch_size") -> None:
 
 
 def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
-    return jax.device_put(tree, NamedSharding(mesh, P()))
+    """`tree`'s arrays (the same values in every process) replicated on every device of `mesh`,
+    which may span processes."""
+    sharding = NamedSharding(mesh, P())
+
+    def put(x: Any) -> jax.Array:
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            data = put(jax.random.key_data(x))
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+        host = np.asarray(x)
+        return jax.make_array_from_process_local_data(sharding, host, host.shape)
+
+    return jax.tree.map(put, tree)
 
 
 def lr_schedule(config: ml_collections.ConfigDict, steps: int):
@@ -97,6 +108,7 @@ class Experiment:
     rng: jax.Array
     num_classes: int  # the dataset's; the head may be wider (`params.head_width`)
     timings: dict[str, float] = dataclasses.field(default_factory=dict)  # for results.json
+    eval_examples: int = 0  # how many examples the last evaluation counted
 
     @property
     def steps_per_epoch(self) -> int:

@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from adapter_plus_jax import backend, console, train
+from adapter_plus_jax import backend, console, distributed, train
 from adapter_plus_jax import config as cfglib
 from adapter_plus_jax import params as params_lib
 from adapter_plus_jax.checkpoint import CHECKPOINTS_DIR, Checkpointer, has_checkpoints
@@ -67,7 +67,7 @@ def train_epochs(
     key = replicate(jax.random.fold_in(exp.rng, 2), exp.state.step.sharding.mesh)
     start, images_seen, waited = time.perf_counter(), 0, 0.0
     with tqdm(total=epochs * steps, initial=resume.epoch * steps, unit="step",
-               dynamic_ncols=True) as bar:  # fmt: skip
+               dynamic_ncols=True, disable=jax.process_index() != 0) as bar:  # fmt: skip
         # One pipeline over all remaining epochs, so prefetching runs across epoch boundaries.
         left = epochs - resume.epoch  # 0: killed after the last checkpoint, before evaluating
         batches = exp.train_loader.epochs(resume.epoch, left) if left > 0 else iter(())
@@ -138,7 +138,7 @@ def evaluate(exp: Experiment) -> tuple[float, float]:
         eval_step, params, first["image"], first["label"], first["mask"], exp.class_count
     )
     counted = time.perf_counter()
-    accuracy = train.evaluate(
+    correct, exp.eval_examples = train.evaluate_counts(
         lambda p, x, y, m: compiled(p, x, y, m, exp.class_count), params,
         itertools.chain([first], batches),
     )  # fmt: skip
@@ -146,7 +146,7 @@ def evaluate(exp: Experiment) -> tuple[float, float]:
     evaluated = len(exp.eval_loader) * exp.config.eval_batch_size  # padding included
     exp.timings.update(eval_trace_s=trace_s, eval_compile_s=compile_s,
                        eval_images_per_s=evaluated / (end - counted))  # fmt: skip
-    return accuracy, end - start
+    return correct / max(exp.eval_examples, 1), end - start
 
 
 def _summary_line(exp: Experiment) -> str:
@@ -191,7 +191,8 @@ def run_in(
         if resume is not None:
             print(f"Resumed from {ckpt.directory} at epoch {resume.epoch} (step {resume.step}).",
                   flush=True)  # fmt: skip
-            rewind_metrics(workdir, resume.step)
+            if jax.process_index() == 0:
+                rewind_metrics(workdir, resume.step)
         resume = resume or Resume(0, 0, 0.0, 0)
         logger = Logger(workdir)
         try:
@@ -208,6 +209,7 @@ def run_in(
         "method": config.method,
         "seed": config.seed,
         "test_accuracy": accuracy,
+        "eval_examples": exp.eval_examples,
         "trainable_params": exp.n_trainable,
         "total_params": exp.n_total,
         "epochs": config.epochs,
@@ -241,6 +243,7 @@ def _evaluate_only(exp: Experiment, resume: Resume) -> dict:
         "method": config.method,
         "seed": config.seed,
         "test_accuracy": accuracy,
+        "eval_examples": exp.eval_examples,
         "checkpoint_step": resume.step,
         "checkpoint_epoch": resume.epoch,
         "eval_time_s": eval_time,
@@ -259,22 +262,23 @@ def run(
     workdir: str | Path,
     eval_only: bool = False,
     allow_config_change: bool = False,
-    distributed: bool = False,
+    cluster: distributed.Cluster | None = None,
 ) -> dict:
     """Train (resuming from WORKDIR/checkpoints if present) and evaluate; returns the results
     also written to WORKDIR/results.json. With `eval_only`, evaluates the last checkpoint into
-    WORKDIR/eval.json instead. `distributed`: this is one process of a multi-host run
-    (`jax.distributed.initialize()`, after the config is checked).
+    WORKDIR/eval.json instead. `cluster`: this is one process of a multi-process run, which
+    joins the others (`distributed.initialize`) after the config is checked; every process
+    calls `run` with the same arguments, and process 0 writes the workdir's files.
 
-    Bad config values, a workdir in use by another process, a checkpoint made with another
-    config (unless `allow_config_change`) and missing data or weights raise SetupError before
-    any compute; what this call added to the workdir is then removed again (the workdir too,
-    if this call created it).
+    Bad config values, a workdir in use by another run, a checkpoint made with another config
+    (unless `allow_config_change`) and missing data or weights raise SetupError before any
+    compute, in every process; what this call added to the workdir is then removed again (the
+    workdir too, if this call created it).
     """
     workdir = Path(workdir)
     cfglib.validate(config)
-    if distributed and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
+    if cluster is not None:
+        distributed.initialize(cluster)
     backend.use_compilation_cache(config.compilation_cache)
     if eval_only and not has_checkpoints(workdir):
         raise SetupError(f"--eval-only: no checkpoint in {workdir / CHECKPOINTS_DIR}.")
@@ -282,9 +286,8 @@ def run(
     workdir.mkdir(parents=True, exist_ok=True)
     lock = WorkdirLock(workdir) if jax.process_index() == 0 else None
     try:
-        if lock is not None:
-            lock.acquire()
-        console.log_to(workdir)
+        _lock_together(lock, workdir)
+        console.log_to(workdir, jax.process_index())
         return run_in(config, workdir, eval_only, allow_config_change)
     except SetupError:
         # A run that holds the workdir and failed before it trained: nothing of it is kept.
@@ -300,6 +303,20 @@ def run(
             print(note, flush=True)
         if lock is not None:
             lock.release()
+
+
+def _lock_together(lock: WorkdirLock | None, workdir: Path) -> None:
+    """Process 0 takes the workdir's lock (`lock`; None in the other processes), and every
+    process of the run raises the same SetupError when it is held by another run."""
+    refusal = ""
+    if lock is not None:
+        try:
+            lock.acquire()
+        except SetupError as e:
+            refusal = str(e)
+    refusal = distributed.from_process_zero(f"lock {workdir.absolute()}", refusal)
+    if refusal:
+        raise SetupError(refusal)
 
 
 def _remove_added(workdir: Path, before: set[Path] | None) -> None:

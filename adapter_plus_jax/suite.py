@@ -16,7 +16,9 @@ exists is skipped; an unfinished one resumes from its checkpoints, so rerunning 
 after a crash or a pre-emption continues where it stopped. A run that fails does not stop the
 others: its error goes to <task>/seed<seed>/failed.json (listed by `report`), and a rerun
 retries it. `--shard i/n` (0 <= i < n) takes
-every n-th (task, seed) pair starting at i, for array jobs.
+every n-th (task, seed) pair starting at i, for array jobs: n jobs may share one workdir.
+With --distributed (and --coordinator_address, --num_processes, --process_id, as `apj train`),
+the processes of one job train each run together.
 
 `report` writes WORKDIR/results.md (per-task mean and population std over seeds, group means,
 the global average as the paper computes it, trainable parameters, the paper's numbers) and
@@ -29,6 +31,7 @@ A benchmark plugs in through its config module: `configs/fgvc.py` with
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import sys
 import time
@@ -37,10 +40,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import ml_collections
 
+from adapter_plus_jax import distributed
 from adapter_plus_jax.benchmark import BENCHMARKS, Benchmark, benchmark
+from adapter_plus_jax.cli import dashed
 from adapter_plus_jax.config import OVERRIDES_HELP, apply_overrides, load_config, split_overrides
+from adapter_plus_jax.errors import SetupError
 from adapter_plus_jax.report import FAILED_JSON, PLOT_PNG, SUITE_JSON, report
 from adapter_plus_jax.workdir import write_json_atomic
 
@@ -98,7 +105,24 @@ def make_config(
 
 
 def write_suite_json(workdir: Path, settings: dict[str, Any]) -> None:
-    """Record what the workdir is for; refuse to mix benchmarks or methods in one workdir."""
+    """Record what the workdir is for; refuse to mix benchmarks or methods in one workdir.
+    Shards that start at once on a shared workdir take turns (a lock on WORKDIR/.suite.lock);
+    the processes of one multi-process job leave it to process 0 and raise its refusal."""
+    refusal = ""
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        with open(workdir / ".suite.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            try:
+                _update_suite_json(workdir, settings)
+            except ValueError as e:
+                refusal = str(e)
+    refusal = distributed.from_process_zero(f"suite {workdir.absolute()}", refusal)
+    if refusal:
+        raise ValueError(refusal)
+
+
+def _update_suite_json(workdir: Path, settings: dict[str, Any]) -> None:
     path = workdir / SUITE_JSON
     if path.is_file():
         old = json.loads(path.read_text())
@@ -112,7 +136,6 @@ def write_suite_json(workdir: Path, settings: dict[str, Any]) -> None:
         # Shards may run different seeds; keep every seed in first-seen order.
         seeds = list(dict.fromkeys([*old.get("seeds", []), *settings["seeds"]]))
         settings = {**settings, "seeds": seeds}
-    workdir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, settings)
 
 
@@ -126,10 +149,14 @@ def run_suite(
     config_args: str = "",
     overrides: Sequence[str] = (),
     config_file: Path | None = None,
+    cluster: distributed.Cluster | None = None,
 ) -> list[tuple[str, int]]:
-    """Train and evaluate this shard's (task, seed) runs that have no results.json yet.
+    """Train and evaluate this shard's (task, seed) runs that have no results.json yet; with
+    `cluster`, each run over every process of a multi-process job (`runner.run`).
 
     A failing run is reported and the next one started; returns the failed (task, seed) pairs.
+    In a multi-process job, only failures that every process sees alike (bad input, a diverged
+    loss) are passed over; any other ends the job (`distributed.failing_together`).
     """
     from adapter_plus_jax import runner
 
@@ -147,6 +174,8 @@ def run_suite(
     )
     # Build every config before the first run, so that a bad override fails at once.
     runs = shard_runs(tasks, seeds, *shard)
+    if cluster is not None:
+        distributed.initialize(cluster)
     configs = {
         (t, s): make_config(bench, t, s, method, config_args, overrides, config_file)
         for t, s in runs
@@ -161,22 +190,26 @@ def run_suite(
             continue
         print(f"{head}: running in {where}", flush=True)
         try:
-            runner.run(configs[task, seed], where)
+            runner.run(configs[task, seed], where, cluster=cluster)
         except Exception as e:  # keep going: one broken task should not stop an array job's others
+            if jax.process_count() > 1 and not isinstance(e, (SetupError, FloatingPointError)):
+                raise
             error = (
                 f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
             )
             print(f"{head}: FAILED ({error}); details in {where / FAILED_JSON}", flush=True)
-            where.mkdir(parents=True, exist_ok=True)
             record = {
                 "error": error,
                 "traceback": traceback.format_exc(),
                 "at": time.strftime("%c"),
             }
-            write_json_atomic(where / FAILED_JSON, record)
+            if jax.process_index() == 0:
+                where.mkdir(parents=True, exist_ok=True)
+                write_json_atomic(where / FAILED_JSON, record)
             failed.append((task, seed))
         else:
-            (where / FAILED_JSON).unlink(missing_ok=True)
+            if jax.process_index() == 0:
+                (where / FAILED_JSON).unlink(missing_ok=True)
     return failed
 
 
@@ -221,6 +254,7 @@ def parse_args(argv: Sequence[str] | None, prog: str = "apj suite") -> argparse.
         action="store_true",
         help="show other libraries' logs (else each run's log.txt)",
     )
+    distributed.add_arguments(run)
     sel = sub.add_parser("select-rank", help="choose the adapter rank on validation, as the paper",
                          epilog=OVERRIDES_HELP)  # fmt: skip
     sel.add_argument("--config", required=True, help="config[:args], e.g. configs/vtab.py:dtd")
@@ -251,7 +285,7 @@ def parse_args(argv: Sequence[str] | None, prog: str = "apj suite") -> argparse.
         overrides, rest = split_overrides(argv)
     except ValueError as e:
         parser.error(str(e))
-    args = parser.parse_args(rest)
+    args = parser.parse_args(dashed(rest))
     if overrides and args.command == "report":
         parser.error("report takes no --config.KEY=VALUE")
     args.overrides = overrides
@@ -282,17 +316,22 @@ def main(argv: Sequence[str] | None = None, prog: str = "apj suite") -> int:
         console.show_libraries() if args.verbose else console.quiet_libraries()
         if args.command == "select-rank":
             return _select_rank(args)
-        failed = run_suite(
-            benchmark(args.benchmark, args.root),
-            args.workdir,
-            seeds=args.seeds,
-            tasks=args.tasks,
-            shard=args.shard,
-            method=args.method,
-            config_args=args.config_args,
-            overrides=args.overrides,
-            config_file=args.config,
-        )
+        cluster = distributed.cluster_from_args(args)
+        if cluster is not None and (status := distributed.supervised(prog, cluster)) is not None:
+            return status
+        with distributed.failing_together():
+            failed = run_suite(
+                benchmark(args.benchmark, args.root),
+                args.workdir,
+                seeds=args.seeds,
+                tasks=args.tasks,
+                shard=args.shard,
+                method=args.method,
+                config_args=args.config_args,
+                overrides=args.overrides,
+                config_file=args.config,
+                cluster=cluster,
+            )
     except (ValueError, KeyError, FileNotFoundError) as e:  # bad input, found before training
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2

@@ -342,8 +342,14 @@ def make_eval_step(
 
 def evaluate(eval_step, params, batches) -> float:
     """Top-1 accuracy over padded, masked batches: every example counts exactly once."""
+    correct, count = evaluate_counts(eval_step, params, batches)
+    return correct / max(count, 1)
+
+
+def evaluate_counts(eval_step, params, batches) -> tuple[int, int]:
+    """(correct, counted) over padded, masked batches; `counted` is the number of examples."""
     correct = count = 0
     for batch in batches:
         c, n = eval_step(params, batch["image"], batch["label"], batch["mask"])
         correct, count = correct + int(c), count + int(n)
-    return correct / max(count, 1)
+    return correct, count

@@ -1,0 +1,372 @@
+"""Several processes, one run: how `apj train --distributed` and `apj suite run --distributed`
+join their processes, and how they stop together.
+
+    # on each of N hosts (or N processes on one host), I = 0 .. N-1:
+    apj train --config configs/vtab.py:dtd --workdir /shared/runs/dtd --distributed \\
+        --coordinator_address HOST0:12355 --num_processes N --process_id I
+
+Where the three values come from, first found wins: the flags; the environment variables
+JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID; JAX's own detection of Cloud
+TPU, Slurm and Open MPI (`jax.distributed.initialize` with what is still unset). Values that
+cannot work (a process id outside 0..N-1, an address without a port) are refused before JAX
+starts; a coordinator that does not answer within `INIT_TIMEOUT_S` seconds (or
+$ADAPTER_PLUS_JAX_INIT_TIMEOUT, for clusters whose processes start far apart) is reported in
+one line.
+
+Stopping together. When one process dies (a killed job, a lost host), the others must not hang
+until a collective times out, nor end in a page of C++ log: a watchdog thread in each process
+writes a heartbeat into JAX's key-value store every `BEAT_S` seconds and reads the others'. A
+process whose heartbeat stops for `STALE_S` seconds, or a coordinator that no longer answers,
+ends this process with one line (`failing_together`). A collective that fails because its peer
+is gone (gloo on CPUs reports it at once) is reported the same way. JAX's own heartbeat
+(`HEARTBEAT_TIMEOUT_S`) is the backstop behind ours. A rerun of every process resumes from the
+last good checkpoint.
+
+One failure cannot be caught inside the process: when the coordinator dies, JAX's C++ client
+aborts the process at once with a page of log. So a --distributed command runs as a child of
+itself (`supervised`): the child sends JAX's C++ log to a file, and the parent, which only
+waits, turns a child that died of a signal into one line naming the cause and that file. The
+child dies with its parent (a killed job leaves nothing behind).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import dataclasses
+import io
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Iterator, Mapping
+
+import jax
+
+from adapter_plus_jax.errors import SetupError
+
+ENV = {
+    "coordinator_address": "JAX_COORDINATOR_ADDRESS",
+    "num_processes": "JAX_NUM_PROCESSES",
+    "process_id": "JAX_PROCESS_ID",
+}
+INIT_TIMEOUT_ENV = "ADAPTER_PLUS_JAX_INIT_TIMEOUT"  # seconds; longer for staggered starts
+INIT_TIMEOUT_S = 30  # waiting for every process to connect: a dead address fails within a minute
+BEAT_S = 1.0  # the watchdog's heartbeat
+STALE_S = 15.0  # no heartbeat for this long: that process is gone
+HEARTBEAT_TIMEOUT_S = 45  # JAX's own (default 100 s), behind ours
+
+
+@dataclasses.dataclass(frozen=True)
+class Cluster:
+    """Where a process of a multi-process run finds the others; None: left to JAX's detection."""
+
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+
+    @classmethod
+    def resolve(
+        cls,
+        coordinator_address: str | None = None,
+        num_processes: int | None = None,
+        process_id: int | None = None,
+        environ: Mapping[str, str] = os.environ,
+    ) -> Cluster:
+        """The flags' values, else the environment's; ValueError (one line) for values that
+        cannot work."""
+        given = {"coordinator_address": coordinator_address, "num_processes": num_processes,
+                 "process_id": process_id}  # fmt: skip
+        values = {}
+        for name, value in given.items():
+            if value is None and environ.get(ENV[name], "") != "":
+                value = environ[ENV[name]]
+                if name != "coordinator_address":
+                    try:
+                        value = int(value)
+                    except ValueError:
+                        raise ValueError(f"{ENV[name]}={value!r}: expected an integer.") from None
+            values[name] = value
+        cluster = cls(**values)
+        cluster.check()
+        return cluster
+
+    def check(self) -> None:
+        address, n, i = self.coordinator_address, self.num_processes, self.process_id
+        if address is not None:
+            host, sep, port = address.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"--coordinator_address {address!r}: expected HOST:PORT, e.g. "
+                                 "10.0.0.1:12355 (process 0's host and a free port).")  # fmt: skip
+        if n is not None and n < 1:
+            raise ValueError(f"--num_processes {n}: expected 1 or more.")
+        if i is not None and (i < 0 or (n is not None and i >= n)):
+            top = f"0..{n - 1}" if n is not None else "0 or more"
+            raise ValueError(f"--process_id {i}: expected {top} (one id per process).")
+
+    def describe(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(self).items() if v is not None)
+
+
+def add_arguments(parser) -> None:
+    """--distributed and the three values of `Cluster` (underscores or dashes)."""
+    group = parser.add_argument_group(
+        "multi-process runs",
+        "Start the same command in every process. Unset values come from JAX_COORDINATOR_"
+        "ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, else from JAX's detection of Cloud TPU, "
+        "Slurm and Open MPI.",
+    )
+    group.add_argument("--distributed", action="store_true",
+                       help="one process of a multi-process (multi-host) run")  # fmt: skip
+    group.add_argument("--coordinator-address", metavar="HOST:PORT",
+                       help="process 0's address and a free port")  # fmt: skip
+    group.add_argument("--num-processes", type=int, metavar="N")
+    group.add_argument("--process-id", type=int, metavar="I", help="0 .. N-1")
+
+
+def cluster_from_args(args) -> Cluster | None:
+    """The `Cluster` of parsed arguments (`add_arguments`); None without --distributed.
+    ValueError when the values cannot work, or are given without --distributed."""
+    flags = (args.coordinator_address, args.num_processes, args.process_id)
+    if not args.distributed:
+        if any(v is not None for v in flags):
+            raise ValueError("--coordinator_address, --num_processes and --process_id need "
+                             "--distributed.")  # fmt: skip
+        return None
+    init_timeout()  # a bad $ADAPTER_PLUS_JAX_INIT_TIMEOUT fails here, in one line
+    return Cluster.resolve(*flags)
+
+
+_watchdog: _Watchdog | None = None
+
+
+def init_timeout(environ: Mapping[str, str] = os.environ) -> int:
+    """Seconds to wait for every process to connect: $ADAPTER_PLUS_JAX_INIT_TIMEOUT, else
+    INIT_TIMEOUT_S."""
+    value = environ.get(INIT_TIMEOUT_ENV, "")
+    if not value.isdigit() or int(value) < 1:
+        if value:
+            raise ValueError(f"{INIT_TIMEOUT_ENV}={value!r}: expected a number of seconds.")
+        return INIT_TIMEOUT_S
+    return int(value)
+
+
+def initialize(cluster: Cluster) -> None:
+    """Join the run's other processes (`jax.distributed.initialize`) and start the watchdog.
+    SetupError (one line) when they cannot be joined. Once per process; later calls return."""
+    global _watchdog
+    if jax.distributed.is_initialized():
+        return
+    try:
+        jax.distributed.initialize(
+            cluster.coordinator_address,
+            cluster.num_processes,
+            cluster.process_id,
+            initialization_timeout=init_timeout(),
+            heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S,
+        )
+    except Exception as e:  # JAX's ValueError for unset values, the client's for timeouts
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        where = cluster.describe() or "nothing given"
+        if "must be defined" in text or "should be defined" in text:
+            raise SetupError(
+                f"--distributed ({where}): {text} Give --coordinator_address, --num_processes "
+                "and --process_id (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_"
+                "ID), or run where JAX detects the cluster (Cloud TPU, Slurm, Open MPI)."
+            ) from None
+        raise SetupError(
+            f"--distributed ({where}): could not join the other processes within "
+            f"{init_timeout()} s ({text[:200]}). Start every process with the same "
+            "coordinator address and number of processes; process 0 must be running and its "
+            "port reachable."
+        ) from None
+    _watchdog = _Watchdog(jax.process_index(), jax.process_count())
+    _watchdog.start()
+    atexit.register(_watchdog.stop)  # runs before JAX's shutdown, registered earlier
+
+
+def _client():
+    from jax._src import distributed as jax_distributed  # the key-value store: no public API
+
+    return jax_distributed.global_state.client
+
+
+_shared = 0  # calls of from_process_zero, the same sequence in every process
+
+
+def from_process_zero(key: str, value: str) -> str:
+    """Process 0's `value` in every process (each passes its own; only process 0's is used).
+    Every process must make the same calls in the same order."""
+    global _shared
+    if jax.process_count() == 1:
+        return value
+    _shared += 1
+    client, key = _client(), f"apj/shared/{_shared}/{key}"
+    if jax.process_index() == 0:
+        client.key_value_set(key, value, allow_overwrite=True)
+        return value
+    return client.blocking_key_value_get(key, int(1000 * (STALE_S + init_timeout())))
+
+
+class _Watchdog(threading.Thread):
+    """Heartbeats through JAX's key-value store; notices a process that stopped. A process
+    that ends normally says so ("done") at exit, before JAX's own shutdown."""
+
+    def __init__(self, me: int, count: int) -> None:
+        super().__init__(name="apj-watchdog", daemon=True)
+        self.me, self.count = me, count
+        self.lost: str | None = None
+        self.decided = threading.Event()
+        self._stopping = threading.Event()
+
+    def run(self) -> None:
+        client, beat = _client(), 0
+        seen = {p: ("", time.monotonic()) for p in range(self.count) if p != self.me}
+        while not self._stopping.is_set():
+            beat += 1
+            try:
+                client.key_value_set(f"apj/alive/{self.me}", str(beat), allow_overwrite=True)
+                for p, (last, since) in seen.items():
+                    value, now = _try_get(client, f"apj/alive/{p}"), time.monotonic()
+                    if value != last or value == "done":
+                        seen[p] = (value, now)
+                    elif now - since > STALE_S:
+                        self._stop_with(f"process {p} of {self.count} stopped (no heartbeat for "
+                                        f"{now - since:.0f} s)")  # fmt: skip
+            except Exception as e:  # the coordinator (process 0) no longer answers
+                if self._stopping.is_set():
+                    return
+                self._stop_with(f"lost the coordinator, process 0 of {self.count} ({_first(e)})")
+            self._stopping.wait(BEAT_S)
+
+    def stop(self) -> None:
+        """This process ends normally: no more watching; the others are told."""
+        self._stopping.set()
+        self.join()
+        with contextlib.suppress(Exception):
+            _client().key_value_set(f"apj/alive/{self.me}", "done", allow_overwrite=True)
+
+    def _stop_with(self, reason: str) -> None:
+        self.lost = reason
+        self.decided.set()
+        _exit(f"error: {reason}. Stopping this process too; rerun every process with the same "
+              "command to resume from the last good checkpoint.")  # fmt: skip
+
+
+def _try_get(client, key: str) -> str:
+    """The value of `key`, or '' if it was never set."""
+    try:
+        return client.key_value_try_get(key)
+    except Exception as e:
+        if "NOT_FOUND" in str(e) or "not found" in str(e).lower():
+            return ""
+        raise
+
+
+def _first(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return (lines[0] if lines else type(error).__name__)[:200]
+
+
+def _exit(line: str, status: int = 1) -> None:
+    """Print one line and end the process at once: JAX's exit handlers would wait for the lost
+    process at a shutdown barrier, then abort with a page of C++ log."""
+    sys.stdout.flush()
+    print(f"{os.path.basename(sys.argv[0]) or 'apj'}: {line}", file=sys.stderr, flush=True)
+    os._exit(status)
+
+
+@contextlib.contextmanager
+def failing_together() -> Iterator[None]:
+    """Around a multi-process run's work: an exception caused by a lost process (a collective
+    whose peer is gone) ends this process with the watchdog's one line; any other exception is
+    printed with its traceback and ends the process without waiting for the others at exit."""
+    try:
+        yield
+    except SetupError:
+        raise  # every process sees the same bad input: they stop together, normally
+    except BaseException:
+        if _watchdog is None:
+            raise
+        if not _watchdog.decided.wait(STALE_S + 2 * BEAT_S):
+            traceback.print_exc()
+            _exit("error: this process failed (traceback above); the others stop with it.")
+        time.sleep(60)  # the watchdog ends the process
+
+
+# ----------------------------------------------------------------------------------------------
+# The parent that watches a multi-process command.
+
+SUPERVISED_ENV = "ADAPTER_PLUS_JAX_SUPERVISED"  # in the child: the file for JAX's C++ log
+_FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def supervised(prog: str, cluster: Cluster) -> int | None:
+    """In the child of a --distributed command: send JAX's C++ log (file descriptor 2) to the
+    file the parent named, keep Python's stderr on the console, and return None (go on). In the
+    parent: run this same command line as the child, forward signals to it, and return the
+    exit status; a child that died of a signal is explained in one line."""
+    path = os.environ.get(SUPERVISED_ENV)
+    if path:
+        _native_log_to(path)
+        return None
+    fd, path = tempfile.mkstemp(prefix=f"apj-{os.getpid()}-", suffix=".native.log")
+    os.close(fd)
+    argv = [sys.executable, *getattr(sys, "orig_argv", [sys.executable, *sys.argv])[1:]]
+    child = subprocess.Popen(argv, env={**os.environ, SUPERVISED_ENV: path},
+                             preexec_fn=_die_with_parent)  # fmt: skip
+    for sig in _FORWARDED:
+        signal.signal(sig, lambda number, _: child.send_signal(number))
+    status = child.wait()
+    if status >= 0:
+        os.unlink(path)
+        return status
+    print(f"{prog}: error: {_death(-status, path, cluster)}. JAX's log: {path}.",
+          file=sys.stderr, flush=True)  # fmt: skip
+    return 1
+
+
+def _native_log_to(path: str) -> None:
+    sys.stderr.flush()
+    console = os.dup(2)
+    log = os.open(path, os.O_WRONLY | os.O_APPEND)
+    os.dup2(log, 2)
+    os.close(log)
+    sys.stderr = io.TextIOWrapper(
+        io.FileIO(console, "w"), encoding="utf-8", errors="backslashreplace", write_through=True
+    )
+
+
+def _die_with_parent() -> None:
+    """In the child before it starts (Linux): SIGKILL when the parent dies."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _death(number: int, path: str, cluster: Cluster) -> str:
+    """Why the child died of signal `number`, from the last fatal line of JAX's log."""
+    name = signal.Signals(number).name if number in signal.Signals.__members__.values() else number
+    try:
+        text = open(path, errors="replace").read()  # noqa: SIM115
+    except OSError:
+        text = ""
+    fatal = re.findall(r"^F\d{4} [^\]]*\] (.*)$", text, re.MULTILINE)
+    if not fatal:
+        return f"this process died ({name})"
+    status = (fatal[-1].partition("absl::Status: ")[2] or fatal[-1])[:160]
+    if "RegisterTask" in text.rpartition(fatal[-1])[2]:  # it never joined
+        return (f"--distributed ({cluster.describe() or 'detected by JAX'}): could not join the "
+                f"other processes within {init_timeout()} s ({status}). Start every process "
+                "with the same coordinator address and number of processes; process 0 must be "
+                "running and its port reachable")  # fmt: skip
+    if "distributed service" in fatal[-1]:
+        return (f"another process of the run stopped, or the coordinator (process 0) is "
+                f"unreachable; JAX ended this process ({status}). Rerun every process with the "
+                "same command to resume from the last good checkpoint")  # fmt: skip
+    return f"JAX ended this process ({fatal[-1][:200]})"
