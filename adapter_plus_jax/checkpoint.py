@@ -87,7 +87,13 @@ class Checkpointer:
 
     def read(self, step: int, abstract_state: Any = None) -> tuple[Any, dict[str, Any]]:
         """(state, meta) of `step`, checked against its digest. With `abstract_state`, restored
-        into its structure, shapes and shardings; without, as saved (plain containers)."""
+        into its structure, shapes and shardings; without, as numpy arrays in plain containers,
+        whatever devices and processes saved it (a check on one host reads a checkpoint that
+        a cluster wrote)."""
+        if abstract_state is None:
+            path = self.directory / str(step) / "state"
+            tree = ocp.PyTreeCheckpointer().metadata(path).item_metadata.tree
+            abstract_state = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), tree)
         state_args = ocp.args.StandardRestore(abstract_state)
         args = ocp.args.Composite(state=state_args, meta=ocp.args.JsonRestore())
         restored = self._manager.restore(step, args=args)

@@ -10,7 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,6 +57,10 @@ def checkpoint_steps(workdir: Path) -> list[int]:
 
 
 def final_state(workdir: Path) -> dict:
-    """The newest checkpoint's state, read with Orbax directly (not through our code)."""
+    """The newest checkpoint's state as numpy arrays, read with Orbax directly (not through our
+    code), whatever devices and processes saved it."""
     path = workdir / "checkpoints" / str(checkpoint_steps(workdir)[-1]) / "state"
-    return ocp.PyTreeCheckpointer().restore(path)
+    checkpointer = ocp.PyTreeCheckpointer()
+    tree = checkpointer.metadata(path).item_metadata.tree
+    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
