@@ -93,18 +93,6 @@ def main(argv: Sequence[str] | None = None, prog: str = "apj") -> int:
     return run_command(argv[0], argv[1:], f"{prog} {argv[0]}")
 
 
-def dashed(argv: Sequence[str]) -> list[str]:
-    """`argv` with underscores in flag names turned into dashes (`--eval_only` ->
-    `--eval-only`: main.py's old spellings); values and --config.KEY items are untouched."""
-    out = []
-    for item in argv:
-        if item.startswith("--") and not item.startswith("--config."):
-            flag, sep, value = item.partition("=")
-            item = flag.replace("_", "-") + sep + value
-        out.append(item)
-    return out
-
-
 TRAIN_DOC = """Train and evaluate Adapter+ (or LoRA, VPT, linear probing, fine-tuning) as the paper.
 
     apj train --config configs/vtab.py:dtd --workdir runs/dtd
@@ -146,7 +134,7 @@ def train(argv: Sequence[str], prog: str = "apj train") -> int:
         overrides, rest = cfglib.split_overrides(argv)
     except ValueError as e:
         parser.error(str(e))
-    args = parser.parse_args(dashed(rest))
+    args = parser.parse_args(cfglib.dashed(rest))
     from adapter_plus_jax import console
 
     console.show_libraries() if args.verbose else console.quiet_libraries()

@@ -82,6 +82,18 @@ OVERRIDES_HELP = (
 )
 
 
+def dashed(argv: Sequence[str]) -> list[str]:
+    """`argv` with underscores in flag names turned into dashes (`--eval_only` ->
+    `--eval-only`: main.py's old spellings); values and --config.KEY items are untouched."""
+    out = []
+    for item in argv:
+        if item.startswith("--") and not item.startswith("--config."):
+            flag, sep, value = item.partition("=")
+            item = flag.replace("_", "-") + sep + value
+        out.append(item)
+    return out
+
+
 def split_overrides(args: Sequence[str]) -> tuple[list[str], list[str]]:
     """(the 'KEY=VALUE' config overrides given as --config.KEY=VALUE or --config.KEY VALUE in
     `args`, the other arguments). Raises ValueError for a --config.KEY without a value."""

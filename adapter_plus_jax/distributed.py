@@ -60,7 +60,7 @@ INIT_TIMEOUT_ENV = "ADAPTER_PLUS_JAX_INIT_TIMEOUT"  # seconds; longer for stagge
 INIT_TIMEOUT_S = 30  # waiting for every process to connect: a dead address fails within a minute
 BEAT_S = 1.0  # the watchdog's heartbeat
 STALE_S = 15.0  # no heartbeat for this long: that process is gone
-HEARTBEAT_TIMEOUT_S = 45  # JAX's own (default 100 s), behind ours
+HEARTBEAT_TIMEOUT_S = 45  # JAX's own, shorter than its default, behind ours
 
 
 @dataclasses.dataclass(frozen=True)

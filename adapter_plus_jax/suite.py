@@ -45,8 +45,13 @@ import ml_collections
 
 from adapter_plus_jax import distributed
 from adapter_plus_jax.benchmark import BENCHMARKS, Benchmark, benchmark
-from adapter_plus_jax.cli import dashed
-from adapter_plus_jax.config import OVERRIDES_HELP, apply_overrides, load_config, split_overrides
+from adapter_plus_jax.config import (
+    OVERRIDES_HELP,
+    apply_overrides,
+    dashed,
+    load_config,
+    split_overrides,
+)
 from adapter_plus_jax.errors import SetupError
 from adapter_plus_jax.report import FAILED_JSON, PLOT_PNG, SUITE_JSON, report
 from adapter_plus_jax.workdir import write_json_atomic

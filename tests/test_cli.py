@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from adapter_plus_jax import cli
-from adapter_plus_jax.config import split_overrides
+from adapter_plus_jax.config import dashed, split_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ("train", "suite", "port", "export", "predict", "data")
@@ -71,7 +71,7 @@ def test_config_fields_in_both_forms_and_old_flag_spellings() -> None:
          "--eval_only", "--config-args", "dim=2", "--workdir=runs/a_b"]
     )  # fmt: skip
     assert overrides == ["lr=3e-3", "model.dtype=float32"]
-    assert cli.dashed(rest) == [
+    assert dashed(rest) == [
         "--config", "vtab.py:dtd", "--eval-only", "--config-args", "dim=2", "--workdir=runs/a_b",
     ]  # fmt: skip
     with pytest.raises(ValueError, match="--config.lr needs a value"):
