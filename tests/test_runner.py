@@ -192,9 +192,9 @@ def test_pretrained_weights_reach_the_trained_model(tmp_path: Path, monkeypatch)
         seen["end"] = flat(params)
         return evaluate(step, params, batches)
 
-    split, evaluate = train.split, train.evaluate
+    split, evaluate = train.split, train.evaluate_counts
     monkeypatch.setattr(runner.train, "split", spy_split)
-    monkeypatch.setattr(runner.train, "evaluate", spy_evaluate)
+    monkeypatch.setattr(runner.train, "evaluate_counts", spy_evaluate)
     runner.run(config, tmp_path / "w")
 
     start, end = seen["start"], seen["end"]
