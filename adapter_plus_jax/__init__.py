@@ -17,6 +17,7 @@ from adapter_plus_jax import backend, nnx, train  # submodules: apj.backend, apj
 from adapter_plus_jax.convert import ConversionError, from_timm, to_adapter_plus
 from adapter_plus_jax.errors import SetupError
 from adapter_plus_jax.factory import create_model
+from adapter_plus_jax.hf_peft import to_peft
 from adapter_plus_jax.images import normalize
 from adapter_plus_jax.model import VisionTransformer, ViTConfig
 from adapter_plus_jax.params import merge_lora, trainable_count, trainable_mask
@@ -25,6 +26,7 @@ from adapter_plus_jax.pretrained import PretrainedError, load_pretrained, save_p
 from adapter_plus_jax.serving import TaskSet
 from adapter_plus_jax.task import Task, load_backbone, read_task, write_task
 from adapter_plus_jax.train import decay_mask
+from adapter_plus_jax.tuning import TuneSpec
 
 __all__ = [
     "METHODS",
@@ -37,6 +39,7 @@ __all__ = [
     "SetupError",
     "Task",
     "TaskSet",
+    "TuneSpec",
     "ViTConfig",
     "VisionTransformer",
     "backend",
@@ -51,6 +54,7 @@ __all__ = [
     "read_task",
     "save_pretrained",
     "to_adapter_plus",
+    "to_peft",
     "trainable_count",
     "train",
     "trainable_mask",

@@ -25,6 +25,7 @@ import ml_collections
 
 from adapter_plus_jax import backend, peft
 from adapter_plus_jax.errors import SetupError
+from adapter_plus_jax.params import TRAINABLE_GROUPS
 
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 # Keys under which a config may gain new entries: free-form keyword arguments.
@@ -200,10 +201,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.head_width = 0
 
     c.method = "adapter_plus"
-    c.train_mode = "peft"  # peft | linear | train_ln | finetune
+    c.train_mode = "peft"  # params.TRAINABLE_GROUPS: peft | linear | train_ln | finetune | ...
     c.adapter = ml_collections.config_dict.placeholder(ml_collections.ConfigDict)
     c.lora = ml_collections.config_dict.placeholder(ml_collections.ConfigDict)
     c.prompt = ml_collections.config_dict.placeholder(ml_collections.ConfigDict)
+    c.tune = ml_collections.config_dict.placeholder(ml_collections.ConfigDict)
 
     c.batch_size = 64
     c.eval_batch_size = 64
@@ -233,6 +235,9 @@ def spec_config(spec: Any) -> ml_collections.ConfigDict:
     fields = dataclasses.asdict(spec)
     if "location" in fields:
         fields["location"] = "".join(fields["location"])
+    for key in ("targets", "ia3_inputs"):  # tuning.TuneSpec's layer lists, as 'qkv-fc2'
+        if key in fields:
+            fields[key] = "-".join(fields[key])
     # Not type-safe: `scaling` is a float or a string, and overrides may switch between them.
     return ml_collections.ConfigDict(fields, type_safe=False)
 
@@ -242,7 +247,7 @@ def apply_method(c: ml_collections.ConfigDict, method: str, dim: int, num_tokens
     `num_tokens` prompts."""
     m = peft.get_method(method).sized(dim=dim, num_tokens=num_tokens)
     c.method, c.train_mode, c.lr = method, m.train_mode, m.lr
-    for key in ("adapter", "lora", "prompt"):
+    for key in ("adapter", "lora", "prompt", "tune"):
         spec = getattr(m, key)
         if spec is not None:
             c[key] = spec_config(spec)
@@ -281,8 +286,8 @@ _RULES: dict[str, tuple[Any, str]] = {
     "compilation_cache": (lambda v, c: isinstance(v, str), "a directory, '' or 'off'"),
     "data_cache": (lambda v, c: isinstance(v, str), "a directory, '' or 'off'"),
     "train_mode": (
-        lambda v, c: v in ("linear", "peft", "train_ln", "finetune"),
-        "linear, peft, train_ln or finetune",
+        lambda v, c: v in TRAINABLE_GROUPS,
+        "one of " + ", ".join(TRAINABLE_GROUPS),
     ),
 }
 
@@ -301,7 +306,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if not ok(value, config):
             problems.append(f"{key}={value!r} (expected {expected})")
     for key, spec in (("adapter", peft.AdapterSpec), ("lora", peft.LoRASpec),
-                      ("prompt", peft.PromptSpec)):  # fmt: skip
+                      ("prompt", peft.PromptSpec), ("tune", peft.TuneSpec)):  # fmt: skip
         if config.get(key) is not None:
             try:
                 spec.from_config(config[key])

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from adapter_plus_jax import hf_peft
 from adapter_plus_jax.model import VisionTransformer, ViTConfig
 from adapter_plus_jax.params import key_diff
 from adapter_plus_jax.peft import AdapterSpec, LoRASpec, PromptSpec
@@ -377,11 +378,16 @@ def peft_specs_from_timm(
 
 
 def from_timm(model: Any, dtype: Any = jnp.float32) -> tuple[VisionTransformer, dict]:
-    """Convert a live timm VisionTransformer (or adapter-plus model) to (module, variables)."""
+    """Convert a live timm VisionTransformer (an adapter-plus model, or a timm model wrapped by
+    HF peft: `hf_peft.py`) to (module, variables)."""
+    tune, state = None, None
+    if hf_peft.is_peft_model(model):
+        model, tune, state = hf_peft.unwrap(model)
     config = vit_config_from_timm(model)
     adapter, lora, prompt = peft_specs_from_timm(model)
-    module = VisionTransformer(config, adapter=adapter, lora=lora, prompt=prompt, dtype=dtype)
-    params = params_from_state_dict(module, model.state_dict())
+    module = VisionTransformer(config, adapter=adapter, lora=lora, prompt=prompt, dtype=dtype,
+                               tune=tune)  # fmt: skip
+    params = params_from_state_dict(module, state if state is not None else model.state_dict())
     return module, {"params": params}
 
 

@@ -43,6 +43,7 @@ def build_model(
         adapter=config.adapter,
         lora=config.lora,
         prompt=config.prompt,
+        tune=config.get("tune"),
         pretrained=m.pretrained,
         rng=rng,
         drop_path_rate=m.drop_path_rate,

@@ -132,11 +132,16 @@ def export_run(
     )  # fmt: skip
     # The task's own parameters: every PEFT module and the head (trained or, with train_mode
     # 'linear' on a PEFT method, frozen at their init), and whatever else was trained.
-    own = {k: v for k, v in flat_params.items() if param_group("/".join(k)) in ("peft", "head")}
+    own = {
+        k: v
+        for k, v in flat_params.items()
+        if param_group("/".join(k)) in ("peft", "fixed", "head")
+    }
     own = traverse_util.unflatten_dict({**own, **flat_trained})
     task = Task(
         out.name, module.config, own, names, preprocessing_for(config.dataset, module.config),
         record, module.adapter, module.lora, module.prompt, info=_info(workdir, config, meta),
+        tune=module.tune,
     )  # fmt: skip
     if merge:
         flat_params.update(flat_trained)

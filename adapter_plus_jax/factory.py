@@ -28,6 +28,7 @@ from adapter_plus_jax.model import VisionTransformer
 from adapter_plus_jax.params import init_params
 from adapter_plus_jax.peft import AdapterSpec, LoRASpec, PromptSpec
 from adapter_plus_jax.pretrained import CONFIG_FILE, load_pretrained
+from adapter_plus_jax.tuning import TuneSpec
 
 DEFAULT_WEIGHTS_DIR = "~/.cache/adapter_plus_jax"
 
@@ -135,6 +136,7 @@ def create_model(
     adapter: AdapterSpec | Mapping | bool | None = None,
     lora: LoRASpec | Mapping | bool | None = None,
     prompt: PromptSpec | Mapping | bool | None = None,
+    tune: TuneSpec | Mapping | None = None,
     pretrained: bool = True,
     rng: jax.Array | int,
     img_size: int | tuple[int, int] | None = None,
@@ -154,6 +156,8 @@ def create_model(
         checkpoint's (0: no head, `apply` returns the pre-logit features).
       adapter, lora, prompt: the PEFT modules: a spec (`AdapterSpec()` is Adapter+), True for
         the default spec, a mapping with the reference's field names, or None.
+      tune: a method that changes the backbone's own layers (`tuning.TuneSpec`: LoRA on any
+        linear layer, DoRA, (IA)3, VeRA, SSF), a mapping of its fields, or None.
       pretrained: False builds timm's architecture with timm's random init (no download).
       rng: a JAX key (or int seed) for the fresh parameters.
       img_size: build for this input size (position embeddings resampled as timm does).
@@ -176,6 +180,7 @@ def create_model(
         adapter=_spec(adapter, AdapterSpec),
         lora=_spec(lora, LoRASpec),
         prompt=_spec(prompt, PromptSpec),
+        tune=_spec(tune, TuneSpec),
     )
     backbone, variables = _backbone(
         name_or_dir, num_classes, pretrained, rng, img_size, weights_dir, timm_kwargs

@@ -8,6 +8,7 @@ in float32, as torch autocast does).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -90,20 +91,29 @@ def dense(features: int, name: str, dtype: Any, use_bias: bool = True) -> Dense:
     )
 
 
+def plain_linear(features: int, name: str, dtype: Any) -> Callable:
+    """`dense` as (x, train) -> y: the form `Mlp.linear` takes."""
+    layer = dense(features, name, dtype)
+    return lambda x, train: layer(x)
+
+
 class Mlp(nn.Module):
-    """timm `Mlp`: fc1, activation, dropout, fc2, dropout."""
+    """timm `Mlp`: fc1, activation, dropout, fc2, dropout. `linear(features, name, dtype)` makes
+    fc1 and fc2 ((x, train) -> y; default `plain_linear`): PEFT methods that change them pass
+    their own (`tuning.linear`)."""
 
     hidden_dim: int
     act: str = "gelu"
     dropout: float = 0.0
     dtype: Any = jnp.float32
+    linear: Callable = plain_linear
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         out_dim = x.shape[-1]
-        x = activation(self.act)(dense(self.hidden_dim, "fc1", self.dtype)(x))
+        x = activation(self.act)(self.linear(self.hidden_dim, "fc1", self.dtype)(x, train))
         x = nn.Dropout(self.dropout)(x, deterministic=not train)
-        x = dense(out_dim, "fc2", self.dtype)(x)
+        x = self.linear(out_dim, "fc2", self.dtype)(x, train)
         return nn.Dropout(self.dropout)(x, deterministic=not train)
 
 

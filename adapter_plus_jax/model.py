@@ -42,6 +42,7 @@ from adapter_plus_jax.peft import (
     PromptSpec,
     prompt_init,
 )
+from adapter_plus_jax.tuning import TuneSpec, after_norm, linear
 
 GLOBAL_POOLS = ("", "token", "avg", "max", "avgmax", "map")
 BLOCK_TYPES = ("pre_norm", "res_post")  # timm `Block` and `ResPostBlock`
@@ -160,12 +161,14 @@ class Attention(nn.Module):
     lora: LoRASpec | None = None
     dtype: Any = jnp.float32
     attention: str = "xla"
+    tune: TuneSpec | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         b, n, c = x.shape
         heads = (self.num_heads, c // self.num_heads)
-        qkv = dense(3 * c, "qkv", self.dtype, self.qkv_bias)(x).reshape(b, n, 3, *heads)
+        qkv = linear(3 * c, "qkv", self.dtype, self.qkv_bias, self.tune)(x, train)
+        qkv = qkv.reshape(b, n, 3, *heads)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         lora = functools.partial(LoRA, self.lora, act=self.act, norm_eps=self.norm_eps,
                                  dtype=self.dtype)  # fmt: skip
@@ -183,7 +186,7 @@ class Attention(nn.Module):
             k = nn.LayerNorm(epsilon=self.norm_eps, name="k_norm")(k)
         x = attend(q, k, v, nn.Dropout(self.attn_drop), train, self.attention)
         x = x.reshape(b, n, c)
-        x = dense(c, "proj", self.dtype)(x)
+        x = linear(c, "proj", self.dtype, True, self.tune)(x, train)
         if self.lora is not None and "o" in self.lora.location:
             x = x + lora(use_bias=self.lora.bias, name="lora_o")(x, train)
         return nn.Dropout(self.proj_drop)(x, deterministic=not train)
@@ -201,6 +204,7 @@ class Block(nn.Module):
     prompt: PromptSpec | None = None
     dtype: Any = jnp.float32
     attention: str = "xla"
+    tune: TuneSpec | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -227,10 +231,13 @@ class Block(nn.Module):
             norm = functools.partial(norm, scale_init=nn.initializers.constant(cfg.init_values))
         attn = Attention(
             cfg.num_heads, cfg.qkv_bias, cfg.qk_norm, cfg.attn_drop_rate, cfg.proj_drop_rate,
-            cfg.norm_eps, cfg.act, self.lora, self.dtype, self.attention, name="attn",
+            cfg.norm_eps, cfg.act, self.lora, self.dtype, self.attention, self.tune, name="attn",
         )  # fmt: skip
-        mlp = Mlp(cfg.mlp_dim, cfg.act, cfg.proj_drop_rate, self.dtype, name="mlp")
-        norm1, norm2 = norm(name="norm1"), norm(name="norm2")
+        mlp = Mlp(cfg.mlp_dim, cfg.act, cfg.proj_drop_rate, self.dtype,
+                  functools.partial(linear, spec=self.tune), name="mlp")  # fmt: skip
+        ssf1, ssf2 = after_norm(self.tune, "norm1"), after_norm(self.tune, "norm2")
+        n1, n2 = norm(name="norm1"), norm(name="norm2")
+        norm1, norm2 = (lambda y: ssf1(n1(y))), (lambda y: ssf2(n2(y)))
         dp1, dp2 = DropPath(self.drop_path), DropPath(self.drop_path)
         if cfg.block == "res_post":
             return (
@@ -262,6 +269,8 @@ class VisionTransformer(nn.Module):
     Attributes:
       config: the architecture.
       adapter, lora, prompt: PEFT specs (see `peft.py`); None for a plain ViT.
+      tune: a method that changes the backbone's own layers (`tuning.py`: LoRA on any linear
+        layer, DoRA, (IA)3, VeRA, SSF); None for none.
       dtype: compute dtype of the matmuls (e.g. jnp.bfloat16); parameters stay float32,
         LayerNorm, softmax and the residual stream run in float32.
       remat: recompute block activations in the backward pass (saves memory, costs time).
@@ -276,6 +285,7 @@ class VisionTransformer(nn.Module):
     dtype: Any = jnp.float32
     remat: bool = False
     attention: str = "xla"
+    tune: TuneSpec | None = None
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False, pre_logits: bool = False):
@@ -297,14 +307,15 @@ class VisionTransformer(nn.Module):
             rate = float(np.linspace(0.0, cfg.drop_path_rate, cfg.depth)[i])
             prompt = self.prompt if self.prompt and (self.prompt.deep or i == 0) else None
             specs = (self.adapter, self.lora, prompt)
-            block = block_cls(cfg, rate, *specs, self.dtype, self.attention, name=f"blocks_{i}")
+            block = block_cls(cfg, rate, *specs, self.dtype, self.attention, self.tune,
+                              name=f"blocks_{i}")  # fmt: skip
             x = block(x, train)
         norm = functools.partial(nn.LayerNorm, epsilon=cfg.norm_eps)
         if cfg.final_norm and not cfg.fc_norm:
-            x = norm(name="norm")(x)
+            x = after_norm(self.tune, "norm")(norm(name="norm")(x))
         x = self._pool(x)
         if cfg.final_norm and cfg.fc_norm:
-            x = norm(name="fc_norm")(x)
+            x = after_norm(self.tune, "fc_norm")(norm(name="fc_norm")(x))
         x = nn.Dropout(cfg.drop_rate)(x, deterministic=not train)
         if pre_logits or cfg.num_classes == 0:
             return x
@@ -323,7 +334,7 @@ class VisionTransformer(nn.Module):
             name="patch_embed",
         )(images)
         b = x.shape[0]
-        x = x.reshape(b, -1, d).astype(jnp.float32)
+        x = after_norm(self.tune, "patch_embed")(x.reshape(b, -1, d).astype(jnp.float32))
         prefix = []
         if cfg.class_token:
             cls = self.param("cls_token", nn.initializers.normal(1e-6), (1, 1, d))

@@ -33,28 +33,42 @@ _BRANCH = (
     r"(adapter|adapter_attn|attn/lora_[qkvo])/((down|up)/(kernel|bias)|norm/(scale|bias)|scaling)"
 )
 _NORMS = r"(blocks_\d+/(norm1|norm2|attn/q_norm|attn/k_norm)|norm_pre|norm|fc_norm|attn_pool/norm)"
+_LINEAR = r"(attn/(qkv|proj)|mlp/fc[12])"  # a block's linear layers, which `tuning` may change
+_TUNED = r"lora_[ab]|dora_m|ia3|vera_lambda_[bd]|ssf_scale|ssf_shift"
+_SSF_AFTER = r"(blocks_\d+/(norm1|norm2)|norm|fc_norm|patch_embed)_ssf"
 PARAM_GROUPS: tuple[tuple[str, str], ...] = (
     ("peft", _BLOCK + _BRANCH),
     ("peft", _BLOCK + "prompt"),
+    ("peft", _BLOCK + _LINEAR + "/(" + _TUNED + ")"),
+    ("peft", _SSF_AFTER + "/(scale|shift)"),
+    ("fixed", _BLOCK + _LINEAR + "/vera_[ab]"),  # VeRA's random matrices: the task's, frozen
     ("head", r"head/(kernel|bias)"),
-    ("norm", _NORMS + r"/(scale|bias)"),
-    ("backbone", r"patch_embed/(kernel|bias)|cls_token|reg_token|pos_embed"),
-    ("backbone", _BLOCK + r"((attn/(qkv|proj)|mlp/fc[12])/(kernel|bias)|ls[12]/gamma)"),
-    ("backbone", r"attn_pool/(latent|(q|kv|proj|mlp/fc[12])/(kernel|bias))"),
+    ("norm", _NORMS + r"/scale"),
+    ("norm_bias", _NORMS + r"/bias"),
+    ("bias", r"patch_embed/bias|" + _BLOCK + _LINEAR + "/bias"),
+    ("bias", r"attn_pool/(q|kv|proj|mlp/fc[12])/bias"),
+    ("backbone", r"patch_embed/kernel|cls_token|reg_token|pos_embed"),
+    ("backbone", _BLOCK + r"(" + _LINEAR + r"/kernel|ls[12]/gamma)"),
+    ("backbone", r"attn_pool/(latent|(q|kv|proj|mlp/fc[12])/kernel)"),
 )
 
-# The groups each training mode updates (docs/recipe.md section 7; 'train_ln' adds LayerNorms).
+# The groups each training mode updates (docs/recipe.md section 7; 'train_ln' adds LayerNorms;
+# 'bitfit' every bias, LayerNorms' included; 'ln_tune' the LayerNorms).
 TRAINABLE_GROUPS: dict[str, frozenset[str]] = {
     "linear": frozenset({"head"}),
     "peft": frozenset({"head", "peft"}),
-    "train_ln": frozenset({"head", "peft", "norm"}),
-    "finetune": frozenset({"head", "peft", "norm", "backbone"}),
+    "train_ln": frozenset({"head", "peft", "norm", "norm_bias"}),
+    "finetune": frozenset({"head", "peft", "norm", "norm_bias", "bias", "backbone"}),
+    "bitfit": frozenset({"head", "bias", "norm_bias"}),
+    "ln_tune": frozenset({"head", "norm", "norm_bias"}),
 }
+# What a backbone is: the groups every task on it shares, unless its method trains them.
+BACKBONE_GROUPS = frozenset({"norm", "norm_bias", "bias", "backbone"})
 
 
 def param_group(path: str) -> str | None:
-    """The group ('peft', 'head', 'norm' or 'backbone') of a '/'-joined parameter path, or None
-    when no rule matches."""
+    """The group ('peft', 'fixed', 'head', 'norm', 'norm_bias', 'bias' or 'backbone') of a
+    '/'-joined parameter path, or None when no rule matches."""
     for group, rule in PARAM_GROUPS:
         if re.fullmatch(rule, path):
             return group
@@ -68,9 +82,11 @@ def _path_str(keypath: tuple[Any, ...]) -> str:
 def trainable_mask(params: Any, mode: str = "peft") -> Any:
     """A tree of bools shaped like `params`: True on the parameters that `mode` trains.
 
-    Modes: 'linear' (head only), 'peft' (adapters, LoRA branches, prompts and head, as the
-    reference trains them), 'train_ln' ('peft' plus every LayerNorm scale and bias) and
-    'finetune' (everything). `params` is the 'params' collection (arrays or ShapeDtypeStructs,
+    Modes: 'linear' (head only), 'peft' (adapters, LoRA branches, prompts, the parameters of
+    `tuning`'s methods and head, as the reference trains them), 'train_ln' ('peft' plus every
+    LayerNorm scale and bias), 'finetune' (everything but VeRA's fixed matrices), 'bitfit'
+    (every bias, LayerNorms' included, and the head) and 'ln_tune' (every LayerNorm scale and
+    bias, and the head). `params` is the 'params' collection (arrays or ShapeDtypeStructs,
     dict or FrozenDict); the result has the same tree structure, for `optax.masked` and friends.
 
     Raises ValueError for an unknown mode, or listing the paths that no rule matches.
@@ -163,7 +179,8 @@ def resize_head(params: Mapping[str, Any], width: int) -> dict:
 
 
 def init_params(module: VisionTransformer, pretrained: dict, rng: jax.Array) -> dict:
-    """Fresh params for the PEFT modules; every backbone and head parameter from `pretrained`."""
+    """Fresh params for the PEFT modules; every backbone and head parameter from `pretrained`
+    (DoRA's magnitudes follow the weights they scale)."""
     cfg = module.config
     images = jnp.zeros((1, *cfg.img_size, cfg.in_chans), jnp.float32)
     fresh = traverse_util.flatten_dict(jax.jit(module.init)(rng, images)["params"])
@@ -172,6 +189,10 @@ def init_params(module: VisionTransformer, pretrained: dict, rng: jax.Array) -> 
     if unknown:
         raise ValueError(f"Pretrained parameters the model does not have: {unknown}")
     fresh.update(given)
+    for key in fresh:
+        if key[-1] == "dora_m" and key not in given:
+            # DoRA's magnitude starts as the norm of the weight it now holds, per output.
+            fresh[key] = jnp.linalg.norm(fresh[(*key[:-1], "kernel")], axis=0)
     return traverse_util.unflatten_dict(fresh)
 
 

@@ -28,6 +28,7 @@ from flax import linen as nn
 
 from adapter_plus_jax.layers import DropPath, activation, torch_linear_uniform, trunc_normal
 from adapter_plus_jax.precision import Dense
+from adapter_plus_jax.tuning import TuneSpec
 
 INITS = ("houlsby", "lora", "bert")
 LORA_LOCATIONS = ("q", "k", "v", "o")
@@ -230,14 +231,19 @@ class Method:
     prompt: PromptSpec | None = None
     train_mode: str = "peft"
     lr: float = 1e-3
+    tune: TuneSpec | None = None  # `tuning.py`: methods that change the backbone's layers
 
     def sized(self, dim: int | None = None, num_tokens: int | None = None) -> Method:
-        """The method with adapter/LoRA rank `dim` and `num_tokens` prompts (None: as is)."""
+        """The method with adapter/LoRA (DoRA, VeRA) rank `dim` and `num_tokens` prompts (None:
+        as is). LoRA and DoRA on linear layers keep alpha = rank (a scaling of 1)."""
         changes = {}
         if dim is not None and self.adapter is not None:
             changes["adapter"] = dataclasses.replace(self.adapter, dim=dim)
         if dim is not None and self.lora is not None:
             changes["lora"] = dataclasses.replace(self.lora, dim=dim)
+        if dim is not None and self.tune is not None and self.tune.kind in RANKED:
+            alpha = float(dim) if self.tune.kind in ("lora", "dora") else self.tune.alpha
+            changes["tune"] = dataclasses.replace(self.tune, dim=dim, alpha=alpha)
         if num_tokens is not None and self.prompt is not None:
             changes["prompt"] = dataclasses.replace(self.prompt, num_tokens=num_tokens)
         return dataclasses.replace(self, **changes)
@@ -257,7 +263,16 @@ METHODS: dict[str, Method] = {
     "vpt": Method(prompt=PromptSpec()),
     "linear": Method(train_mode="linear"),
     "finetune": Method(train_mode="finetune", lr=1e-4),
+    # The paper's baselines and other common methods (docs/recipe.md, "Baselines").
+    "bitfit": Method(train_mode="bitfit"),
+    "ln_tune": Method(train_mode="ln_tune"),
+    "ssf": Method(tune=TuneSpec("ssf")),
+    "ia3": Method(tune=TuneSpec("ia3", targets=("qkv", "fc2"), ia3_inputs=("fc2",))),
+    "lora_linear": Method(tune=TuneSpec("lora", targets=("qkv",))),
+    "dora": Method(tune=TuneSpec("dora", targets=("qkv",))),
+    "vera": Method(tune=TuneSpec("vera", targets=("qkv", "fc1"))),
 }
+RANKED = ("lora", "dora", "vera")  # `tuning` kinds with a rank
 
 
 def get_method(name: str) -> Method:

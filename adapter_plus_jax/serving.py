@@ -84,8 +84,9 @@ def _union_module(tasks: Sequence[Task], dtype: Any) -> VisionTransformer:
             scaling="channel", dropout=0.0, drop_path=0.0,
         )  # fmt: skip
     prompt = tasks[0].prompt and dataclasses.replace(tasks[0].prompt, dropout=0.0)
+    tune = tasks[0].tune and dataclasses.replace(tasks[0].tune, dropout=0.0)  # served alone
     config = tasks[0].config.replace(num_classes=max(t.num_classes for t in tasks))
-    return VisionTransformer(config, adapter, lora, prompt, dtype=jnp.dtype(dtype))
+    return VisionTransformer(config, adapter, lora, prompt, dtype=jnp.dtype(dtype), tune=tune)
 
 
 def _fit(task: Task, own: Flat, key: tuple[str, ...], shape: tuple[int, ...]) -> np.ndarray:
@@ -123,7 +124,8 @@ def _group_params(tasks: Sequence[Task], module: VisionTransformer, backbone: Fl
     shapes = traverse_util.flatten_dict(abstract_params(module))
     own = [traverse_util.flatten_dict(t.params) for t in tasks]
     stacked_keys = [k for k in shapes if param_group("/".join(k)) in ("peft", "head")]
-    # A task with weights of its own (merged, fine-tuned, trained norms) is alone in its group.
+    # A task with weights of its own (merged, fine-tuned, trained norms or biases) or a method
+    # that changes the backbone's layers is alone in its group.
     base = backbone if tasks[0].shares_backbone else {**backbone, **own[0]}
     shared = {k: base[k] for k in shapes if k not in stacked_keys}
     pairs = list(zip(tasks, own, strict=True))

@@ -35,7 +35,7 @@ from adapter_plus_jax.errors import SetupError
 from adapter_plus_jax.factory import create_model
 from adapter_plus_jax.images import KINDS
 from adapter_plus_jax.model import VisionTransformer, ViTConfig
-from adapter_plus_jax.params import param_group
+from adapter_plus_jax.params import BACKBONE_GROUPS, param_group
 from adapter_plus_jax.peft import AdapterSpec, LoRASpec, PromptSpec
 from adapter_plus_jax.pretrained import (
     PARAMS_FILE,
@@ -44,11 +44,12 @@ from adapter_plus_jax.pretrained import (
     load_pretrained,
     write_pretrained_files,
 )
+from adapter_plus_jax.tuning import TuneSpec
 
 FORMAT = "adapter_plus_jax.task"
 VERSION = 1
 TASK_FILE = "task.json"
-SHARED_GROUPS = ("backbone", "norm")  # what a backbone is; 'peft' and 'head' are the task's
+SHARED_GROUPS = BACKBONE_GROUPS  # what a backbone is; 'peft', 'fixed' and 'head' are the task's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +83,7 @@ class Task:
     prompt: PromptSpec | None = None
     merged: bool = False
     info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    tune: TuneSpec | None = None
 
     @property
     def num_classes(self) -> int:
@@ -90,8 +92,9 @@ class Task:
     @property
     def shares_backbone(self) -> bool:
         """Whether the task's parameters are only PEFT modules and a head (else it carries
-        backbone weights of its own: merged, fine-tuned or trained LayerNorms)."""
-        return not self.merged and all(
+        backbone weights of its own: merged, fine-tuned, trained LayerNorms or biases), and
+        they leave the backbone's layers as they are (no `tuning` method)."""
+        return not self.merged and self.tune is None and all(
             param_group("/".join(k)) not in SHARED_GROUPS
             for k in traverse_util.flatten_dict(self.params)
         )
@@ -114,8 +117,9 @@ class Task:
     def module(self, dtype: Any = "float32") -> VisionTransformer:
         """The task's own model (eval only: dropout and drop path are off)."""
         return VisionTransformer(
-            self.config, self.adapter, self.lora, self.prompt, dtype=jnp.dtype(dtype)
-        )
+            self.config, self.adapter, self.lora, self.prompt, dtype=jnp.dtype(dtype),
+            tune=self.tune,
+        )  # fmt: skip
 
     def model(self, backbone: Mapping[str, Any] | None, dtype: Any = "float32"):
         """(module, variables): the backbone's parameters with the task's on top. A task that
@@ -206,6 +210,7 @@ def write_task(out: str | os.PathLike, task: Task, overwrite: bool = False) -> P
         "adapter": _spec_dict(task.adapter),
         "lora": _spec_dict(task.lora),
         "prompt": _spec_dict(task.prompt),
+        "tune": _spec_dict(task.tune),
         "merged": task.merged,
         "class_names": list(task.class_names),
         "preprocessing": dict(task.preprocessing),
@@ -245,6 +250,7 @@ def read_task(path: str | os.PathLike, name: str | None = None) -> Task:
             "adapter": _make(AdapterSpec, doc["adapter"]),
             "lora": _make(LoRASpec, doc["lora"]),
             "prompt": _make(PromptSpec, doc["prompt"]),
+            "tune": _make(TuneSpec, doc.get("tune")),  # absent in files from before it
         }
         record = BackboneRecord(**doc["backbone"])
         merged = bool(doc["merged"])

@@ -69,6 +69,10 @@ HOULSBY_INIT = (
 )
 VIT_ALL = (f"{VIT}::test_matches_timm", f"{VIT}::test_res_post_block_model")
 
+METHODS_T = "tests/test_methods.py"
+PEFT_METHODS = f"{METHODS_T}::test_a_peft_model_converts_and_computes_what_peft_computes"
+TUNING = "adapter_plus_jax/tuning.py"
+
 MUTANTS = [
     Mutant(
         "drop_path_constant",
@@ -462,6 +466,65 @@ MUTANTS = [
             "tests/test_mixed_precision.py::"
             "test_fused_attention_pads_odd_token_counts_without_changing_the_result[7]",
         ),
+    ),
+    Mutant(
+        "dora_norm_not_detached",
+        "DoRA's weight norm passes gradients (Liu et al. and peft treat it as a constant)",
+        *_one(TUNING, "norm = jax.lax.stop_gradient(jnp.linalg.norm(weight, axis=0))",
+              "norm = jnp.linalg.norm(weight, axis=0)"),  # fmt: skip
+        tests=(PEFT_METHODS,),
+        select="dora",
+    ),
+    Mutant(
+        "ssf_shift_before_scale",
+        "SSF shifts before it scales: (y + beta) * gamma",
+        *_one(TUNING, "return y * gamma.astype(y.dtype) + beta.astype(y.dtype)",
+              "return (y + beta.astype(y.dtype)) * gamma.astype(y.dtype)"),  # fmt: skip
+        tests=(f"{METHODS_T}::test_ssf_is_a_scale_and_shift_after_each_operation",),
+    ),
+    Mutant(
+        "ia3_wrong_side",
+        "(IA)3 scales the outputs of its feed-forward targets and the inputs of the others",
+        TUNING,
+        (('if kind == "ia3" and self.layer in s.ia3_inputs:',
+          'if kind == "ia3" and self.layer not in s.ia3_inputs:'),
+         ('if kind == "ia3" and self.layer not in s.ia3_inputs:\n            y = y *',
+          'if kind == "ia3" and self.layer in s.ia3_inputs:\n            y = y *')),  # fmt: skip
+        tests=(PEFT_METHODS,),
+        select="ia3",
+    ),
+    Mutant(
+        "lora_linear_unscaled",
+        "LoRA on a linear layer adds B A without alpha / rank",
+        *_one(TUNING, "y = y + s.scaling * low", "y = y + low"),
+        tests=(PEFT_METHODS,),
+        select="lora",
+    ),
+    Mutant(
+        "vera_lambda_d_dropped",
+        "VeRA's lambda_d (the scaling between its two random matrices) is left out",
+        *_one(TUNING, "a.astype(dtype)) * lam_d.astype(dtype)",
+              "a.astype(dtype)) + 0 * lam_d.astype(dtype)"),  # fmt: skip
+        tests=(PEFT_METHODS,),
+        select="vera",
+    ),
+    Mutant(
+        "bitfit_without_norm_biases",
+        "BitFit leaves the LayerNorms' biases frozen",
+        *_one("adapter_plus_jax/params.py", '"bitfit": frozenset({"head", "bias", "norm_bias"}),',
+              '"bitfit": frozenset({"head", "bias"}),'),  # fmt: skip
+        tests=(f"{METHODS_T}::test_bitfit_and_ln_tune_train_what_their_papers_train",
+               f"{METHODS_T}::test_trainable_counts_on_vit_b16"),  # fmt: skip
+        select="(papers_train and biases) or counts",
+    ),
+    Mutant(
+        "ln_tune_scales_only",
+        "LN-tune trains the LayerNorms' scales but not their biases",
+        *_one("adapter_plus_jax/params.py", '"ln_tune": frozenset({"head", "norm", "norm_bias"}),',
+              '"ln_tune": frozenset({"head", "norm"}),'),  # fmt: skip
+        tests=(f"{METHODS_T}::test_bitfit_and_ln_tune_train_what_their_papers_train",
+               f"{METHODS_T}::test_trainable_counts_on_vit_b16"),  # fmt: skip
+        select="(papers_train and norms) or counts",
     ),
 ]
 

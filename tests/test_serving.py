@@ -148,7 +148,8 @@ def test_tasks_with_weights_of_their_own_are_served_alone(tasks, backbone):
     rng = np.random.default_rng(7)
     flat_backbone = traverse_util.flatten_dict(backbone)
     norms = {k: np.asarray(v) + rng.normal(0, 0.1, v.shape).astype(np.float32)
-             for k, v in flat_backbone.items() if param_group("/".join(k)) == "norm"}  # fmt: skip
+             for k, v in flat_backbone.items()
+             if param_group("/".join(k)) in ("norm", "norm_bias")}  # fmt: skip
     base = tasks[0]
     train_ln = dataclasses.replace(base, name="train_ln", params=traverse_util.unflatten_dict(
         {**traverse_util.flatten_dict(base.params), **norms}))  # fmt: skip

@@ -1,0 +1,358 @@
+"""The paper's baselines and other PEFT methods (`tuning.py`, `params.TRAINABLE_GROUPS`), each
+against code that no one here wrote or against the paper's equations written in torch here.
+
+- LoRA on any linear layer, DoRA, (IA)³ and VeRA: HF peft wraps a tiny timm ViT, every peft
+  parameter is set to random non-zero values, and `from_timm` converts it. Logits and the
+  gradients of the trainable parameters are compared as in tests/test_peft_parity.py (the same
+  tolerances, the reference in float64, and in training mode the same dropout masks on both
+  sides); `hf_peft.to_peft` writes our parameters back into the peft model.
+- SSF (no package to compare with): Lian et al.'s scale and shift, written below as forward
+  hooks on the timm model. BitFit and LN-tune: which parameters train, and their gradients,
+  against the plain timm model's.
+- Trainable-parameter counts on ViT-B/16 against closed forms, and SSF's against its paper.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import peft
+import pytest
+import timm
+import torch
+from flax import linen as nn
+from flax import traverse_util
+from test_peft_parity import GRAD_TOL, LOGITS_TOL, _fixed_dropout_flax, _fixed_dropout_torch
+
+from adapter_plus_jax import config as cfglib
+from adapter_plus_jax.convert import abstract_params, from_timm, timm_key, vit_config_from_timm
+from adapter_plus_jax.hf_peft import PeftConversionError, to_peft, unwrap
+from adapter_plus_jax.model import VisionTransformer, ViTConfig
+from adapter_plus_jax.params import trainable_count, trainable_mask
+from adapter_plus_jax.peft import METHODS
+from adapter_plus_jax.tuning import TuneSpec
+
+TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=5)
+BLOCK_LAYERS = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"
+PEFT_CONFIGS = {
+    "lora": lambda: peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=BLOCK_LAYERS, lora_dropout=0.1
+    ),  # fmt: skip
+    "dora": lambda: peft.LoraConfig(
+        r=4, lora_alpha=6, target_modules=["qkv", "fc2"], use_dora=True, lora_dropout=0.1
+    ),  # fmt: skip
+    "ia3": lambda: peft.IA3Config(target_modules=["qkv", "fc2"], feedforward_modules=["fc2"]),
+    "vera": lambda: peft.VeraConfig(r=4, target_modules=["qkv", "fc1"], vera_dropout=0.1),
+}
+
+
+def tiny_timm(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY)
+
+
+def peft_model(kind: str) -> torch.nn.Module:
+    model = peft.get_peft_model(tiny_timm(), PEFT_CONFIGS[kind]())
+    with torch.no_grad():  # away from the inits (B = 0, l = 1, lambda_b = 0)
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def inputs(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(batch, 3, 32, 32, generator=g), torch.randint(0, 5, (batch,), generator=g)
+
+
+def compare(reference: torch.nn.Module, module: VisionTransformer, params: dict,
+            names: dict[str, str], train: bool) -> None:  # fmt: skip
+    """Logits and mean cross-entropy gradients of `reference` (float64) and our model: `names`
+    maps each trainable torch parameter's name to our '/'-joined path."""
+    x, labels = inputs(4 if train else 2)
+    reference = reference.double().train(train)
+    with _fixed_dropout_torch() if train else contextlib.nullcontext():
+        logits_ref = reference(x.double())
+    torch.nn.functional.cross_entropy(logits_ref, labels).backward()
+    grads_ref = {n: p.grad.numpy() for n, p in reference.named_parameters() if p.requires_grad}
+    assert set(grads_ref) == set(names)
+
+    def apply(p):
+        images = x.permute(0, 2, 3, 1).numpy()
+        return module.apply({"params": p}, images, train=train, rngs={"dropout": jax.random.key(0)})
+
+    with nn.intercept_methods(_fixed_dropout_flax) if train else contextlib.nullcontext():
+        logits, vjp = jax.vjp(apply, params)
+        onehot = jax.nn.one_hot(labels.numpy(), logits.shape[-1])
+        (grads,) = vjp((jax.nn.softmax(logits) - onehot) / len(x))
+    logits_ref = logits_ref.detach().numpy()
+    err = np.abs(np.asarray(logits) - logits_ref).max() / (1 + np.abs(logits_ref).max())
+    assert err <= LOGITS_TOL, err
+    flat = {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(grads).items()}
+    floor = 1e-2 * max(np.abs(g).max() for g in grads_ref.values())
+    for name, g in grads_ref.items():
+        ours = flat[names[name]]
+        ours = ours.T if ours.ndim == 2 and ours.shape != g.shape else ours.reshape(g.shape)
+        rel = np.abs(ours - g).max() / max(np.abs(g).max(), floor)
+        assert rel <= GRAD_TOL, (name, rel)
+
+
+def our_name(torch_name: str) -> str:
+    """Our path of a peft parameter of a converted model (the inverse of `hf_peft`'s names)."""
+    name = torch_name.removeprefix("base_model.model.")
+    block, layer, rest = name.split(".")[1], ".".join(name.split(".")[2:4]), name.split(".")[4]
+    ours = {"lora_A": "lora_a", "lora_B": "lora_b", "lora_magnitude_vector": "dora_m",
+            "ia3_l": "ia3", "vera_lambda_b": "vera_lambda_b",
+            "vera_lambda_d": "vera_lambda_d"}[rest]  # fmt: skip
+    return f"blocks_{block}/{layer.replace('.', '/')}/{ours}"
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA on any linear layer, DoRA, (IA)³, VeRA against HF peft.
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("kind", sorted(PEFT_CONFIGS))
+def test_a_peft_model_converts_and_computes_what_peft_computes(kind: str, train: bool) -> None:
+    reference = peft_model(kind)
+    module, variables = from_timm(reference)
+    assert module.tune.kind == kind
+    params = variables["params"]
+    mask = traverse_util.flatten_dict(trainable_mask(params))
+    trained = {"/".join(k) for k, on in mask.items() if on and k[0] != "head"}
+    names = {n: our_name(n) for n, p in reference.named_parameters() if p.requires_grad}
+    assert trained == set(names.values())  # peft's trainable set is ours (bar the head)
+    compare(reference, module, params, names, train)
+
+
+@pytest.mark.parametrize("kind", sorted(PEFT_CONFIGS))
+def test_our_parameters_export_back_into_the_peft_model(kind: str) -> None:
+    reference = peft_model(kind).eval()
+    module, variables = from_timm(reference)
+    flat = traverse_util.flatten_dict(variables["params"])
+    key = jax.random.key(3)
+    for path in flat:
+        if trainable_mask_of(path):
+            key, sub = jax.random.split(key)
+            flat[path] = flat[path] + 0.1 * jax.random.normal(sub, flat[path].shape)
+    params = traverse_util.unflatten_dict(flat)
+    missing, unexpected = reference.load_state_dict(to_peft(params, reference), strict=False)
+    assert not unexpected
+    x, _ = inputs(2)
+    ours = module.apply({"params": params}, x.permute(0, 2, 3, 1).numpy())
+    np.testing.assert_allclose(reference(x).detach().numpy(), ours, atol=2e-5)
+
+
+def trainable_mask_of(path: tuple[str, ...]) -> bool:
+    return path[-1] in ("lora_a", "lora_b", "dora_m", "ia3", "vera_lambda_b", "vera_lambda_d")
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (lambda: peft.LoraConfig(r=4, target_modules=["qkv", "proj"]), "patch_embed.proj"),
+        (
+            lambda: peft.LoraConfig(r=4, target_modules=r"blocks\.0\.attn\.qkv"),
+            "the same layers in every block",
+        ),  # fmt: skip
+        (
+            lambda: peft.LoraConfig(r=4, target_modules=["qkv"], rank_pattern={"blocks.1": 2}),
+            "rank_pattern",
+        ),  # fmt: skip
+        (lambda: peft.LoraConfig(r=4, target_modules=["qkv"], bias="lora_only"), "bias='none'"),
+    ],
+)
+def test_peft_models_that_do_not_convert_are_refused_naming_why(config, message) -> None:
+    with pytest.raises(PeftConversionError, match=message):
+        unwrap(peft.get_peft_model(tiny_timm(), config()))
+
+
+# ----------------------------------------------------------------------------------------------
+# SSF, BitFit, LN-tune against the equations, written in torch here.
+
+
+def ssf_reference(model: torch.nn.Module, params: dict) -> list[torch.nn.Parameter]:
+    """Lian et al.'s SSF on a timm ViT: y * gamma + beta after the patch embedding, every
+    LayerNorm and every linear layer of the blocks, with our (converted) values."""
+    hooked = ["patch_embed"] + [f"blocks.{i}.{n}" for i in range(len(model.blocks)) for n in
+                                ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1",
+                                 "mlp.fc2")] + ["norm"]  # fmt: skip
+    made = []
+    for name in hooked:
+        path = name.replace("blocks.", "blocks_").replace(".", "/")
+        if name in ("patch_embed", "norm") or name.endswith(("norm1", "norm2")):
+            scale, shift = params[f"{path}_ssf/scale"], params[f"{path}_ssf/shift"]
+        else:
+            scale, shift = params[f"{path}/ssf_scale"], params[f"{path}/ssf_shift"]
+        gamma = torch.nn.Parameter(torch.from_numpy(np.array(scale, np.float64)))
+        beta = torch.nn.Parameter(torch.from_numpy(np.array(shift, np.float64)))
+        model.get_submodule(name).register_forward_hook(
+            lambda _m, _i, y, g=gamma, b=beta: y * g + b
+        )
+        made += [gamma, beta]
+    return made
+
+
+def test_ssf_is_a_scale_and_shift_after_each_operation() -> None:
+    reference = tiny_timm()
+    module, variables = from_timm(tiny_timm())
+    module = module.clone(tune=TuneSpec("ssf"))
+    params = jax.jit(module.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+    flat = traverse_util.flatten_dict(params)
+    flat.update(traverse_util.flatten_dict(variables["params"]))  # the backbone's weights
+    params = traverse_util.unflatten_dict(flat)
+    joined = {"/".join(k): v for k, v in flat.items()}
+    made = ssf_reference(reference, joined)
+    for p in reference.parameters():
+        p.requires_grad_(False)
+    reference.head.weight.requires_grad_(True)
+    reference.head.bias.requires_grad_(True)
+    for p in made:
+        p.requires_grad_(True)
+    names = {n: "/".join(k) for k, n in ssf_names(flat, reference, made).items()}
+    mask = traverse_util.flatten_dict(trainable_mask(params))
+    assert {"/".join(k) for k, on in mask.items() if on} == set(names.values())
+    compare(SsfModel(reference, made), module, params, names, train=False)
+
+
+class SsfModel(torch.nn.Module):
+    """The hooked timm model with SSF's parameters as its own (named ssf.<i>)."""
+
+    def __init__(self, model: torch.nn.Module, made: list[torch.nn.Parameter]) -> None:
+        super().__init__()
+        self.model, self.ssf = model, torch.nn.ParameterList(made)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+def ssf_names(flat: dict, model: torch.nn.Module, made: list) -> dict:
+    """Our path -> the SsfModel's parameter name, for the head and every SSF parameter."""
+    ours = [k for k in flat if k[-1] in ("scale", "shift", "ssf_scale", "ssf_shift")
+            and (k[-2].endswith("_ssf") or k[-1].startswith("ssf_"))]  # fmt: skip
+    order = {  # ssf_reference's order of hooks, scale before shift
+        "/".join(k): i for i, k in enumerate(ssf_order(model))
+    }
+    ours.sort(key=lambda k: order["/".join(k)])
+    names = {k: f"ssf.{i}" for i, k in enumerate(ours)}
+    names[("head", "kernel")], names[("head", "bias")] = "model.head.weight", "model.head.bias"
+    assert len(ours) == len(made)
+    return names
+
+
+def ssf_order(model: torch.nn.Module) -> list[tuple[str, ...]]:
+    out = [("patch_embed_ssf", "scale"), ("patch_embed_ssf", "shift")]
+    for i in range(len(model.blocks)):
+        b = f"blocks_{i}"
+        out += [(b, "norm1_ssf", "scale"), (b, "norm1_ssf", "shift")]
+        for layer in (("attn", "qkv"), ("attn", "proj")):
+            out += [(b, *layer, "ssf_scale"), (b, *layer, "ssf_shift")]
+        out += [(b, "norm2_ssf", "scale"), (b, "norm2_ssf", "shift")]
+        for layer in (("mlp", "fc1"), ("mlp", "fc2")):
+            out += [(b, *layer, "ssf_scale"), (b, *layer, "ssf_shift")]
+    return out + [("norm_ssf", "scale"), ("norm_ssf", "shift")]
+
+
+@pytest.mark.parametrize("mode", ["bitfit", "ln_tune"], ids=["biases", "norms"])
+def test_bitfit_and_ln_tune_train_what_their_papers_train(mode: str) -> None:
+    """BitFit (Ben Zaken et al. 2022): every bias, the LayerNorms' included; LN-tune: every
+    LayerNorm's scale and bias; both with the head. Against timm's own parameter names."""
+    reference = tiny_timm()
+    module, variables = from_timm(reference)
+    for name, p in reference.named_parameters():
+        is_norm = re.search(r"(^|\.)norm\d?\.", name) is not None
+        trains = name.startswith("head.") or (
+            name.endswith(".bias") if mode == "bitfit" else is_norm
+        )
+        p.requires_grad_(trains)
+    params = variables["params"]
+    mask = traverse_util.flatten_dict(trainable_mask(params, mode))
+    names = {timm_key(k): "/".join(k) for k, on in mask.items() if on}
+    compare(reference, module, params, names, train=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Counts, configs.
+
+VIT_B = dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12)
+
+
+@functools.cache
+def vit_b16() -> ViTConfig:
+    return vit_config_from_timm(timm.create_model("vit_base_patch16_224", pretrained=False))
+
+
+def vit_b_count(method: str, classes: int) -> int:
+    m = METHODS[method]
+    module = VisionTransformer(vit_b16().replace(num_classes=classes), tune=m.tune)
+    return trainable_count(abstract_params(module), m.train_mode)
+
+
+def test_trainable_counts_on_vit_b16() -> None:
+    """Closed forms on ViT-B/16 (12 blocks of width 768, MLP 3072) for DTD's 47 classes (head:
+    769 * 47), and SSF against its paper: 0.24 M on VTAB-1k, the head's mean over its 19 tasks
+    included (Lian et al. 2022, Table 2)."""
+    head = 769 * 47
+    biases = 768 + 12 * (2304 + 768 + 3072 + 768)  # patch embedding, qkv, proj, fc1, fc2
+    norms = 25 * 768  # 2 per block and the final norm
+    expected = {
+        "bitfit": biases + norms + head,
+        "ln_tune": 2 * norms + head,
+        "ssf": 2 * (768 + 12 * (768 + 2304 + 768 + 768 + 3072 + 768) + 768) + head,
+        "ia3": 12 * (2304 + 3072) + head,
+        "lora_linear": 12 * 8 * (768 + 2304) + head,
+        "dora": 12 * (8 * (768 + 2304) + 2304) + head,
+        "vera": 12 * ((8 + 2304) + (8 + 3072)) + head,
+    }
+    counts = {name: vit_b_count(name, 47) for name in expected}
+    assert counts == expected
+    vtab_classes = [100, 102, 47, 102, 37, 10, 397, 2, 10, 45, 5, 8, 6, 6, 4, 16, 16, 18, 9]
+    ssf_mean = counts["ssf"] - head + 769 * np.mean(vtab_classes)
+    assert round(ssf_mean / 1e6, 2) == 0.24
+
+
+@pytest.mark.parametrize("method", ["bitfit", "ln_tune", "ssf", "ia3", "lora_linear", "dora",
+                                    "vera"])  # fmt: skip
+def test_every_method_is_a_config_argument(method: str) -> None:
+    """configs/vtab.py:dtd,method=NAME and the folder config take each method, with the rank
+    from dim=; the config checks and builds its spec."""
+    for arg in (f"configs/vtab.py:dtd,method={method},dim=4",
+                f"configs/folder.py:/tmp/x,method={method},dim=4"):  # fmt: skip
+        config = cfglib.load_config(arg)
+        cfglib.validate(config)
+        assert config.method == method and config.train_mode == METHODS[method].train_mode
+        if METHODS[method].tune is not None:
+            spec = TuneSpec.from_config(config.tune)
+            assert spec.kind == METHODS[method].tune.kind
+            assert spec.dim == (4 if spec.kind in ("lora", "dora", "vera") else 8)
+
+
+def test_runs_of_the_new_methods_export_predict_and_serve(tmp_path) -> None:
+    """The demo trained with DoRA and with BitFit (1 epoch): each exported task, served with an
+    Adapter+ task of the same backbone, has its run's test accuracy; the tasks that change the
+    backbone (DoRA's layers, BitFit's biases) are served in groups of their own."""
+    from runs import tiny_demo
+    from test_export import _test_split
+
+    from adapter_plus_jax import export, runner
+    from adapter_plus_jax.serving import TaskSet
+    from adapter_plus_jax.task import load_backbone, read_task
+
+    tasks, accuracies = [], []
+    for method in ("dora", "bitfit", "adapter_plus"):
+        results = runner.run(tiny_demo(1, f"method={method},dim=4"), tmp_path / method)
+        export.export_run(tmp_path / method, tmp_path / f"{method}_task")
+        tasks.append(read_task(tmp_path / f"{method}_task"))
+        accuracies.append(results["test_accuracy"])
+    assert tasks[0].tune.kind == "dora" and not tasks[1].shares_backbone
+    images, labels = _test_split()
+    serving = TaskSet(tasks, load_backbone(tasks[0].backbone), batch_size=100)
+    assert [g.members for g in serving.groups] == [[0], [1], [2]]
+    for i, accuracy in enumerate(accuracies):
+        logits = serving.logits(images, [i] * len(labels))
+        assert np.mean(np.argmax(np.stack(logits), -1) == labels) == pytest.approx(accuracy)
