@@ -3,12 +3,13 @@ prompts and head, the model and PEFT settings, class names, preprocessing and th
 identity, without the backbone.
 
     apj export --workdir runs/dtd --out tasks/dtd
-    apj export --workdir runs/dtd_lora --out tasks/dtd_vit --merge-lora
+    apj export --workdir runs/dtd_lora --out tasks/dtd_vit --merge
     apj predict --task tasks/dtd photo.jpg
 
 The run's newest good checkpoint is read without touching the workdir (a run may still be
-going there); the backbone is built as the run built it, to hash its weights. `--merge-lora`
-folds a LoRA run's branches into the attention weights and writes the whole plain ViT.
+going there); the backbone is built as the run built it, to hash its weights. `--merge`
+(also spelled `--merge-lora`) folds a LoRA run's branches, or a `tuning` method (LoRA on linear
+layers, DoRA, (IA)3, VeRA, SSF), into the backbone's weights and writes the whole plain ViT.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import jax
 import ml_collections
 from flax import traverse_util
 
+from adapter_plus_jax import tuning
 from adapter_plus_jax.checkpoint import CHECKPOINTS_DIR, Checkpointer, has_checkpoints
 from adapter_plus_jax.errors import SetupError
 from adapter_plus_jax.experiment import build_model
@@ -103,8 +105,12 @@ def export_run(
     workdir, out = Path(workdir), Path(out)
     check_target(out, overwrite)  # before the expensive part
     config, trained, meta = _read_run(workdir, allow_unfinished)
-    if merge and (not config.lora or config.adapter or config.prompt):
-        raise SetupError(f"--merge-lora needs a LoRA run; {workdir} is {config.method}.")
+    foldable = (config.lora or config.get("tune")) and not (config.adapter or config.prompt)
+    if merge and not (foldable and not (config.lora and config.get("tune"))):
+        raise SetupError(
+            f"--merge needs a run of lora, lora_linear, dora, ia3, vera or ssf; {workdir} is "
+            f"{config.method}."
+        )
     # A head padded for training (`params.head_width`) is cut back to the dataset's classes.
     num_classes = int(meta.get("num_classes") or trained["head"]["kernel"].shape[-1])
     trained = resize_head(trained, num_classes) if "head" in trained else trained
@@ -145,7 +151,12 @@ def export_run(
     )  # fmt: skip
     if merge:
         flat_params.update(flat_trained)
-        plain, merged = merge_lora(module, {"params": traverse_util.unflatten_dict(flat_params)})
+        variables = {"params": traverse_util.unflatten_dict(flat_params)}
+        if module.tune is not None:
+            plain = module.clone(tune=None)
+            merged = {"params": tuning.merge(module.tune, variables["params"])}
+        else:
+            plain, merged = merge_lora(module, variables)
         task = Task(task.name, plain.config, merged["params"], names, task.preprocessing, record,
                     merged=True, info=task.info)  # fmt: skip
     write_task(out, task, overwrite=overwrite)
@@ -159,8 +170,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "apj export") -> int:
     )  # fmt: skip
     parser.add_argument("--workdir", required=True, help="the run's workdir (apj train --workdir)")
     parser.add_argument("--out", required=True, help="the task directory to write")
-    parser.add_argument("--merge-lora", action="store_true",
-                        help="fold LoRA into the ViT and write the whole plain model")  # fmt: skip
+    parser.add_argument("--merge", "--merge-lora", action="store_true", dest="merge",
+                        help="fold LoRA (or DoRA, (IA)3, VeRA, SSF) into the ViT and write the "
+                        "whole plain model")  # fmt: skip
     parser.add_argument("--class-names", help="a text file: one class name per line, in label "
                         "order (default: results.json's, else the label indices)")  # fmt: skip
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -171,7 +183,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "apj export") -> int:
 
     console.quiet_libraries()
     try:
-        task = export_run(args.workdir, args.out, args.merge_lora, args.class_names,
+        task = export_run(args.workdir, args.out, args.merge, args.class_names,
                           args.overwrite, args.allow_unfinished)  # fmt: skip
     except FileExistsError:
         print(f"{prog}: error: {args.out} exists and is not empty; choose another --out or "

@@ -29,6 +29,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 from adapter_plus_jax.layers import dense, trunc_normal
@@ -213,3 +214,74 @@ def after_norm(spec: TuneSpec | None, name: str) -> Callable[[jax.Array], jax.Ar
     if spec is None or spec.kind != "ssf":
         return lambda y: y
     return ScaleShift(name=f"{name}_ssf")
+
+
+# ----------------------------------------------------------------------------------------------
+# Folding a method into the backbone's weights.
+
+
+def merge(spec: TuneSpec, params: Mapping[str, Any]) -> dict:
+    """`params` of a model tuned by `spec` folded into a plain ViT's (the same names, without
+    the method's parameters), for inference: eval-mode outputs are unchanged, to float32
+    rounding (computed in float64). Every kind is linear in the layer's input, so it folds:
+
+        lora   W + s A B               dora   m / |W + s A B| * (W + s A B)
+        vera   W + (A lambda_d) (B lambda_b)
+        ia3    W * l, b * l (outputs)  or  l * W (inputs: rows)
+        ssf    W * gamma, b * gamma + beta; LayerNorm scale * gamma, bias * gamma + beta
+    """
+    from flax import traverse_util
+
+    flat = {
+        k: np.asarray(v, np.float64) for k, v in traverse_util.flatten_dict(dict(params)).items()
+    }
+    out: dict[tuple[str, ...], np.ndarray] = {}
+    layers = {k[:-1] for k in flat if k[-1] == "kernel"}
+    for key, value in flat.items():
+        if key[:-1] in layers and key[-1] not in ("kernel", "bias"):
+            continue  # the method's own, folded below
+        if len(key) > 1 and key[-2].endswith("_ssf"):
+            continue
+        out[key] = value
+    for layer in layers:
+        if (
+            layer[-1] in LINEARS
+            and (*layer, "kernel") in flat
+            and any(k[:-1] == layer and k[-1] not in ("kernel", "bias") for k in flat)
+        ):
+            _fold_linear(spec, layer, flat, out)
+    for key in [k for k in flat if len(k) > 1 and k[-2].endswith("_ssf") and k[-1] == "scale"]:
+        target = (*key[:-2], key[-2].removesuffix("_ssf"))
+        gamma, beta = flat[key], flat[(*key[:-1], "shift")]
+        weight = (
+            "scale" if (*target, "scale") in out else "kernel"
+        )  # a LayerNorm, or the patch conv
+        out[(*target, weight)] = out[(*target, weight)] * gamma
+        out[(*target, "bias")] = out[(*target, "bias")] * gamma + beta
+    return traverse_util.unflatten_dict({k: np.float32(v) for k, v in out.items()})
+
+
+def _fold_linear(spec: TuneSpec, layer: tuple, flat: dict, out: dict) -> None:
+    def get(name: str) -> np.ndarray:
+        return flat[(*layer, name)]
+
+    w = get("kernel")
+    bias = (*layer, "bias")
+    if spec.kind in ("lora", "dora"):
+        w = w + spec.scaling * get("lora_a") @ get("lora_b")
+        if spec.kind == "dora":
+            w = w * (get("dora_m") / np.linalg.norm(w, axis=0))
+    elif spec.kind == "vera":
+        w = w + (get("vera_a") * get("vera_lambda_d")) @ (get("vera_b") * get("vera_lambda_b"))
+    elif spec.kind == "ia3" and layer[-1] in spec.ia3_inputs:
+        w = get("ia3")[:, None] * w
+    elif spec.kind == "ia3":
+        w = w * get("ia3")
+        if bias in out:
+            out[bias] = out[bias] * get("ia3")
+    elif spec.kind == "ssf":
+        if bias not in out:
+            raise ValueError(f"merge: {'/'.join(layer)} has no bias to take SSF's shift.")
+        w = w * get("ssf_scale")
+        out[bias] = out[bias] * get("ssf_scale") + get("ssf_shift")
+    out[(*layer, "kernel")] = w

@@ -174,7 +174,7 @@ def test_export_refuses_what_it_cannot_export(runs, tmp_path, capsys):
         return capsys.readouterr().err
 
     assert "has no checkpoint" in refused(tmp_path / "empty")
-    assert "needs a LoRA run" in refused(runs["adapter"], "--merge-lora")
+    assert "--merge needs a run of lora" in refused(runs["adapter"], "--merge-lora")
     names = tmp_path / "names.txt"
     names.write_text("zero\none\n")
     assert "2 class names for a head of 10" in refused(runs["adapter"], "--class-names",

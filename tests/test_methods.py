@@ -30,6 +30,7 @@ from flax import traverse_util
 from test_peft_parity import GRAD_TOL, LOGITS_TOL, _fixed_dropout_flax, _fixed_dropout_torch
 
 from adapter_plus_jax import config as cfglib
+from adapter_plus_jax import tuning
 from adapter_plus_jax.convert import abstract_params, from_timm, timm_key, vit_config_from_timm
 from adapter_plus_jax.hf_peft import PeftConversionError, to_peft, unwrap
 from adapter_plus_jax.model import VisionTransformer, ViTConfig
@@ -276,6 +277,25 @@ def test_bitfit_and_ln_tune_train_what_their_papers_train(mode: str) -> None:
     compare(reference, module, params, names, train=False)
 
 
+@pytest.mark.parametrize("kind", ["lora", "dora", "ia3", "vera", "ssf"])
+def test_merging_folds_each_linear_method_into_a_plain_vit(kind: str) -> None:
+    """`tuning.merge`: the plain ViT with the folded weights computes what the tuned model
+    computes (eval), for random values of every parameter of the method."""
+    spec = TuneSpec(kind, ("qkv", "proj", "fc1", "fc2"), dim=4, alpha=6.0)
+    module, variables = from_timm(tiny_timm())
+    module = module.clone(tune=spec)
+    params = jax.jit(module.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+    flat = traverse_util.flatten_dict(params)
+    key = jax.random.key(1)
+    for path in sorted(flat):
+        key, sub = jax.random.split(key)
+        flat[path] = flat[path] + 0.1 * jax.random.normal(sub, flat[path].shape)
+    params = traverse_util.unflatten_dict(flat)
+    x = np.asarray(inputs(3)[0].permute(0, 2, 3, 1))
+    merged = module.clone(tune=None).apply({"params": tuning.merge(spec, params)}, x)
+    np.testing.assert_allclose(merged, module.apply({"params": params}, x), atol=2e-5)
+
+
 # ----------------------------------------------------------------------------------------------
 # Counts, configs.
 
@@ -334,8 +354,9 @@ def test_every_method_is_a_config_argument(method: str) -> None:
 
 def test_runs_of_the_new_methods_export_predict_and_serve(tmp_path) -> None:
     """The demo trained with DoRA and with BitFit (1 epoch): each exported task, served with an
-    Adapter+ task of the same backbone, has its run's test accuracy; the tasks that change the
-    backbone (DoRA's layers, BitFit's biases) are served in groups of their own."""
+    Adapter+ task of the same backbone, has its run's test accuracy, and so has the DoRA run
+    exported merged (a plain ViT); the tasks that change the backbone (DoRA's layers, BitFit's
+    biases) are served in groups of their own."""
     from runs import tiny_demo
     from test_export import _test_split
 
@@ -350,9 +371,13 @@ def test_runs_of_the_new_methods_export_predict_and_serve(tmp_path) -> None:
         tasks.append(read_task(tmp_path / f"{method}_task"))
         accuracies.append(results["test_accuracy"])
     assert tasks[0].tune.kind == "dora" and not tasks[1].shares_backbone
+    export.export_run(tmp_path / "dora", tmp_path / "dora_merged", merge=True)
+    tasks.append(read_task(tmp_path / "dora_merged"))
+    accuracies.append(accuracies[0])
+    assert tasks[-1].merged and tasks[-1].tune is None
     images, labels = _test_split()
     serving = TaskSet(tasks, load_backbone(tasks[0].backbone), batch_size=100)
-    assert [g.members for g in serving.groups] == [[0], [1], [2]]
+    assert [g.members for g in serving.groups] == [[0], [1], [2], [3]]
     for i, accuracy in enumerate(accuracies):
         logits = serving.logits(images, [i] * len(labels))
         assert np.mean(np.argmax(np.stack(logits), -1) == labels) == pytest.approx(accuracy)
