@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from adapter_plus_jax import fact as fact_lib
 from adapter_plus_jax.layers import (
     AttentionPool,
     DropPath,
@@ -164,10 +165,10 @@ class Attention(nn.Module):
     tune: TuneSpec | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool, fact: dict | None = None) -> jax.Array:
         b, n, c = x.shape
         heads = (self.num_heads, c // self.num_heads)
-        qkv = linear(3 * c, "qkv", self.dtype, self.qkv_bias, self.tune)(x, train)
+        qkv = linear(3 * c, "qkv", self.dtype, self.qkv_bias, self.tune, fact)(x, train)
         qkv = qkv.reshape(b, n, 3, *heads)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         lora = functools.partial(LoRA, self.lora, act=self.act, norm_eps=self.norm_eps,
@@ -186,7 +187,7 @@ class Attention(nn.Module):
             k = nn.LayerNorm(epsilon=self.norm_eps, name="k_norm")(k)
         x = attend(q, k, v, nn.Dropout(self.attn_drop), train, self.attention)
         x = x.reshape(b, n, c)
-        x = linear(c, "proj", self.dtype, True, self.tune)(x, train)
+        x = linear(c, "proj", self.dtype, True, self.tune, fact)(x, train)
         if self.lora is not None and "o" in self.lora.location:
             x = x + lora(use_bias=self.lora.bias, name="lora_o")(x, train)
         return nn.Dropout(self.proj_drop)(x, deterministic=not train)
@@ -207,10 +208,11 @@ class Block(nn.Module):
     tune: TuneSpec | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool, fact: dict | None = None) -> jax.Array:
+        """`fact`: FacT's factors for this block (`fact.for_block`), with `tune` FacT."""
         if self.prompt is not None:
             x = self._write_prompt(x, train)
-        attn, mlp = self._residual_branches(train)
+        attn, mlp = self._residual_branches(train, fact)
         if self.adapter is None:
             x = x + attn(x)
             return x + mlp(x)
@@ -222,7 +224,7 @@ class Block(nn.Module):
 
         return POSITIONS[self.adapter.config](x, attn, mlp, adapter)
 
-    def _residual_branches(self, train: bool) -> tuple[Branch, Branch]:
+    def _residual_branches(self, train: bool, fact: dict | None) -> tuple[Branch, Branch]:
         """(attention branch, MLP branch): y -> DropPath(the layer on y), with timm's norms and
         LayerScale (`Block`: before the layer; `ResPostBlock`: after it)."""
         cfg = self.config
@@ -234,14 +236,14 @@ class Block(nn.Module):
             cfg.norm_eps, cfg.act, self.lora, self.dtype, self.attention, self.tune, name="attn",
         )  # fmt: skip
         mlp = Mlp(cfg.mlp_dim, cfg.act, cfg.proj_drop_rate, self.dtype,
-                  functools.partial(linear, spec=self.tune), name="mlp")  # fmt: skip
+                  functools.partial(linear, spec=self.tune, shared=fact), name="mlp")  # fmt: skip
         ssf1, ssf2 = after_norm(self.tune, "norm1"), after_norm(self.tune, "norm2")
         n1, n2 = norm(name="norm1"), norm(name="norm2")
         norm1, norm2 = (lambda y: ssf1(n1(y))), (lambda y: ssf2(n2(y)))
         dp1, dp2 = DropPath(self.drop_path), DropPath(self.drop_path)
         if cfg.block == "res_post":
             return (
-                lambda y: dp1(norm1(attn(y, train)), train),
+                lambda y: dp1(norm1(attn(y, train, fact)), train),
                 lambda y: dp2(norm2(mlp(y, train)), train),
             )
         ls1 = ls2 = lambda y: y  # noqa: E731
@@ -249,7 +251,7 @@ class Block(nn.Module):
             ls1 = LayerScale(cfg.init_values, name="ls1")
             ls2 = LayerScale(cfg.init_values, name="ls2")
         return (
-            lambda y: dp1(ls1(attn(norm1(y), train)), train),
+            lambda y: dp1(ls1(attn(norm1(y), train, fact)), train),
             lambda y: dp2(ls2(mlp(norm2(y), train)), train),
         )
 
@@ -302,6 +304,10 @@ class VisionTransformer(nn.Module):
         x = self._embed(images.astype(self.dtype), train)
         # remat recomputes each block's activations in the backward pass instead of storing them.
         block_cls = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
+        shared = None
+        if self.tune is not None and self.tune.kind in fact_lib.KINDS:
+            shared = fact_lib.FactShared(self.tune.kind, self.tune.dim, cfg.embed_dim, cfg.depth,
+                                         name="fact")()  # fmt: skip
         for i in range(cfg.depth):
             # Stochastic depth rises linearly over depth, as in timm.
             rate = float(np.linspace(0.0, cfg.drop_path_rate, cfg.depth)[i])
@@ -309,7 +315,7 @@ class VisionTransformer(nn.Module):
             specs = (self.adapter, self.lora, prompt)
             block = block_cls(cfg, rate, *specs, self.dtype, self.attention, self.tune,
                               name=f"blocks_{i}")  # fmt: skip
-            x = block(x, train)
+            x = block(x, train, shared and fact_lib.for_block(shared, i))
         norm = functools.partial(nn.LayerNorm, epsilon=cfg.norm_eps)
         if cfg.final_norm and not cfg.fc_norm:
             x = after_norm(self.tune, "norm")(norm(name="norm")(x))

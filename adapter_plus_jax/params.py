@@ -34,13 +34,14 @@ _BRANCH = (
 )
 _NORMS = r"(blocks_\d+/(norm1|norm2|attn/q_norm|attn/k_norm)|norm_pre|norm|fc_norm|attn_pool/norm)"
 _LINEAR = r"(attn/(qkv|proj)|mlp/fc[12])"  # a block's linear layers, which `tuning` may change
-_TUNED = r"lora_[ab]|dora_m|ia3|vera_lambda_[bd]|ssf_scale|ssf_shift"
+_TUNED = r"lora_[ab]|dora_m|ia3|vera_lambda_[bd]|ssf_scale|ssf_shift|fact_core"
 _SSF_AFTER = r"(blocks_\d+/(norm1|norm2)|norm|fc_norm|patch_embed)_ssf"
 PARAM_GROUPS: tuple[tuple[str, str], ...] = (
     ("peft", _BLOCK + _BRANCH),
     ("peft", _BLOCK + "prompt"),
     ("peft", _BLOCK + _LINEAR + "/(" + _TUNED + ")"),
     ("peft", _SSF_AFTER + "/(scale|shift)"),
+    ("peft", r"fact/(u|v|core|factors)"),
     ("fixed", _BLOCK + _LINEAR + "/vera_[ab]"),  # VeRA's random matrices: the task's, frozen
     ("head", r"head/(kernel|bias)"),
     ("norm", _NORMS + r"/scale"),

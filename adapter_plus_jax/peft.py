@@ -271,8 +271,10 @@ METHODS: dict[str, Method] = {
     "lora_linear": Method(tune=TuneSpec("lora", targets=("qkv",))),
     "dora": Method(tune=TuneSpec("dora", targets=("qkv",))),
     "vera": Method(tune=TuneSpec("vera", targets=("qkv", "fc1"))),
+    "fact_tt": Method(tune=TuneSpec("fact_tt", dropout=0.1)),
+    "fact_tk": Method(tune=TuneSpec("fact_tk", dropout=0.1)),
 }
-RANKED = ("lora", "dora", "vera")  # `tuning` kinds with a rank
+RANKED = ("lora", "dora", "vera", "fact_tt", "fact_tk")  # `tuning` kinds with a rank
 
 
 def get_method(name: str) -> Method:

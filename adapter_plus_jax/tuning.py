@@ -1,5 +1,5 @@
 """PEFT methods that change the backbone's own layers: LoRA on any linear layer, DoRA, (IA)³,
-VeRA and SSF. (Adapters, LoRA on q/k/v per head and prompts are `peft.py`'s.)
+VeRA, SSF and FacT (`fact.py`). (Adapters, LoRA on q/k/v per head and prompts are `peft.py`'s.)
 
 Each is a `TuneSpec` naming the linear layers it changes (`targets`: each block's `qkv`,
 `proj`, `fc1`, `fc2`). A targeted layer is a `TunedDense`: the same `kernel` and `bias` as the
@@ -32,10 +32,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from adapter_plus_jax import fact
 from adapter_plus_jax.layers import dense, trunc_normal
 from adapter_plus_jax.precision import Dense, einsum
 
-KINDS = ("lora", "dora", "ia3", "vera", "ssf")
+KINDS = ("lora", "dora", "ia3", "vera", "ssf", *fact.KINDS)
 LINEARS = ("qkv", "proj", "fc1", "fc2")
 
 
@@ -52,6 +53,7 @@ class TuneSpec:
       ia3_inputs: the targets whose input (ia3) is scaled, not their output: peft's
         `feedforward_modules`.
       vera_d: VeRA's initial lambda_d.
+      fact_scale: FacT's s (`fact.py`); its paper sets it per task.
     """
 
     kind: str = "lora"
@@ -61,6 +63,7 @@ class TuneSpec:
     dropout: float = 0.0
     ia3_inputs: tuple[str, ...] = ("fc2",)
     vera_d: float = 0.1
+    fact_scale: float = 1.0
 
     def __post_init__(self):
         object.__setattr__(self, "targets", tuple(self.targets))
@@ -78,6 +81,11 @@ class TuneSpec:
             (self.alpha > 0, "alpha", "a positive number"),
             (0.0 <= self.dropout < 1.0, "dropout", "in [0, 1)"),
             (set(self.ia3_inputs) <= set(LINEARS), "ia3_inputs", f"a subset of {LINEARS}"),
+            (
+                self.kind not in fact.KINDS or self.targets == LINEARS,
+                "targets",
+                f"all of {LINEARS} for FacT",
+            ),  # fmt: skip
         ]
         for ok, field, expected in checks:
             if not ok:
@@ -130,7 +138,10 @@ class TunedDense(Dense):
     layer: str = ""
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, train: bool = False, shared: dict[str, jax.Array] | None = None
+    ) -> jax.Array:
+        """`shared`: FacT's factors for this block (`fact.for_block`)."""
         s, features = self.spec, self.features
         fan_in = x.shape[-1]
         kernel = self.param("kernel", self.kernel_init, (fan_in, features))
@@ -168,6 +179,20 @@ class TunedDense(Dense):
             lam_b = self.param("vera_lambda_b", nn.initializers.zeros, (features,))
             inner = einsum("...i,ir->...r", dropped, a.astype(dtype)) * lam_d.astype(dtype)
             y = y + lam_b * einsum("...r,ro->...o", inner, b.astype(dtype)).astype(jnp.float32)
+        elif kind in fact.KINDS:
+            if kind == "fact_tt":
+                shape, fan_in = (
+                    fact.core_shape(self.layer, s.dim),
+                    fact.core_fan_in(self.layer, s.dim),
+                )
+                core = self.param("fact_core", kaiming_uniform(fan_in), shape)
+            else:
+                core = fact.layer_core(shared["cores"], self.layer)
+            drop = nn.Dropout(s.dropout)
+            y = y + fact.delta(
+                x, self.layer, shared["u"].astype(dtype), shared["v"].astype(dtype),
+                core.astype(dtype), lambda t: drop(t, deterministic=not train), s.fact_scale,
+            ).astype(jnp.float32)  # fmt: skip
         if bias is not None:
             y = y + bias
         if kind == "ia3" and self.layer not in s.ia3_inputs:
@@ -194,18 +219,19 @@ class ScaleShift(nn.Module):
 
 
 def linear(
-    features: int, name: str, dtype: Any, use_bias: bool = True, spec: TuneSpec | None = None
-) -> Callable[[jax.Array, bool], jax.Array]:
+    features: int, name: str, dtype: Any, use_bias: bool = True, spec: TuneSpec | None = None,
+    shared: dict[str, jax.Array] | None = None,
+) -> Callable[[jax.Array, bool], jax.Array]:  # fmt: skip
     """The backbone's linear layer `name` (one of LINEARS) as (x, train) -> y: a `TunedDense`
-    when `spec` targets it, else the plain layer (`layers.dense`). Call inside a compact
-    method."""
+    when `spec` targets it (with FacT's `shared` factors), else the plain layer
+    (`layers.dense`). Call inside a compact method."""
     if spec is None or name not in spec.targets:
         layer = dense(features, name, dtype, use_bias)
         return lambda x, train: layer(x)
     # The backbone's initialisers (`layers.dense`): timm's trunc_normal(0.02), a zero bias.
     layer = TunedDense(features, use_bias, dtype, trunc_normal(0.02, cutoff=100.0), spec=spec,
                        layer=name, name=name)  # fmt: skip
-    return lambda x, train: layer(x, train)
+    return lambda x, train: layer(x, train, shared)
 
 
 def after_norm(spec: TuneSpec | None, name: str) -> Callable[[jax.Array], jax.Array]:
@@ -226,7 +252,7 @@ def merge(spec: TuneSpec, params: Mapping[str, Any]) -> dict:
     rounding (computed in float64). Every kind is linear in the layer's input, so it folds:
 
         lora   W + s A B               dora   m / |W + s A B| * (W + s A B)
-        vera   W + (A lambda_d) (B lambda_b)
+        vera   W + (A lambda_d) (B lambda_b)       fact   W + its update applied to I
         ia3    W * l, b * l (outputs)  or  l * W (inputs: rows)
         ssf    W * gamma, b * gamma + beta; LayerNorm scale * gamma, bias * gamma + beta
     """
@@ -238,17 +264,14 @@ def merge(spec: TuneSpec, params: Mapping[str, Any]) -> dict:
     out: dict[tuple[str, ...], np.ndarray] = {}
     layers = {k[:-1] for k in flat if k[-1] == "kernel"}
     for key, value in flat.items():
-        if key[:-1] in layers and key[-1] not in ("kernel", "bias"):
+        if key[:-1] in layers and key[-1] not in ("kernel", "bias") or key[0] == "fact":
             continue  # the method's own, folded below
         if len(key) > 1 and key[-2].endswith("_ssf"):
             continue
         out[key] = value
     for layer in layers:
-        if (
-            layer[-1] in LINEARS
-            and (*layer, "kernel") in flat
-            and any(k[:-1] == layer and k[-1] not in ("kernel", "bias") for k in flat)
-        ):
+        # a block's linear layer that the method targets: blocks_<i>/attn/qkv and the like
+        if layer[0].startswith("blocks_") and layer[-1] in spec.targets:
             _fold_linear(spec, layer, flat, out)
     for key in [k for k in flat if len(k) > 1 and k[-2].endswith("_ssf") and k[-1] == "scale"]:
         target = (*key[:-2], key[-2].removesuffix("_ssf"))
@@ -279,9 +302,24 @@ def _fold_linear(spec: TuneSpec, layer: tuple, flat: dict, out: dict) -> None:
         w = w * get("ia3")
         if bias in out:
             out[bias] = out[bias] * get("ia3")
+    elif spec.kind in fact.KINDS:
+        w = w + _fact_delta_weight(spec, layer, flat, w.shape[0])
     elif spec.kind == "ssf":
         if bias not in out:
             raise ValueError(f"merge: {'/'.join(layer)} has no bias to take SSF's shift.")
         w = w * get("ssf_scale")
         out[bias] = out[bias] * get("ssf_scale") + get("ssf_shift")
     out[(*layer, "kernel")] = w
+
+
+def _fact_delta_weight(spec: TuneSpec, layer: tuple, flat: dict, fan_in: int) -> np.ndarray:
+    """FacT's update of `layer` as a weight: its (linear) update applied to the identity."""
+    block = int(layer[0].removeprefix("blocks_"))
+    shared = {k[-1]: flat[k] for k in flat if k[0] == "fact"}
+    if spec.kind == "fact_tt":
+        core = flat[(*layer, "fact_core")]
+    else:
+        core = fact.layer_core(np.asarray(fact.for_block(shared, block)["cores"]), layer[-1])
+    delta = fact.delta(np.eye(fan_in), layer[-1], shared["u"], shared["v"], np.asarray(core),
+                       lambda t: t, spec.fact_scale)  # fmt: skip
+    return np.asarray(delta, np.float64)

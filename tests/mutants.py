@@ -526,6 +526,22 @@ MUTANTS = [
                f"{METHODS_T}::test_trainable_counts_on_vit_b16"),  # fmt: skip
         select="(papers_train and norms) or counts",
     ),
+    Mutant(
+        "fact_tk_core_columns",
+        "FacT-TK's q, k, v cores taken from columns 1..3 of the block's 12 (proj's in q's place)",
+        *_one("adapter_plus_jax/fact.py", "return jnp.moveaxis(cores[:, :, 0:3], -1, 0)",
+              "return jnp.moveaxis(cores[:, :, 1:4], -1, 0)"),  # fmt: skip
+        tests=(f"{METHODS_T}::test_fact_computes_what_its_papers_code_computes",),
+        select="fact_tk",
+    ),
+    Mutant(
+        "fact_fc1_chunks_transposed",
+        "FacT splits fc1's update into r groups of 4 instead of 4 chunks of r",
+        *_one("adapter_plus_jax/fact.py", "out = (drop(ux @ core).reshape(*lead, 4, r) @ v)",
+              "out = (drop(ux @ core).reshape(*lead, r, 4).swapaxes(-1, -2) @ v)"),  # fmt: skip
+        tests=(f"{METHODS_T}::test_fact_computes_what_its_papers_code_computes",),
+        select="fact_tt",
+    ),
 ]
 
 

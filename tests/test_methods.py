@@ -30,7 +30,7 @@ from flax import traverse_util
 from test_peft_parity import GRAD_TOL, LOGITS_TOL, _fixed_dropout_flax, _fixed_dropout_torch
 
 from adapter_plus_jax import config as cfglib
-from adapter_plus_jax import tuning
+from adapter_plus_jax import fact, tuning
 from adapter_plus_jax.convert import abstract_params, from_timm, timm_key, vit_config_from_timm
 from adapter_plus_jax.hf_peft import PeftConversionError, to_peft, unwrap
 from adapter_plus_jax.model import VisionTransformer, ViTConfig
@@ -218,11 +218,11 @@ def test_ssf_is_a_scale_and_shift_after_each_operation() -> None:
     names = {n: "/".join(k) for k, n in ssf_names(flat, reference, made).items()}
     mask = traverse_util.flatten_dict(trainable_mask(params))
     assert {"/".join(k) for k, on in mask.items() if on} == set(names.values())
-    compare(SsfModel(reference, made), module, params, names, train=False)
+    compare(Hooked(reference, made), module, params, names, train=False)
 
 
-class SsfModel(torch.nn.Module):
-    """The hooked timm model with SSF's parameters as its own (named ssf.<i>)."""
+class Hooked(torch.nn.Module):
+    """A hooked timm model with the hooks' parameters as its own (named ssf.<i>)."""
 
     def __init__(self, model: torch.nn.Module, made: list[torch.nn.Parameter]) -> None:
         super().__init__()
@@ -233,7 +233,7 @@ class SsfModel(torch.nn.Module):
 
 
 def ssf_names(flat: dict, model: torch.nn.Module, made: list) -> dict:
-    """Our path -> the SsfModel's parameter name, for the head and every SSF parameter."""
+    """Our path -> the Hooked model's parameter name, for the head and every SSF parameter."""
     ours = [k for k in flat if k[-1] in ("scale", "shift", "ssf_scale", "ssf_shift")
             and (k[-2].endswith("_ssf") or k[-1].startswith("ssf_"))]  # fmt: skip
     order = {  # ssf_reference's order of hooks, scale before shift
@@ -259,6 +259,95 @@ def ssf_order(model: torch.nn.Module) -> list[tuple[str, ...]]:
     return out + [("norm_ssf", "scale"), ("norm_ssf", "shift")]
 
 
+def fact_reference(model: torch.nn.Module, kind: str, params: dict, scale: float) -> list:
+    """FacT (Jie & Deng 2023) as its code computes it, as forward hooks that add each layer's
+    update to its output: U x through the layer's core, dropout, V, times s; fc1's output and
+    fc2's input in 4 chunks; TK's cores are C times 12 columns of P per block, q, k, v, proj
+    first, then fc1's 4 and fc2's 4 (laid out as its code lays them out). Our values, in our
+    layouts (inputs x outputs: its Linear weights transposed)."""
+
+    def tensor(value) -> torch.nn.Parameter:
+        return torch.nn.Parameter(torch.from_numpy(np.array(value, np.float64)))
+
+    u, v = tensor(params["fact/u"]), tensor(params["fact/v"])
+    model.fact_dropout = torch.nn.Dropout(0.1)  # a submodule: it follows train() and eval()
+    made, dp, r = [u, v], model.fact_dropout, params["fact/u"].shape[1]
+    layers = ("attn/qkv", "attn/proj", "mlp/fc1", "mlp/fc2")
+    if kind == "fact_tk":
+        c, p = tensor(params["fact/core"]), tensor(params["fact/factors"])
+        made += [c, p]
+    else:  # each layer's own cores
+        tt = [{n: tensor(params[f"blocks_{i}/{n}/fact_core"]) for n in layers}
+              for i in range(len(model.blocks))]  # fmt: skip
+        made += [w for block in tt for w in block.values()]
+
+    def cores(i: int) -> dict[str, torch.Tensor]:
+        """Block i's cores, each applied as x @ core: q, k, v, o, fc1, fc2."""
+        if kind == "fact_tt":
+            w = tt[i]
+            q, k, vv = w["attn/qkv"]
+            return dict(q=q, k=k, v=vv, o=w["attn/proj"], fc1=w["mlp/fc1"], fc2=w["mlp/fc2"])
+        attn, mlp = c @ p[:, 12 * i : 12 * i + 4], c @ p[:, 12 * i + 4 : 12 * i + 12]
+        return dict(q=attn[:, :, 0], k=attn[:, :, 1], v=attn[:, :, 2], o=attn[:, :, 3],
+                    fc1=mlp[:, :, :4].reshape(r, 4 * r),
+                    fc2=mlp[:, :, 4:].reshape(r, 4 * r).t())  # fmt: skip
+
+    def qkv_hook(i, _m, inputs, y):
+        w, ux = cores(i), inputs[0] @ u
+        return y + torch.cat([dp(ux @ w[n]) @ v for n in ("q", "k", "v")], dim=-1) * scale
+
+    def proj_hook(i, _m, inputs, y):
+        return y + dp(inputs[0] @ u @ cores(i)["o"]) @ v * scale
+
+    def fc1_hook(i, _m, inputs, y):
+        b, n, _ = inputs[0].shape
+        h = dp(inputs[0] @ u @ cores(i)["fc1"]).reshape(b, n, 4, r)
+        return y + (h @ v).reshape(b, n, -1) * scale
+
+    def fc2_hook(i, _m, inputs, y):
+        b, n, c4 = inputs[0].shape
+        ux = (inputs[0].reshape(b, n, 4, c4 // 4) @ u).reshape(b, n, 4 * r)
+        return y + dp(ux @ cores(i)["fc2"]) @ v * scale
+
+    for i, block in enumerate(model.blocks):
+        block.attn.qkv.register_forward_hook(functools.partial(qkv_hook, i))
+        block.attn.proj.register_forward_hook(functools.partial(proj_hook, i))
+        block.mlp.fc1.register_forward_hook(functools.partial(fc1_hook, i))
+        block.mlp.fc2.register_forward_hook(functools.partial(fc2_hook, i))
+    return made
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("kind", ["fact_tt", "fact_tk"])
+def test_fact_computes_what_its_papers_code_computes(kind: str, train: bool) -> None:
+    spec = TuneSpec(kind, dim=4, dropout=0.1, fact_scale=0.7)
+    module, variables = from_timm(tiny_timm())
+    module = module.clone(tune=spec)
+    params = jax.jit(module.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+    flat = traverse_util.flatten_dict(params)
+    key = jax.random.key(2)
+    for path in [k for k in flat if k[0] == "fact" or k[-1] == "fact_core"]:  # V starts at 0
+        key, sub = jax.random.split(key)
+        flat[path] = flat[path] + 0.2 * jax.random.normal(sub, flat[path].shape)
+    flat.update(traverse_util.flatten_dict(variables["params"]))
+    params = traverse_util.unflatten_dict(flat)
+    joined = {"/".join(k): np.asarray(v) for k, v in flat.items()}
+    reference = tiny_timm()
+    made = fact_reference(reference, kind, joined, 0.7)
+    for p in reference.parameters():
+        p.requires_grad_(False)
+    reference.head.weight.requires_grad_(True)
+    reference.head.bias.requires_grad_(True)
+    ours = ["fact/u", "fact/v"] + (["fact/core", "fact/factors"] if kind == "fact_tk" else [
+        f"blocks_{i}/{n}/fact_core" for i in range(2)
+        for n in ("attn/qkv", "attn/proj", "mlp/fc1", "mlp/fc2")])  # fmt: skip
+    names = {f"ssf.{i}": name for i, name in enumerate(ours)}
+    names.update({"model.head.weight": "head/kernel", "model.head.bias": "head/bias"})
+    mask = traverse_util.flatten_dict(trainable_mask(params))
+    assert {"/".join(k) for k, on in mask.items() if on} == set(names.values())
+    compare(Hooked(reference, made), module, params, names, train)
+
+
 @pytest.mark.parametrize("mode", ["bitfit", "ln_tune"], ids=["biases", "norms"])
 def test_bitfit_and_ln_tune_train_what_their_papers_train(mode: str) -> None:
     """BitFit (Ben Zaken et al. 2022): every bias, the LayerNorms' included; LN-tune: every
@@ -277,11 +366,11 @@ def test_bitfit_and_ln_tune_train_what_their_papers_train(mode: str) -> None:
     compare(reference, module, params, names, train=False)
 
 
-@pytest.mark.parametrize("kind", ["lora", "dora", "ia3", "vera", "ssf"])
+@pytest.mark.parametrize("kind", ["lora", "dora", "ia3", "vera", "ssf", "fact_tt", "fact_tk"])
 def test_merging_folds_each_linear_method_into_a_plain_vit(kind: str) -> None:
     """`tuning.merge`: the plain ViT with the folded weights computes what the tuned model
     computes (eval), for random values of every parameter of the method."""
-    spec = TuneSpec(kind, ("qkv", "proj", "fc1", "fc2"), dim=4, alpha=6.0)
+    spec = TuneSpec(kind, ("qkv", "proj", "fc1", "fc2"), dim=4, alpha=6.0, fact_scale=0.5)
     module, variables = from_timm(tiny_timm())
     module = module.clone(tune=spec)
     params = jax.jit(module.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
@@ -328,6 +417,10 @@ def test_trainable_counts_on_vit_b16() -> None:
         "lora_linear": 12 * 8 * (768 + 2304) + head,
         "dora": 12 * (8 * (768 + 2304) + 2304) + head,
         "vera": 12 * ((8 + 2304) + (8 + 3072)) + head,
+        # FacT, r=8: U and V, 768 x 8 each; TT: per block q, k, v, proj 8 x 8, fc1 and fc2
+        # 8 x 32; TK: a core tensor 8 x 8 x 8 and P, 8 x 144.
+        "fact_tt": 2 * 768 * 8 + 12 * (4 * 64 + 2 * 256) + head,
+        "fact_tk": 2 * 768 * 8 + 8**3 + 8 * 144 + head,
     }
     counts = {name: vit_b_count(name, 47) for name in expected}
     assert counts == expected
@@ -337,7 +430,7 @@ def test_trainable_counts_on_vit_b16() -> None:
 
 
 @pytest.mark.parametrize("method", ["bitfit", "ln_tune", "ssf", "ia3", "lora_linear", "dora",
-                                    "vera"])  # fmt: skip
+                                    "vera", "fact_tt", "fact_tk"])  # fmt: skip
 def test_every_method_is_a_config_argument(method: str) -> None:
     """configs/vtab.py:dtd,method=NAME and the folder config take each method, with the rank
     from dim=; the config checks and builds its spec."""
@@ -349,7 +442,7 @@ def test_every_method_is_a_config_argument(method: str) -> None:
         if METHODS[method].tune is not None:
             spec = TuneSpec.from_config(config.tune)
             assert spec.kind == METHODS[method].tune.kind
-            assert spec.dim == (4 if spec.kind in ("lora", "dora", "vera") else 8)
+            assert spec.dim == (4 if spec.kind in ("lora", "dora", "vera", *fact.KINDS) else 8)
 
 
 def test_runs_of_the_new_methods_export_predict_and_serve(tmp_path) -> None:
