@@ -25,7 +25,7 @@ from runs import ROOT, TINY, final_state
 from adapter_plus_jax import distributed
 from adapter_plus_jax.workdir import read_metrics
 
-EPOCHS, STEPS = 3, 25  # the demo's 1,000 training images in global batches of 40
+EPOCHS, STEPS = 2, 25  # the demo's 1,000 training images in global batches of 40
 TEST_EXAMPLES = 797  # the demo's test split: 399 + 398 examples in two processes
 ARGS = ["--config.batch_size=40", "--config.eval_batch_size=100", *TINY]
 
@@ -235,7 +235,7 @@ def test_suite_shards_run_as_concurrent_jobs_on_one_workdir(tmp_path: Path) -> N
     for task in ("t0", "t1"):
         write_folder(tmp_path / "tasks" / task)
     suite = ["-m", "adapter_plus_jax", "suite"]
-    args = ["run", "--benchmark=folders", f"--root={tmp_path / 'tasks'}", "--seeds=18,45",
+    args = ["run", "--benchmark=folders", f"--root={tmp_path / 'tasks'}", "--seeds=18",
             "--config-args=epochs=2", *TINY_VIT, "--config.batch_size=6",
             "--config.eval_batch_size=4"]  # fmt: skip
     sharded, whole = tmp_path / "sharded", tmp_path / "whole"
@@ -248,7 +248,7 @@ def test_suite_shards_run_as_concurrent_jobs_on_one_workdir(tmp_path: Path) -> N
     assert finish(job) == [0, 0], output(whole, 0) + output(whole, 1)
     logs = "".join((tmp_path / f"shard{i}.log").read_text() for i in range(2))
     for task in ("t0", "t1"):
-        for seed in (18, 45):
+        for seed in (18,):
             assert logs.count(f"] {task} seed {seed}: running in") == 1, logs
             for workdir in (sharded, whole):
                 metrics = read_metrics(workdir / task / f"seed{seed}")
