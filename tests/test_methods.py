@@ -433,9 +433,11 @@ def test_trainable_counts_on_vit_b16() -> None:
 @pytest.mark.parametrize("method", ["bitfit", "ln_tune", "ssf", "ia3", "lora_linear", "dora",
                                     "vera", "fact_tt", "fact_tk"])  # fmt: skip
 def test_every_method_is_a_config_argument(method: str) -> None:
-    """configs/vtab.py:dtd,method=NAME and the folder config take each method, with the rank
-    from dim=; the config checks and builds its spec."""
+    """configs/vtab.py, fgvc.py, tfds.py and folder.py take each method as method=NAME, with
+    the rank from dim=; the config checks and builds its spec."""
     for arg in (f"configs/vtab.py:dtd,method={method},dim=4",
+                f"configs/fgvc.py:cub,method={method},dim=4",
+                f"configs/tfds.py:cifar10,method={method},dim=4",
                 f"configs/folder.py:/tmp/x,method={method},dim=4"):  # fmt: skip
         config = cfglib.load_config(arg)
         cfglib.validate(config)
