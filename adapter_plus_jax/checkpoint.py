@@ -138,6 +138,10 @@ class Checkpointer:
         shutil.move(str(self.directory / str(step)), str(target))
         self._manager.reload()
 
+    def reload(self) -> None:
+        """See the checkpoints as they are on disk now (another process may have moved some)."""
+        self._manager.reload()
+
     def close(self) -> None:
         self._manager.close()
 

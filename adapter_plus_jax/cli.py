@@ -135,22 +135,30 @@ def train(argv: Sequence[str], prog: str = "apj train") -> int:
     except ValueError as e:
         parser.error(str(e))
     args = parser.parse_args(cfglib.dashed(rest))
+    try:
+        cluster = distributed.cluster_from_args(args)
+    except ValueError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    # A multi-process run: this process watches a child that runs the command (before the
+    # console is set up: the child sets up its own).
+    if cluster is not None and (
+        status := distributed.supervised(prog, cluster, ["train", *argv])
+    ) is not None:
+        return status
     from adapter_plus_jax import console
 
     console.show_libraries() if args.verbose else console.quiet_libraries()
     try:
-        cluster = distributed.cluster_from_args(args)
         config = cfglib.load_config(args.config)
         cfglib.apply_overrides(config, overrides)
     except ValueError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
-    if cluster is not None and (status := distributed.supervised(prog, cluster)) is not None:
-        return status
     from adapter_plus_jax import runner
 
     try:
-        with distributed.failing_together():
+        with distributed.failing_together(prog):
             runner.run(config, args.workdir, args.eval_only, args.allow_config_change, cluster)
     except (runner.SetupError, FloatingPointError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)

@@ -45,7 +45,8 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 
 import jax
 
@@ -200,23 +201,26 @@ def _client():
 _shared = 0  # calls of from_process_zero, the same sequence in every process
 
 
-def from_process_zero(key: str, value: str) -> str:
-    """Process 0's `value` in every process (each passes its own; only process 0's is used).
-    Every process must make the same calls in the same order."""
+def from_process_zero(what: str, value: str) -> str:
+    """Process 0's `value` of `what` in every process (each passes its own; only process 0's is
+    used). Every process must make the same calls in the same order."""
     global _shared
     if jax.process_count() == 1:
         return value
-    _shared += 1
-    client, key = _client(), f"apj/shared/{_shared}/{key}"
+    _shared += 1  # the key is the call's number: `key` names it in error messages only
+    client, key = _client(), f"apj/shared/{_shared}"
     if jax.process_index() == 0:
         client.key_value_set(key, value, allow_overwrite=True)
         return value
-    return client.blocking_key_value_get(key, int(1000 * (STALE_S + init_timeout())))
+    try:
+        return client.blocking_key_value_get(key, int(1000 * (STALE_S + init_timeout())))
+    except Exception as e:  # process 0 never got there: it failed, and the watchdog says why
+        raise SetupError(f"process 0 did not share {what} ({_first(e)}).") from None
 
 
 class _Watchdog(threading.Thread):
-    """Heartbeats through JAX's key-value store; notices a process that stopped. A process
-    that ends normally says so ("done") at exit, before JAX's own shutdown."""
+    """Heartbeats through JAX's key-value store; notices a process that stopped or failed. A
+    process says at its end whether it ended normally ("done") or failed ("failed: ...")."""
 
     def __init__(self, me: int, count: int) -> None:
         super().__init__(name="apj-watchdog", daemon=True)
@@ -224,33 +228,49 @@ class _Watchdog(threading.Thread):
         self.lost: str | None = None
         self.decided = threading.Event()
         self._stopping = threading.Event()
+        self._failed: str | None = None
 
     def run(self) -> None:
-        client, beat = _client(), 0
-        seen = {p: ("", time.monotonic()) for p in range(self.count) if p != self.me}
+        client, beat, started = _client(), 0, time.monotonic()
+        seen = {p: ("", started) for p in range(self.count) if p != self.me}
         while not self._stopping.is_set():
             beat += 1
             try:
                 client.key_value_set(f"apj/alive/{self.me}", str(beat), allow_overwrite=True)
-                for p, (last, since) in seen.items():
-                    value, now = _try_get(client, f"apj/alive/{p}"), time.monotonic()
-                    if value != last or value == "done":
-                        seen[p] = (value, now)
-                    elif now - since > STALE_S:
-                        self._stop_with(f"process {p} of {self.count} stopped (no heartbeat for "
-                                        f"{now - since:.0f} s)")  # fmt: skip
+                values = dict(client.key_value_dir_get("apj/alive/"))
             except Exception as e:  # the coordinator (process 0) no longer answers
                 if self._stopping.is_set():
                     return
                 self._stop_with(f"lost the coordinator, process 0 of {self.count} ({_first(e)})")
+                return
+            now = time.monotonic()
+            for p, (last, since) in seen.items():
+                value = values.get(f"apj/alive/{p}", "")
+                if value.startswith("failed: "):
+                    self._stop_with(f"process {p} of {self.count} failed: {value[8:]}")
+                elif value != last or value == "done":
+                    seen[p] = (value, now)
+                # a process not seen yet may still be starting its backend
+                elif now - since > STALE_S + (0 if last else init_timeout()):
+                    self._stop_with(f"process {p} of {self.count} stopped (no heartbeat for "
+                                    f"{now - since:.0f} s)")  # fmt: skip
             self._stopping.wait(BEAT_S)
 
-    def stop(self) -> None:
-        """This process ends normally: no more watching; the others are told."""
-        self._stopping.set()
-        self.join()
+    def fail(self, reason: str) -> None:
+        """This process is failing: the others are told why, and stop too."""
+        self._failed = reason[:300]
         with contextlib.suppress(Exception):
-            _client().key_value_set(f"apj/alive/{self.me}", "done", allow_overwrite=True)
+            _client().key_value_set(f"apj/alive/{self.me}", f"failed: {self._failed}",
+                                    allow_overwrite=True)  # fmt: skip
+
+    def stop(self) -> None:
+        """This process ends: no more watching; the others are told how it ended."""
+        self._stopping.set()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join()
+        status = "done" if self._failed is None else f"failed: {self._failed}"
+        with contextlib.suppress(Exception):
+            _client().key_value_set(f"apj/alive/{self.me}", status, allow_overwrite=True)
 
     def _stop_with(self, reason: str) -> None:
         self.lost = reason
@@ -259,44 +279,55 @@ class _Watchdog(threading.Thread):
               "command to resume from the last good checkpoint.")  # fmt: skip
 
 
-def _try_get(client, key: str) -> str:
-    """The value of `key`, or '' if it was never set."""
-    try:
-        return client.key_value_try_get(key)
-    except Exception as e:
-        if "NOT_FOUND" in str(e) or "not found" in str(e).lower():
-            return ""
-        raise
-
-
 def _first(error: BaseException) -> str:
     lines = str(error).strip().splitlines()
     return (lines[0] if lines else type(error).__name__)[:200]
 
 
-def _exit(line: str, status: int = 1) -> None:
-    """Print one line and end the process at once: JAX's exit handlers would wait for the lost
-    process at a shutdown barrier, then abort with a page of C++ log."""
+_exiting = threading.Lock()
+_prog: str | None = None  # the command's name for `_exit`'s line (`failing_together` sets it)
+
+
+def _exit(line: str, status: int = 1, prog: str | None = None) -> None:
+    """Print one line and end the process at once: JAX's exit handlers would wait for the
+    others at a shutdown barrier, then abort with a page of C++ log. One line per process,
+    whichever thread comes first."""
+    if not _exiting.acquire(blocking=False):
+        time.sleep(60)  # the other thread is ending the process
     sys.stdout.flush()
-    print(f"{os.path.basename(sys.argv[0]) or 'apj'}: {line}", file=sys.stderr, flush=True)
+    prog = prog or _prog or "apj"
+    print(f"{prog}: {line}", file=sys.stderr, flush=True)
     os._exit(status)
 
 
+BAD_INPUT = (ValueError, KeyError, FileNotFoundError, FloatingPointError)  # SetupError too
+
+
 @contextlib.contextmanager
-def failing_together() -> Iterator[None]:
-    """Around a multi-process run's work: an exception caused by a lost process (a collective
-    whose peer is gone) ends this process with the watchdog's one line; any other exception is
-    printed with its traceback and ends the process without waiting for the others at exit."""
+def failing_together(prog: str) -> Iterator[None]:
+    """Around a multi-process run's work (outside one, it changes nothing): bad input, a
+    diverged loss or an interrupt end this process with one line, and tell the others, which
+    stop too; an exception caused by a lost process (a collective whose peer is gone) ends it
+    with the watchdog's line; any other is printed with its traceback. Either way the process
+    ends at once, without waiting for the others at JAX's exit."""
+    global _prog
+    _prog = prog
     try:
         yield
-    except SetupError:
-        raise  # every process sees the same bad input: they stop together, normally
-    except BaseException:
+    except BaseException as e:
         if _watchdog is None:
             raise
+        if isinstance(e, KeyboardInterrupt):
+            _watchdog.fail("interrupted")
+            _exit("interrupted.", 130, prog)
+        if isinstance(e, BAD_INPUT):
+            _watchdog.fail(_first(e))
+            _exit(f"error: {str(e).strip() or type(e).__name__}", 1, prog)
         if not _watchdog.decided.wait(STALE_S + 2 * BEAT_S):
             traceback.print_exc()
-            _exit("error: this process failed (traceback above); the others stop with it.")
+            _watchdog.fail(f"{type(e).__name__}: {_first(e)}")
+            _exit("error: this process failed (traceback above); the others stop with it.", 1,
+                  prog)  # fmt: skip
         time.sleep(60)  # the watchdog ends the process
 
 
@@ -304,23 +335,32 @@ def failing_together() -> Iterator[None]:
 # The parent that watches a multi-process command.
 
 SUPERVISED_ENV = "ADAPTER_PLUS_JAX_SUPERVISED"  # in the child: the file for JAX's C++ log
+# The child: `apj COMMAND ARGS` under the parent's name (PROG COMMAND ARGS in its argv).
+_CHILD = (
+    "import sys; from adapter_plus_jax.cli import run_command; "
+    "sys.exit(run_command(sys.argv[2], sys.argv[3:], sys.argv[1]))"
+)
 _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 
 
-def supervised(prog: str, cluster: Cluster) -> int | None:
+def supervised(prog: str, cluster: Cluster, command: Sequence[str]) -> int | None:
     """In the child of a --distributed command: send JAX's C++ log (file descriptor 2) to the
     file the parent named, keep Python's stderr on the console, and return None (go on). In the
-    parent: run this same command line as the child, forward signals to it, and return the
-    exit status; a child that died of a signal is explained in one line."""
+    parent: run `apj COMMAND...` (`command`: the command and its arguments, from this same
+    package) as the child, forward signals to it, and return the exit status; a child that
+    died of a signal is explained in one line."""
     path = os.environ.get(SUPERVISED_ENV)
     if path:
         _native_log_to(path)
         return None
     fd, path = tempfile.mkstemp(prefix=f"apj-{os.getpid()}-", suffix=".native.log")
     os.close(fd)
-    argv = [sys.executable, *getattr(sys, "orig_argv", [sys.executable, *sys.argv])[1:]]
-    child = subprocess.Popen(argv, env={**os.environ, SUPERVISED_ENV: path},
-                             preexec_fn=_die_with_parent)  # fmt: skip
+    package_root = str(Path(__file__).resolve().parents[1])
+    pythonpath = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, SUPERVISED_ENV: path, "PYTHONPATH": pythonpath}
+    # Its own session: a terminal's Ctrl-C reaches the parent only, which passes it on once.
+    child = subprocess.Popen([sys.executable, "-c", _CHILD, prog, *command], env=env,
+                             preexec_fn=_die_with_parent, start_new_session=True)  # fmt: skip
     for sig in _FORWARDED:
         signal.signal(sig, lambda number, _: child.send_signal(number))
     status = child.wait()

@@ -9,7 +9,8 @@ identity, without the backbone.
 The run's newest good checkpoint is read without touching the workdir (a run may still be
 going there); the backbone is built as the run built it, to hash its weights. `--merge`
 (also spelled `--merge-lora`) folds a LoRA run's branches, or a `tuning` method (LoRA on linear
-layers, DoRA, (IA)3, VeRA, SSF), into the backbone's weights and writes the whole plain ViT.
+layers, DoRA, (IA)3, VeRA, SSF, FacT), into the backbone's weights and writes the whole plain
+ViT.
 """
 
 from __future__ import annotations
@@ -108,8 +109,8 @@ def export_run(
     foldable = (config.lora or config.get("tune")) and not (config.adapter or config.prompt)
     if merge and not (foldable and not (config.lora and config.get("tune"))):
         raise SetupError(
-            f"--merge needs a run of lora, lora_linear, dora, ia3, vera or ssf; {workdir} is "
-            f"{config.method}."
+            f"--merge needs a run of lora, lora_linear, dora, ia3, vera, ssf, fact_tt or "
+            f"fact_tk; {workdir} is {config.method}."
         )
     # A head padded for training (`params.head_width`) is cut back to the dataset's classes.
     num_classes = int(meta.get("num_classes") or trained["head"]["kernel"].shape[-1])

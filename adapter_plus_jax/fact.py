@@ -25,6 +25,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 KINDS = ("fact_tt", "fact_tk")
@@ -85,11 +86,16 @@ def core_fan_in(layer: str, rank: int) -> int:
     return 4 * rank if layer == "fc2" else rank
 
 
+def _xp(*arrays: Any) -> Any:
+    """numpy for numpy arrays (`tuning.merge`, in float64), else jax.numpy."""
+    return np if all(isinstance(a, np.ndarray) for a in arrays) else jnp
+
+
 def layer_core(cores: jax.Array, layer: str) -> jax.Array:
     """A FacT-TK layer's core from its block's 12 (r x r x 12), in `core_shape`'s layout."""
     r = cores.shape[0]
     if layer == "qkv":
-        return jnp.moveaxis(cores[:, :, 0:3], -1, 0)
+        return _xp(cores).moveaxis(cores[:, :, 0:3], -1, 0)
     if layer == "proj":
         return cores[:, :, 3]
     if layer == "fc1":
@@ -109,7 +115,7 @@ def delta(
     else:
         ux = x @ u
     if layer == "qkv":
-        out = jnp.concatenate([drop(ux @ core[j]) @ v for j in range(3)], axis=-1)
+        out = _xp(x, u, v, core).concatenate([drop(ux @ core[j]) @ v for j in range(3)], axis=-1)
     elif layer == "fc1":
         out = (drop(ux @ core).reshape(*lead, 4, r) @ v).reshape(*lead, 4 * v.shape[-1])
     else:

@@ -67,6 +67,11 @@ def unwrap(model: Any) -> tuple[Any, TuneSpec, dict[str, np.ndarray]]:
     state = {k: v.detach().cpu().numpy() for k, v in base.state_dict().items()}
     out: dict[str, np.ndarray] = {}
     for key, value in state.items():
+        if key.startswith("head.original_module."):  # modules_to_save=["head"]: the copy trains
+            continue
+        if key.startswith("head.modules_to_save.default."):
+            out[f"head.{key.rsplit('.', 1)[1]}"] = value
+            continue
         m = _KEY.fullmatch(key)
         if m is None or m[3] in ("weight", "bias"):
             out[key] = value
@@ -92,9 +97,7 @@ def _targets(base: Any) -> tuple[str, ...]:
         if others:
             raise PeftConversionError(f"blocks.{i}: peft wraps {others}; only {list(_LAYERS)}.")
         per_block.append(wrapped)
-    outside = [
-        n for n, m in base.named_modules() if _is_tuner(m) and not n.startswith("blocks.")
-    ]
+    outside = [n for n, m in base.named_modules() if _is_tuner(m) and not n.startswith("blocks.")]
     if outside:
         raise PeftConversionError(
             f"peft wraps {outside} (a target name like 'proj' also matches patch_embed.proj): "
@@ -139,15 +142,29 @@ def _spec(config: Any, targets: tuple[str, ...], base: Any) -> TuneSpec:
 
 def to_peft(params: Mapping[str, Any], peft_model: Any) -> dict[str, Any]:
     """Our trained `tuning` parameters and head as a state dict for `peft_model.load_state_dict(
-    sd, strict=False)` (VeRA's fixed matrices stay peft's: they are the same)."""
+    sd, strict=False)`. VeRA's fixed matrices must be the peft model's (parameters converted
+    from it): PeftConversionError otherwise."""
     import torch
 
     flat = {"/".join(k): np.asarray(v, np.float32) for k, v in
             traverse_util.flatten_dict(dict(params)).items()}  # fmt: skip
     out = {}
-    for key, value in peft_model.state_dict().items():
+    state = peft_model.state_dict()
+    for key, value in state.items():
         m = _KEY.search(key)
-        if m is not None and m[3] in _NAMES and not m[3].startswith(("vera_A", "vera_B")):
+        if m is not None and m[3].startswith(("vera_A", "vera_B")):
+            ours, convert = _NAMES[m[3]]
+            weight = state[key.replace(m[3], "base_layer.weight")].shape
+            layer = "/".join(("attn" if m[2].startswith("attn") else "mlp", _LAYERS[m[2]]))
+            theirs = convert(value.detach().cpu().numpy(), weight)
+            if not np.allclose(flat[f"blocks_{m[1]}/{layer}/{ours}"], theirs, atol=1e-6):
+                raise PeftConversionError(
+                    f"{key}: VeRA's fixed random matrices differ from this peft model's (a VeRA "
+                    "run trained here draws its own); only parameters converted from this "
+                    "peft model export back into it."
+                )
+            continue
+        if m is not None and m[3] in _NAMES:
             ours, _ = _NAMES[m[3]]
             layer = "/".join(("attn" if m[2].startswith("attn") else "mlp", _LAYERS[m[2]]))
             mine = flat[f"blocks_{m[1]}/{layer}/{ours}"]

@@ -175,6 +175,8 @@ def run_in(
     ckpt = Checkpointer(workdir)
     try:
         resume = check_resume(ckpt, config, allow_config_change)
+        if jax.process_count() > 1:
+            _resume_together(ckpt, resume)
         if eval_only and resume is None:
             raise SetupError(f"--eval-only: no checkpoint in {ckpt.directory}.")
         results_path = workdir / RESULTS_FILE
@@ -305,6 +307,20 @@ def run(
             lock.release()
 
 
+def _resume_together(ckpt: Checkpointer, resume: Resume | None) -> None:
+    """Every process resumes from process 0's choice of checkpoint (which may have moved
+    damaged ones aside): SetupError where another process sees the checkpoints otherwise."""
+    mine = str(resume.step) if resume else "none"
+    chosen = distributed.from_process_zero("the checkpoint to resume from", mine)
+    ckpt.reload()
+    if chosen != mine:
+        raise SetupError(
+            f"Process {jax.process_index()} would resume from checkpoint {mine} of "
+            f"{ckpt.directory}, process 0 from {chosen}: every host must see the same workdir "
+            "(a shared filesystem, the same path)."
+        )
+
+
 def _lock_together(lock: WorkdirLock | None, workdir: Path) -> None:
     """Process 0 takes the workdir's lock (`lock`; None in the other processes), and every
     process of the run raises the same SetupError when it is held by another run."""
@@ -314,7 +330,7 @@ def _lock_together(lock: WorkdirLock | None, workdir: Path) -> None:
             lock.acquire()
         except SetupError as e:
             refusal = str(e)
-    refusal = distributed.from_process_zero(f"lock {workdir.absolute()}", refusal)
+    refusal = distributed.from_process_zero("the workdir's lock", refusal)
     if refusal:
         raise SetupError(refusal)
 

@@ -52,7 +52,6 @@ from adapter_plus_jax.config import (
     load_config,
     split_overrides,
 )
-from adapter_plus_jax.errors import SetupError
 from adapter_plus_jax.report import FAILED_JSON, PLOT_PNG, SUITE_JSON, report
 from adapter_plus_jax.workdir import write_json_atomic
 
@@ -122,7 +121,7 @@ def write_suite_json(workdir: Path, settings: dict[str, Any]) -> None:
                 _update_suite_json(workdir, settings)
             except ValueError as e:
                 refusal = str(e)
-    refusal = distributed.from_process_zero(f"suite {workdir.absolute()}", refusal)
+    refusal = distributed.from_process_zero("the suite's settings", refusal)
     if refusal:
         raise ValueError(refusal)
 
@@ -160,8 +159,8 @@ def run_suite(
     `cluster`, each run over every process of a multi-process job (`runner.run`).
 
     A failing run is reported and the next one started; returns the failed (task, seed) pairs.
-    In a multi-process job, only failures that every process sees alike (bad input, a diverged
-    loss) are passed over; any other ends the job (`distributed.failing_together`).
+    In a multi-process job a failing run ends the job, in every process
+    (`distributed.failing_together`); a rerun skips the finished runs.
     """
     from adapter_plus_jax import runner
 
@@ -179,25 +178,28 @@ def run_suite(
     )
     # Build every config before the first run, so that a bad override fails at once.
     runs = shard_runs(tasks, seeds, *shard)
-    if cluster is not None:
-        distributed.initialize(cluster)
     configs = {
         (t, s): make_config(bench, t, s, method, config_args, overrides, config_file)
         for t, s in runs
     }
+    if cluster is not None:
+        distributed.initialize(cluster)
     write_suite_json(workdir, settings)
     failed = []
     for i, (task, seed) in enumerate(runs, 1):
         where = run_dir(workdir, task, seed)
         head = f"[{i}/{len(runs)}] {task} seed {seed}"
-        if (where / "results.json").is_file():
+        done = (where / "results.json").is_file()
+        if jax.process_count() > 1:  # process 0 decides for all: their views may lag
+            done = distributed.from_process_zero("skip", "yes" if done else "") == "yes"
+        if done:
             print(f"{head}: done already, skipped", flush=True)
             continue
         print(f"{head}: running in {where}", flush=True)
         try:
             runner.run(configs[task, seed], where, cluster=cluster)
         except Exception as e:  # keep going: one broken task should not stop an array job's others
-            if jax.process_count() > 1 and not isinstance(e, (SetupError, FloatingPointError)):
+            if jax.process_count() > 1:  # the processes cannot know they failed alike
                 raise
             error = (
                 f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
@@ -311,20 +313,25 @@ def _select_rank(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None, prog: str = "apj suite") -> int:
     """Run the command; returns the exit status (2 for bad input, 1 if some runs failed)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv, prog)
     try:
         if args.command == "report":
             report(args.workdir, args.benchmark, args.results_md, args.plot, args.note)
             return 0
+        cluster = distributed.cluster_from_args(args) if args.command == "run" else None
+        # A multi-process job: this process watches a child that runs the command.
+        if (
+            cluster is not None
+            and (status := distributed.supervised(prog, cluster, ["suite", *argv])) is not None
+        ):
+            return status
         from adapter_plus_jax import console
 
         console.show_libraries() if args.verbose else console.quiet_libraries()
         if args.command == "select-rank":
             return _select_rank(args)
-        cluster = distributed.cluster_from_args(args)
-        if cluster is not None and (status := distributed.supervised(prog, cluster)) is not None:
-            return status
-        with distributed.failing_together():
+        with distributed.failing_together(prog):
             failed = run_suite(
                 benchmark(args.benchmark, args.root),
                 args.workdir,

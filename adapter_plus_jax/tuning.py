@@ -319,7 +319,8 @@ def _fact_delta_weight(spec: TuneSpec, layer: tuple, flat: dict, fan_in: int) ->
     if spec.kind == "fact_tt":
         core = flat[(*layer, "fact_core")]
     else:
-        core = fact.layer_core(np.asarray(fact.for_block(shared, block)["cores"]), layer[-1])
+        core = fact.layer_core(shared["core"] @ shared["factors"][
+            :, fact.PER_BLOCK * block : fact.PER_BLOCK * (block + 1)], layer[-1])  # fmt: skip
     delta = fact.delta(np.eye(fan_in), layer[-1], shared["u"], shared["v"], np.asarray(core),
                        lambda t: t, spec.fact_scale)  # fmt: skip
     return np.asarray(delta, np.float64)

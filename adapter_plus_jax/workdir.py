@@ -55,6 +55,10 @@ RESUMABLE_KEYS = frozenset(
     }
 )
 
+# Config fields added after checkpoints were made, with the value that means what those
+# checkpoints did: they resume as they were made.
+ADDED_FIELDS: dict[str, Any] = {"tune": None}
+
 
 def write_json_atomic(path: Path, value: Any) -> None:
     """Write JSON through a temporary file and a rename, so a reader never sees half of it."""
@@ -298,6 +302,8 @@ def check_resume(
         # Made before heads were padded: it continues unpadded, as it was made.
         saved = {**saved, "model": {**saved["model"], "head_width": -1}}
         config.model.head_width = -1
+    for key, value in ADDED_FIELDS.items():  # fields that checkpoints made before them lack
+        saved = saved if key in saved else {**saved, key: value}
     changes = config_changes(saved, config)
     if changes and not allow_config_change:
         raise SetupError(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import re
 
 import jax
@@ -147,6 +148,24 @@ def test_our_parameters_export_back_into_the_peft_model(kind: str) -> None:
     x, _ = inputs(2)
     ours = module.apply({"params": params}, x.permute(0, 2, 3, 1).numpy())
     np.testing.assert_allclose(reference(x).detach().numpy(), ours, atol=2e-5)
+
+
+def test_a_trained_head_in_modules_to_save_converts_and_vera_matrices_must_match() -> None:
+    """peft's modules_to_save=["head"] (its usual classification setup) converts with the
+    trained copy of the head; parameters whose VeRA matrices are not the peft model's are
+    refused by `to_peft` (they would silently compute something else)."""
+    config = peft.VeraConfig(r=4, target_modules=["qkv"], modules_to_save=["head"])
+    reference = peft.get_peft_model(tiny_timm(), config).eval()
+    with torch.no_grad():
+        reference.base_model.model.head.modules_to_save["default"].weight.add_(1.0)
+    module, variables = from_timm(reference)
+    x, _ = inputs(2)
+    ours = module.apply(variables, x.permute(0, 2, 3, 1).numpy())
+    np.testing.assert_allclose(reference(x).detach().numpy(), ours, atol=2e-5)
+    flat = traverse_util.flatten_dict(variables["params"])
+    flat[("blocks_0", "attn", "qkv", "vera_a")] = flat[("blocks_0", "attn", "qkv", "vera_a")] + 1
+    with pytest.raises(PeftConversionError, match="VeRA's fixed random matrices differ"):
+        to_peft(traverse_util.unflatten_dict(flat), reference)
 
 
 def trainable_mask_of(path: tuple[str, ...]) -> bool:
@@ -448,7 +467,7 @@ def test_every_method_is_a_config_argument(method: str) -> None:
             assert spec.dim == (4 if spec.kind in ("lora", "dora", "vera", *fact.KINDS) else 8)
 
 
-def test_runs_of_the_new_methods_export_predict_and_serve(tmp_path) -> None:
+def test_runs_of_the_new_methods_export_predict_and_serve(tmp_path, capsys) -> None:
     """The demo trained with DoRA and with BitFit (1 epoch): each exported task, served in one
     TaskSet, has its run's test accuracy, and so has the DoRA run exported merged (a plain
     ViT); the tasks that change the backbone (DoRA's layers, BitFit's biases) are served in
@@ -456,7 +475,8 @@ def test_runs_of_the_new_methods_export_predict_and_serve(tmp_path) -> None:
     from runs import tiny_demo
     from test_export import _test_split
 
-    from adapter_plus_jax import export, runner
+    from adapter_plus_jax import export, predict, runner
+    from adapter_plus_jax.data import demo
     from adapter_plus_jax.serving import TaskSet
     from adapter_plus_jax.task import load_backbone, read_task
 
@@ -477,3 +497,10 @@ def test_runs_of_the_new_methods_export_predict_and_serve(tmp_path) -> None:
     for i, accuracy in enumerate(accuracies):
         logits = serving.logits(images, [i] * len(labels))
         assert np.mean(np.argmax(np.stack(logits), -1) == labels) == pytest.approx(accuracy)
+    # apj predict with the three tasks at once, on image files.
+    demo.write_test_images(tmp_path / "images", 4)
+    tasks_args = [a for name in ("dora_task", "bitfit_task", "dora_merged")
+                  for a in ("--task", str(tmp_path / name))]  # fmt: skip
+    assert predict.main([*tasks_args, "--json", str(tmp_path / "images")]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(records) == 4 * 3 and all("predictions" in r for r in records)
