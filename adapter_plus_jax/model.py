@@ -306,6 +306,11 @@ class VisionTransformer(nn.Module):
         block_cls = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
         shared = None
         if self.tune is not None and self.tune.kind in fact_lib.KINDS:
+            if cfg.mlp_dim != 4 * cfg.embed_dim:
+                raise ValueError(
+                    f"FacT splits the MLP into 4 chunks of the width: it needs mlp_dim = 4 x "
+                    f"embed_dim, and this ViT has {cfg.mlp_dim} and {cfg.embed_dim}."
+                )
             shared = fact_lib.FactShared(self.tune.kind, self.tune.dim, cfg.embed_dim, cfg.depth,
                                          name="fact")()  # fmt: skip
         for i in range(cfg.depth):

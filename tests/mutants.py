@@ -529,8 +529,8 @@ MUTANTS = [
     Mutant(
         "fact_tk_core_columns",
         "FacT-TK's q, k, v cores taken from columns 1..3 of the block's 12 (proj's in q's place)",
-        *_one("adapter_plus_jax/fact.py", "return jnp.moveaxis(cores[:, :, 0:3], -1, 0)",
-              "return jnp.moveaxis(cores[:, :, 1:4], -1, 0)"),  # fmt: skip
+        *_one("adapter_plus_jax/fact.py", "return _xp(cores).moveaxis(cores[:, :, 0:3], -1, 0)",
+              "return _xp(cores).moveaxis(cores[:, :, 1:4], -1, 0)"),  # fmt: skip
         tests=(f"{METHODS_T}::test_fact_computes_what_its_papers_code_computes",),
         select="fact_tk",
     ),

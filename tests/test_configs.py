@@ -195,6 +195,7 @@ def test_every_method_is_reachable_from_the_configs(method: str) -> None:
         prompt=peft.PromptSpec.from_config(c.prompt) if c.prompt else None,
         train_mode=c.train_mode,
         lr=c.lr,
+        tune=peft.TuneSpec.from_config(c.tune) if c.tune else None,
     )
     assert got == expected
 

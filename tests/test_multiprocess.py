@@ -56,7 +56,10 @@ def start(
 ) -> subprocess.Popen:
     """`script args` in a process with `devices` CPU devices; `process` (id, count, port): one
     process of a --distributed run. Output in `log` (default WORKDIR.<id>.log)."""
+    # XLA's own CPU dots: programs with oneDNN's cannot be stored in the compilation cache,
+    # and the runs here compile the same few programs again and again.
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1",
+           "ADAPTER_PLUS_JAX_CPU_DOTS": "xla",
            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}  # fmt: skip
     cmd = [sys.executable, *script, *args]
     if process is not None:

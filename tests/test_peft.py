@@ -340,9 +340,10 @@ def test_merge_lora_without_lora_is_a_no_op() -> None:
 def test_every_method_builds_a_model_that_runs(name: str) -> None:
     method = peft.METHODS[name]
     cfg = ViTConfig(
-        img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_dim=64, num_classes=3
-    )
-    module = VisionTransformer(cfg, adapter=method.adapter, lora=method.lora, prompt=method.prompt)
+        img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_dim=128, num_classes=3
+    )  # FacT needs mlp_dim = 4 x embed_dim
+    module = VisionTransformer(cfg, adapter=method.adapter, lora=method.lora, prompt=method.prompt,
+                               tune=method.tune)  # fmt: skip
     x = np.ones((2, 16, 16, 3), np.float32)
     variables = module.init(jax.random.key(0), x)
     assert module.apply(variables, x).shape == (2, 3)
