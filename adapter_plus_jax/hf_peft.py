@@ -20,6 +20,7 @@ peft-trained biases). peft's names map to ours per layer (W: the layer's base we
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -65,6 +66,10 @@ def unwrap(model: Any) -> tuple[Any, TuneSpec, dict[str, np.ndarray]]:
     base = model.base_model.model
     spec = _spec(config, _targets(base), base)
     state = {k: v.detach().cpu().numpy() for k, v in base.state_dict().items()}
+    if hasattr(base.head, "modules_to_save"):  # modules_to_save=["head"]: its trained copy
+        view = copy.copy(base)  # the model, seen with that copy as its head (not changed)
+        view._modules = {**base._modules, "head": base.head.modules_to_save["default"]}
+        base = view
     out: dict[str, np.ndarray] = {}
     for key, value in state.items():
         if key.startswith("head.original_module."):  # modules_to_save=["head"]: the copy trains

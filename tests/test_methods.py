@@ -499,6 +499,7 @@ def test_runs_of_the_new_methods_export_predict_and_serve(tmp_path, capsys) -> N
         assert np.mean(np.argmax(np.stack(logits), -1) == labels) == pytest.approx(accuracy)
     # apj predict with the three tasks at once, on image files.
     demo.write_test_images(tmp_path / "images", 4)
+    capsys.readouterr()  # the runs' own lines
     tasks_args = [a for name in ("dora_task", "bitfit_task", "dora_merged")
                   for a in ("--task", str(tmp_path / name))]  # fmt: skip
     assert predict.main([*tasks_args, "--json", str(tmp_path / "images")]) == 0

@@ -159,7 +159,8 @@ def test_two_processes_of_two_devices_train_as_one_process_of_four(tmp_path: Pat
 def test_a_killed_process_stops_the_other_and_the_run_resumes(
     uninterrupted: Path, tmp_path: Path
 ) -> None:
-    """SIGKILL the coordinator (process 0) mid-run: process 1 ends within 60 s with one line.
+    """SIGKILL the coordinator (process 0) mid-run: process 1 ends within 60 s with one line
+    (from its watchdog, or from the parent when JAX's client ended it).
     A second 2-process run on the busy workdir is refused. Both rerun: the run resumes and ends
     bit-identical to the uninterrupted 2-process run; resumed by one process with both devices
     instead, it ends bit-identical too (the data order depends on the global batch only)."""
@@ -174,7 +175,8 @@ def test_a_killed_process_stops_the_other_and_the_run_resumes(
     assert procs[1].wait(timeout=90) == 1
     assert time.monotonic() - killed_at < 60
     lines = [line for line in output(killed, 1).splitlines() if "error" in line.lower()]
-    assert len(lines) == 1 and "coordinator (process 0)" in lines[0], output(killed, 1)
+    # Its watchdog or JAX's client, whichever notices first: one line either way.
+    assert len(lines) == 1 and "coordinator" in lines[0] and "process 0" in lines[0], lines
     assert "Traceback" not in output(killed, 1) and "@     0x" not in output(killed, 1)
     procs[0].wait()
     assert not (killed / "results.json").exists()
