@@ -320,7 +320,7 @@ def failing_together(prog: str) -> Iterator[None]:
         if isinstance(e, KeyboardInterrupt):
             _watchdog.fail("interrupted")
             _exit("interrupted.", 130, prog)
-        if isinstance(e, BAD_INPUT):
+        if isinstance(e, BAD_INPUT) and not _collective_failed(e):
             _watchdog.fail(_first(e))
             _exit(f"error: {str(e).strip() or type(e).__name__}", 1, prog)
         if not _watchdog.decided.wait(STALE_S + 2 * BEAT_S):
@@ -329,6 +329,19 @@ def failing_together(prog: str) -> Iterator[None]:
             _exit("error: this process failed (traceback above); the others stop with it.", 1,
                   prog)  # fmt: skip
         time.sleep(60)  # the watchdog ends the process
+
+
+def _collective_failed(error: BaseException) -> bool:
+    """Whether `error` or one it was raised from is a failed collective or runtime call (a
+    lost peer, typically, even inside a checkpoint's save): the watchdog says which."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, jax.errors.JaxRuntimeError) or any(
+            word in str(seen) for word in ("Gloo", "NCCL", "UNAVAILABLE")
+        ):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 # ----------------------------------------------------------------------------------------------
