@@ -20,7 +20,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from adapter_plus_jax import backend, distributed
+from adapter_plus_jax import backend, distributed, supervisor
 from adapter_plus_jax import config as cfglib
 
 
@@ -142,9 +142,10 @@ def train(argv: Sequence[str], prog: str = "apj train") -> int:
         return 1
     # A multi-process run: this process watches a child that runs the command (before the
     # console is set up: the child sets up its own).
-    if cluster is not None and (
-        status := distributed.supervised(prog, cluster, ["train", *argv])
-    ) is not None:
+    if (
+        cluster is not None
+        and (status := supervisor.supervised(prog, cluster, ["train", *argv])) is not None
+    ):
         return status
     from adapter_plus_jax import console
 

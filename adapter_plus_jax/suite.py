@@ -43,7 +43,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from adapter_plus_jax import distributed
+from adapter_plus_jax import distributed, supervisor
 from adapter_plus_jax.benchmark import BENCHMARKS, Benchmark, benchmark
 from adapter_plus_jax.config import (
     OVERRIDES_HELP,
@@ -323,7 +323,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "apj suite") -> int:
         # A multi-process job: this process watches a child that runs the command.
         if (
             cluster is not None
-            and (status := distributed.supervised(prog, cluster, ["suite", *argv])) is not None
+            and (status := supervisor.supervised(prog, cluster, ["suite", *argv])) is not None
         ):
             return status
         from adapter_plus_jax import console

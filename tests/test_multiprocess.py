@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -110,6 +111,27 @@ def assert_written_once(workdir: Path, reference: Path, epochs: int) -> None:
     assert names == [str((epochs - 1) * STEPS), str(epochs * STEPS)]
 
 
+def kill_and_watch(
+    procs: list[subprocess.Popen], workdir: Path, victim: int, ready: Callable[[], bool]
+) -> str:
+    """SIGKILL process `victim` of a 2-process run once `ready()`; the other must end with
+    status 1 within 60 s, in exactly one error line (no traceback, no C++ stack): returned."""
+    survivor = 1 - victim
+    deadline = time.monotonic() + 240
+    while not ready():
+        assert time.monotonic() < deadline and procs[victim].poll() is None, output(workdir, victim)
+        time.sleep(0.1)
+    procs[victim].send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    assert procs[survivor].wait(timeout=90) == 1
+    assert time.monotonic() - killed_at < 60
+    text = output(workdir, survivor)
+    errors = [line for line in text.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and "Traceback" not in text and "@     0x" not in text, text
+    procs[victim].wait()
+    return errors[0]
+
+
 # ----------------------------------------------------------------------------------------------
 # 2. Two processes train as one.
 
@@ -166,19 +188,9 @@ def test_a_killed_process_stops_the_other_and_the_run_resumes(
     instead, it ends bit-identical too (the data order depends on the global batch only)."""
     epochs, killed = FAULT_EPOCHS, tmp_path / "killed"
     procs = demo(killed, epochs, 2, 1)
-    deadline = time.monotonic() + 240
-    while not (killed / "checkpoints" / str(2 * STEPS)).is_dir():
-        assert time.monotonic() < deadline and procs[0].poll() is None, output(killed, 0)
-        time.sleep(0.1)
-    procs[0].send_signal(signal.SIGKILL)
-    killed_at = time.monotonic()
-    assert procs[1].wait(timeout=90) == 1
-    assert time.monotonic() - killed_at < 60
-    lines = [line for line in output(killed, 1).splitlines() if "error" in line.lower()]
+    line = kill_and_watch(procs, killed, 0, (killed / "checkpoints" / str(2 * STEPS)).is_dir)
     # Its watchdog or JAX's client, whichever notices first: one line either way.
-    assert len(lines) == 1 and "coordinator" in lines[0] and "process 0" in lines[0], lines
-    assert "Traceback" not in output(killed, 1) and "@     0x" not in output(killed, 1)
-    procs[0].wait()
+    assert "coordinator" in line and "process 0" in line, line
     assert not (killed / "results.json").exists()
     other = tmp_path / "other"
     shutil.copytree(killed, other)
@@ -214,17 +226,11 @@ def test_the_other_process_stopping_ends_the_coordinator_in_one_line(tmp_path: P
     and ends it within 60 s, in one line."""
     workdir = tmp_path / "run"
     procs = demo(workdir, 20, 2, 1)
-    deadline = time.monotonic() + 240
-    while not (workdir / "checkpoints").is_dir() or not any((workdir / "checkpoints").iterdir()):
-        assert time.monotonic() < deadline and procs[1].poll() is None, output(workdir, 1)
-        time.sleep(0.1)
-    procs[1].send_signal(signal.SIGKILL)
-    killed_at = time.monotonic()
-    assert procs[0].wait(timeout=90) == 1
-    assert time.monotonic() - killed_at < 60
-    errors = [line for line in output(workdir, 0).splitlines() if "error" in line.lower()]
-    assert len(errors) == 1 and "process 1 of 2 stopped" in errors[0], output(workdir, 0)
-    assert "Traceback" not in output(workdir, 0)
+    checkpoints = workdir / "checkpoints"
+    line = kill_and_watch(
+        procs, workdir, 1, lambda: checkpoints.is_dir() and any(checkpoints.iterdir())
+    )
+    assert "process 1 of 2 stopped" in line, line
 
 
 # ----------------------------------------------------------------------------------------------
