@@ -15,10 +15,17 @@ task-specific parameters are stacked on a leading task axis, gathered per exampl
 model is vmapped over the batch with the backbone's parameters shared: the backbone's
 products stay ordinary batched matmuls, the adapters' become per-example ones.
 
+Tasks that train vectors of the backbone (BitFit's biases, LN-tune's and train_ln's LayerNorms)
+join too: those vectors are stacked and gathered per example like the adapters, with the
+backbone's own values for the tasks that leave them as they are. Tasks of the methods that
+change the backbone's layers (`tuning`: LoRA on any layer, DoRA, (IA)³, VeRA, SSF, FacT) share
+a forward with tasks of the same method and settings (the same shapes).
+
 Tasks that cannot share a union model form groups of their own, each one forward: adapters at
 another position or of another structure (norm, activation), another number of prompts (prompt
-tokens change the sequence every example attends over), and tasks that carry backbone weights
-(merged LoRA, fine-tuned, trained LayerNorms).
+tokens change the sequence every example attends over), another `tuning` method or setting,
+and tasks that carry backbone matrices (merged, fine-tuned: gathering whole weight matrices per
+example would cost more than a forward of their own).
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from adapter_plus_jax.convert import abstract_params
 from adapter_plus_jax.errors import SetupError
 from adapter_plus_jax.images import normalize
 from adapter_plus_jax.model import VisionTransformer
-from adapter_plus_jax.params import merge, param_group
+from adapter_plus_jax.params import BACKBONE_GROUPS, merge, param_group
 from adapter_plus_jax.peft import LORA_LOCATIONS
 from adapter_plus_jax.task import Task, backbone_digest
 
@@ -57,13 +64,22 @@ def _structure(task: Task) -> tuple:
         None if a is None else (a.config, a.attn_adapter, a.act_layer, a.norm_layer),
         None if lo is None else (lo.act_layer, lo.norm_layer),
         None if p is None else (p.num_tokens, p.deep),
+        task.tune and dataclasses.replace(task.tune, dropout=0.0),
     )
 
 
 def _fits(group: tuple, structure: tuple) -> bool:
-    adapter, lora, prompt = structure
-    modules = zip(group[:2], (adapter, lora), strict=True)
-    return all(g is None or s is None or g == s for g, s in modules) and group[2] == prompt
+    modules = zip(group[:2], structure[:2], strict=True)
+    return all(g is None or s is None or g == s for g, s in modules) and group[2:] == structure[2:]
+
+
+def _mixes(task: Task) -> bool:
+    """Whether the task's examples can share a forward with other tasks': its own parameters
+    are PEFT modules, a head and at most vectors of the backbone (biases, LayerNorms)."""
+    return not task.merged and all(
+        np.ndim(value) <= 1 or param_group("/".join(key)) not in BACKBONE_GROUPS
+        for key, value in traverse_util.flatten_dict(task.params).items()
+    )
 
 
 def _union_module(tasks: Sequence[Task], dtype: Any) -> VisionTransformer:
@@ -84,14 +100,17 @@ def _union_module(tasks: Sequence[Task], dtype: Any) -> VisionTransformer:
             scaling="channel", dropout=0.0, drop_path=0.0,
         )  # fmt: skip
     prompt = tasks[0].prompt and dataclasses.replace(tasks[0].prompt, dropout=0.0)
-    tune = tasks[0].tune and dataclasses.replace(tasks[0].tune, dropout=0.0)  # served alone
+    tune = tasks[0].tune and dataclasses.replace(tasks[0].tune, dropout=0.0)  # equal in a group
     config = tasks[0].config.replace(num_classes=max(t.num_classes for t in tasks))
     return VisionTransformer(config, adapter, lora, prompt, dtype=jnp.dtype(dtype), tune=tune)
 
 
-def _fit(task: Task, own: Flat, key: tuple[str, ...], shape: tuple[int, ...]) -> np.ndarray:
+def _fit(
+    task: Task, own: Flat, key: tuple[str, ...], shape: tuple[int, ...], backbone: Flat
+) -> np.ndarray:
     """The task's value of union parameter `key`: its own, zero-padded to `shape`; a fixed or
-    scalar scaling as per-channel values; zeros for what it does not have."""
+    scalar scaling as per-channel values; the backbone's value of a backbone parameter it
+    leaves as it is; zeros for a PEFT parameter it does not have."""
     if key in own:
         value = np.asarray(own[key], np.float32)
         if key[-1] == "scaling":
@@ -101,6 +120,8 @@ def _fit(task: Task, own: Flat, key: tuple[str, ...], shape: tuple[int, ...]) ->
     if key[-1] == "scaling" and branch + ("down", "kernel") in own:  # a fixed scaling
         spec = task.lora if "lora" in branch[-1] else task.adapter
         return np.full(shape, spec.scaling, np.float32)
+    if param_group("/".join(key)) in BACKBONE_GROUPS:
+        return np.asarray(backbone[key], np.float32)
     if key[-2:] == ("norm", "scale"):
         return np.ones(shape, np.float32)
     return np.zeros(shape, np.float32)
@@ -119,18 +140,19 @@ class _Group:
 
 
 def _group_params(tasks: Sequence[Task], module: VisionTransformer, backbone: Flat):
-    """(shared, stacked) parameters of a group: the backbone (or a standalone task's own
-    weights), and every task's PEFT and head parameters fitted to `module`."""
+    """(shared, stacked) parameters of a group: the backbone's that no task of the group
+    changes, and every task's own (PEFT, head, its backbone vectors or, alone in its group,
+    its whole weights) fitted to `module`."""
     shapes = traverse_util.flatten_dict(abstract_params(module))
     own = [traverse_util.flatten_dict(t.params) for t in tasks]
-    stacked_keys = [k for k in shapes if param_group("/".join(k)) in ("peft", "head")]
-    # A task with weights of its own (merged, fine-tuned, trained norms or biases) or a method
-    # that changes the backbone's layers is alone in its group.
-    base = backbone if tasks[0].shares_backbone else {**backbone, **own[0]}
-    shared = {k: base[k] for k in shapes if k not in stacked_keys}
+    stacked_keys = [
+        k for k in shapes
+        if param_group("/".join(k)) in ("peft", "head") or any(k in o for o in own)
+    ]  # fmt: skip
+    shared = {k: backbone[k] for k in shapes if k not in stacked_keys}
     pairs = list(zip(tasks, own, strict=True))
     stacked = {
-        k: np.stack([_fit(t, o, k, tuple(shapes[k].shape)) for t, o in pairs])
+        k: np.stack([_fit(t, o, k, tuple(shapes[k].shape), backbone) for t, o in pairs])
         for k in stacked_keys
     }
     return traverse_util.unflatten_dict(shared), traverse_util.unflatten_dict(stacked)
@@ -211,9 +233,7 @@ class TaskSet:
         for i, task in enumerate(self.tasks):
             structure = _structure(task)
             for n, (key, members) in enumerate(groups):
-                if task.shares_backbone and self.tasks[members[0]].shares_backbone and _fits(
-                    key, structure
-                ):
+                if _mixes(task) and _mixes(self.tasks[members[0]]) and _fits(key, structure):
                     pairs = zip(key, structure, strict=True)
                     merged = tuple(k if k is not None else s for k, s in pairs)
                     groups[n] = (merged, [*members, i])

@@ -89,16 +89,6 @@ class Task:
     def num_classes(self) -> int:
         return self.config.num_classes
 
-    @property
-    def shares_backbone(self) -> bool:
-        """Whether the task's parameters are only PEFT modules and a head (else it carries
-        backbone weights of its own: merged, fine-tuned, trained LayerNorms or biases), and
-        they leave the backbone's layers as they are (no `tuning` method)."""
-        return not self.merged and self.tune is None and all(
-            param_group("/".join(k)) not in SHARED_GROUPS
-            for k in traverse_util.flatten_dict(self.params)
-        )
-
     @functools.cached_property
     def model_shapes(self) -> dict[tuple[str, ...], tuple[int, ...]]:
         """The shapes of every parameter of the task's model (flat paths)."""

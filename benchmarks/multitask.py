@@ -3,13 +3,16 @@ forward, each example with its own task's adapters and head) against running eac
 examples through its own jitted model, one task after another.
 
 The tasks are Adapter+ tasks on one ViT (random weights: speed does not depend on them) with
-the ranks and class counts of VTAB-1k-like tasks (ranks cycling 1..32, 2..397 classes). Each
+the ranks and class counts of VTAB-1k-like tasks (ranks cycling 1..32, 2..397 classes); with
+`--method NAME`, tasks of that method (`peft.METHODS`) at its default settings, which share a
+forward when their shapes agree (BitFit's biases, DoRA's layers: see serving.py). Each
 batch holds `--batch` images whose task ids are drawn uniformly from the N tasks (seeded, the
 same batch every round). Both sides include their host work (TaskSet: grouping and padding;
 sequential: slicing per task). Rounds alternate the order of the two.
 
 Usage:
     python benchmarks/multitask.py --size base --batch 32 --tasks 1,4,19 --out DIR
+    python benchmarks/multitask.py --method dora --size small --batch 16 --tasks 1,4
 
 Prints a table (images/s and the ratio mixed / sequential per N) and writes DIR/multitask.{md,json}.
 """
@@ -33,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adapter_plus_jax import backend  # noqa: E402
 from adapter_plus_jax.images import normalize  # noqa: E402
 from adapter_plus_jax.model import VisionTransformer, ViTConfig  # noqa: E402
-from adapter_plus_jax.params import param_group  # noqa: E402
-from adapter_plus_jax.peft import AdapterSpec  # noqa: E402
+from adapter_plus_jax.params import TRAINABLE_GROUPS, param_group  # noqa: E402
+from adapter_plus_jax.peft import METHODS  # noqa: E402
 from adapter_plus_jax.serving import TaskSet  # noqa: E402
 from adapter_plus_jax.task import BackboneRecord, Task, backbone_digest, backbone_params  # noqa: E402
 
@@ -48,23 +51,26 @@ RANKS = (1, 2, 4, 8, 16, 32)
 CLASSES = (100, 102, 47, 102, 37, 397, 10, 2, 10, 45, 5, 6, 8, 16, 16, 18, 4, 8, 4)
 
 
-def make_tasks(size: str, n: int) -> tuple[list[Task], dict]:
+def make_tasks(size: str, n: int, method: str = "adapter_plus") -> tuple[list[Task], dict]:
     config = ViTConfig(**SIZES[size])
     images = np.zeros((1, 224, 224, 3), np.float32)
     backbone = jax.jit(VisionTransformer(config.replace(num_classes=0)).init)(
         jax.random.key(0), images
     )["params"]
     record = BackboneRecord("random", backbone_digest(backbone))
-    tasks = []
+    tasks, m = [], METHODS[method]
+    groups = {*TRAINABLE_GROUPS[m.train_mode], "fixed"}  # what a task of the method owns
     for i in range(n):
         cfg = config.replace(num_classes=CLASSES[i % len(CLASSES)])
-        module = VisionTransformer(cfg, adapter=AdapterSpec(dim=RANKS[i % len(RANKS)]))
+        spec = m.sized(RANKS[i % len(RANKS)]) if method == "adapter_plus" else m
+        module = VisionTransformer(cfg, spec.adapter, spec.lora, spec.prompt, tune=spec.tune)
         params = jax.jit(module.init)(jax.random.key(i + 1), images)["params"]
         own = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()
-               if param_group("/".join(k)) in ("peft", "head")}  # fmt: skip
+               if param_group("/".join(k)) in groups}  # fmt: skip
         tasks.append(Task(f"task{i}", cfg, traverse_util.unflatten_dict(own),
                           tuple(map(str, range(cfg.num_classes))), {"kind": "resize",
-                          "size": [224, 224]}, record, module.adapter))  # fmt: skip
+                          "size": [224, 224]}, record, module.adapter, module.lora,
+                          module.prompt, tune=module.tune))  # fmt: skip
     return tasks, backbone_params(backbone)
 
 
@@ -91,8 +97,8 @@ def sequential_peer(tasks: list[Task], backbone: dict):
     return run
 
 
-def measure(size: str, n: int, batch: int, rounds: int) -> dict:
-    tasks, backbone = make_tasks(size, n)
+def measure(size: str, n: int, batch: int, rounds: int, method: str = "adapter_plus") -> dict:
+    tasks, backbone = make_tasks(size, n, method)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, n, batch)
     images = rng.uniform(0, 255, (batch, 224, 224, 3)).astype(np.float32)
@@ -109,14 +115,15 @@ def measure(size: str, n: int, batch: int, rounds: int) -> dict:
             peers[name]()
             times[name].append(time.perf_counter() - start)
     result = {name: batch / statistics.median(t) for name, t in times.items()}
-    return {"tasks": n, "batch": batch, "examples_per_task": batch / n,
+    return {"method": method, "tasks": n, "groups": len(serving.groups), "batch": batch,
+            "examples_per_task": batch / n,
             "mixed_images_per_s": result["mixed"],
             "sequential_images_per_s": result["sequential"],
             "ratio": result["mixed"] / result["sequential"], "max_logit_diff": error}  # fmt: skip
 
 
 def markdown(rows: list[dict], args: argparse.Namespace) -> str:
-    lines = [f"ViT-{args.size[0].upper()}/16 Adapter+ tasks, {jax.devices()[0].device_kind} "
+    lines = [f"ViT-{args.size[0].upper()}/16 {args.method} tasks, {jax.devices()[0].device_kind} "
              f"({jax.default_backend()}, {platform.processor() or platform.machine()}), batch "
              f"{args.batch}, median of {args.rounds} rounds", "",
              "| tasks | examples/task | mixed img/s | sequential img/s | mixed / sequential | "
@@ -134,11 +141,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--tasks", default="1,4,19", help="comma-separated numbers of tasks")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--method", choices=sorted(METHODS), default="adapter_plus")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     rows = []
     for n in (int(x) for x in args.tasks.split(",")):
-        rows.append(measure(args.size, n, args.batch, args.rounds))
+        rows.append(measure(args.size, n, args.batch, args.rounds, args.method))
         print(json.dumps(rows[-1]), flush=True)
     table = markdown(rows, args)
     print(table)

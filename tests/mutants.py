@@ -350,6 +350,18 @@ MUTANTS = [
         tests=(SERVING,),
     ),
     Mutant(
+        "serving_backbone_vector_zeroed",
+        "in a mixed batch, a task that leaves a bias or LayerNorm to the backbone gets zeros",
+        *_one(
+            "adapter_plus_jax/serving.py",
+            "return np.asarray(backbone[key], np.float32)",
+            "return np.zeros(shape, np.float32)",
+        ),
+        tests=(
+            "tests/test_serving.py::test_tasks_of_trained_backbone_vectors_join_the_mixed_batch",
+        ),
+    ),
+    Mutant(
         "serving_fixed_scaling_lost",
         "a task's fixed adapter/LoRA scaling becomes 1 in the shared model",
         *_one(

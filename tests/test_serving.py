@@ -28,6 +28,7 @@ from adapter_plus_jax.task import (
     read_task,
     write_task,
 )
+from adapter_plus_jax.tuning import TuneSpec
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
 RESIZE = {"kind": "resize", "size": [32, 32]}
@@ -73,12 +74,12 @@ def _task(name: str, num_classes: int, backbone: dict, seed: int, **peft) -> Tas
     own = {
         k: np.asarray(v) + rng.normal(0, 0.05, v.shape).astype(np.float32)
         for k, v in traverse_util.flatten_dict(variables["params"]).items()
-        if param_group("/".join(k)) in ("peft", "head")
+        if param_group("/".join(k)) in ("peft", "fixed", "head")
     }
     record = BackboneRecord("vit_tiny_patch16_224", backbone_digest(backbone))
     return Task(name, module.config, traverse_util.unflatten_dict(own),
                 tuple(f"{name}_{i}" for i in range(num_classes)), RESIZE, record,
-                module.adapter, module.lora, module.prompt)  # fmt: skip
+                module.adapter, module.lora, module.prompt, tune=module.tune)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -142,9 +143,77 @@ def test_a_merged_lora_task_is_served_beside_unmerged_ones(tasks, backbone):
             np.testing.assert_allclose(logits[row], reference[row], atol=1e-5, rtol=0)
 
 
+def _with_vectors(task: Task, backbone: dict, groups: tuple[str, ...], seed: int) -> Task:
+    """`task` that also trained the backbone's vectors of `groups` (random values)."""
+    rng = np.random.default_rng(seed)
+    vectors = {k: np.asarray(v) + rng.normal(0, 0.1, v.shape).astype(np.float32)
+               for k, v in traverse_util.flatten_dict(backbone).items()
+               if param_group("/".join(k)) in groups}  # fmt: skip
+    own = {**traverse_util.flatten_dict(task.params), **vectors}
+    name = f"{task.name}+{'+'.join(groups)}"
+    return dataclasses.replace(task, name=name, params=traverse_util.unflatten_dict(own))
+
+
+def _assert_each_example_gets_its_tasks_logits(serving: TaskSet, backbone: dict) -> None:
+    rng = np.random.default_rng(3)
+    ids = rng.permutation(np.repeat(np.arange(len(serving.tasks)), 2))
+    images = rng.uniform(0, 255, (len(ids), 32, 32, 3)).astype(np.float32)
+    logits = serving.logits(images, ids)
+    for i, task in enumerate(serving.tasks):
+        rows = np.flatnonzero(ids == i)
+        got = np.stack([logits[r] for r in rows])
+        np.testing.assert_allclose(got, _own_logits(task, backbone, images[rows]), atol=1e-5,
+                                   rtol=0, err_msg=task.name)  # fmt: skip
+
+
+def test_tasks_of_trained_backbone_vectors_join_the_mixed_batch(tasks, backbone):
+    """BitFit (every bias), LN-tune (every LayerNorm) and train_ln (adapters and LayerNorms)
+    tasks share the adapter and LoRA tasks' forward: their vectors are gathered per example,
+    the others' are the backbone's."""
+    bitfit = _with_vectors(tasks[5], backbone, ("bias", "norm_bias"), 1)
+    ln_tune = _with_vectors(tasks[5], backbone, ("norm", "norm_bias"), 2)
+    train_ln = _with_vectors(tasks[0], backbone, ("norm", "norm_bias"), 3)
+    serving = TaskSet(
+        [tasks[0], bitfit, tasks[2], ln_tune, train_ln, tasks[6]], backbone, batch_size=8
+    )
+    assert [g.members for g in serving.groups] == [[0, 1, 2, 3, 4], [5]]
+    _assert_each_example_gets_its_tasks_logits(serving, backbone)
+
+
+# Tasks of `tuning`'s methods: two of each method and settings share a forward; another rank,
+# method or set of layers is another group.
+TUNED = [
+    ("lora_a", 3, TuneSpec(kind="lora", targets=("qkv", "fc1"), dim=2)),
+    ("dora_a", 4, TuneSpec(kind="dora", dim=2)),
+    ("lora_b", 5, TuneSpec(kind="lora", targets=("qkv", "fc1"), dim=2)),
+    ("lora_r4", 3, TuneSpec(kind="lora", targets=("qkv", "fc1"), dim=4)),
+    ("dora_b", 2, TuneSpec(kind="dora", dim=2)),
+    ("ia3_a", 3, TuneSpec(kind="ia3", targets=("qkv", "fc2"))),
+    ("ia3_b", 6, TuneSpec(kind="ia3", targets=("qkv", "fc2"))),
+    ("vera_a", 3, TuneSpec(kind="vera", targets=("qkv", "fc1"), dim=4)),
+    ("vera_b", 4, TuneSpec(kind="vera", targets=("qkv", "fc1"), dim=4)),
+    ("ssf_a", 3, TuneSpec(kind="ssf")),
+    ("ssf_b", 5, TuneSpec(kind="ssf")),
+    ("fact_tt_a", 3, TuneSpec(kind="fact_tt", dim=2)),
+    ("fact_tt_b", 2, TuneSpec(kind="fact_tt", dim=2)),
+    ("fact_tk_a", 4, TuneSpec(kind="fact_tk", dim=2)),
+    ("fact_tk_b", 3, TuneSpec(kind="fact_tk", dim=2)),
+]
+
+
+def test_tasks_of_one_tuning_method_and_shapes_share_a_mixed_batch(backbone):
+    tuned = [_task(n, k, backbone, 20 + i, tune=t) for i, (n, k, t) in enumerate(TUNED)]
+    serving = TaskSet(tuned, backbone, batch_size=8)
+    assert [g.members for g in serving.groups] == [
+        [0, 2], [1, 4], [3], [5, 6], [7, 8], [9, 10], [11, 12], [13, 14]
+    ]  # fmt: skip
+    _assert_each_example_gets_its_tasks_logits(serving, backbone)
+
+
 def test_tasks_with_weights_of_their_own_are_served_alone(tasks, backbone):
     """train_ln (norms trained: needs the rest of the backbone) and fine-tuned (all weights,
-    needs none) tasks form groups of their own and compute what their own models compute."""
+    needs none) tasks compute what their own models compute; a fine-tuned task (whole weight
+    matrices of its own) is in a group of its own."""
     rng = np.random.default_rng(7)
     flat_backbone = traverse_util.flatten_dict(backbone)
     norms = {k: np.asarray(v) + rng.normal(0, 0.1, v.shape).astype(np.float32)
@@ -159,7 +228,7 @@ def test_tasks_with_weights_of_their_own_are_served_alone(tasks, backbone):
         {**full, **traverse_util.flatten_dict(base.params)}))  # fmt: skip
     assert train_ln.needs_backbone and not finetuned.needs_backbone
     serving = TaskSet([base, train_ln, finetuned], backbone, batch_size=4)
-    assert [g.members for g in serving.groups] == [[0], [1], [2]]
+    assert [g.members for g in serving.groups] == [[0, 1], [2]]
     images = np.random.default_rng(2).uniform(0, 255, (6, 32, 32, 3)).astype(np.float32)
     ids = [2, 1, 0, 1, 2, 0]
     logits = serving.logits(images, ids)
@@ -219,7 +288,7 @@ def test_an_adapter_plus_task_for_vit_b16_with_47_classes_is_under_1_mb(tmp_path
     own = {
         k: np.zeros(v.shape, np.float32)
         for k, v in traverse_util.flatten_dict(abstract_params(module)).items()
-        if param_group("/".join(k)) in ("peft", "head")
+        if param_group("/".join(k)) in ("peft", "fixed", "head")
     }
     task = Task("dtd", config, traverse_util.unflatten_dict(own),
                 tuple(str(i) for i in range(47)), {"kind": "resize", "size": [224, 224]},
