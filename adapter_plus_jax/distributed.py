@@ -18,9 +18,11 @@ until a collective times out, nor end in a page of C++ log: a watchdog thread in
 writes a heartbeat into JAX's key-value store every `BEAT_S` seconds and reads the others'. A
 process whose heartbeat stops for `STALE_S` seconds, or a coordinator that no longer answers,
 ends this process with one line (`failing_together`). A collective that fails because its peer
-is gone (gloo on CPUs reports it at once) is reported the same way. JAX's own heartbeat
-(`HEARTBEAT_TIMEOUT_S`) is the backstop behind ours. A rerun of every process resumes from the
-last good checkpoint.
+is gone (gloo on CPUs reports it at once) is reported the same way. Process 0, which hosts the
+key-value store, stays up to `LINGER_S` seconds after it fails, until the others have read why
+and ended (a refusal it shares, such as a busy workdir, reaches every process). JAX's own
+heartbeat (`HEARTBEAT_TIMEOUT_S`) is the backstop behind ours. A rerun of every process resumes
+from the last good checkpoint.
 
 One failure cannot be caught inside the process: when the coordinator dies, JAX's C++ client
 aborts the process at once with a page of log. So a --distributed command runs as a child of
@@ -53,6 +55,8 @@ INIT_TIMEOUT_S = 30  # waiting for every process to connect: a dead address fail
 BEAT_S = 1.0  # the watchdog's heartbeat
 STALE_S = 15.0  # no heartbeat for this long: that process is gone
 HEARTBEAT_TIMEOUT_S = 45  # JAX's own, shorter than its default, behind ours
+LINGER_S = 5.0  # process 0, failing, keeps the key-value store up for the others this long
+ENDED = ("done", "ended")  # a process's last heartbeat value: it ended normally / with the run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,7 +215,8 @@ def from_process_zero(what: str, value: str) -> str:
 
 class _Watchdog(threading.Thread):
     """Heartbeats through JAX's key-value store; notices a process that stopped or failed. A
-    process says at its end whether it ended normally ("done") or failed ("failed: ...")."""
+    process says at its end whether it ended normally ("done"), failed ("failed: ...") or
+    stopped because the run did ("ended")."""
 
     def __init__(self, me: int, count: int) -> None:
         super().__init__(name="apj-watchdog", daemon=True)
@@ -239,7 +244,7 @@ class _Watchdog(threading.Thread):
                 value = values.get(f"apj/alive/{p}", "")
                 if value.startswith("failed: "):
                     self._stop_with(f"process {p} of {self.count} failed: {value[8:]}")
-                elif value != last or value == "done":
+                elif value != last or value in ENDED:
                     seen[p] = (value, now)
                 # a process not seen yet may still be starting its backend
                 elif now - since > STALE_S + (0 if last else init_timeout()):
@@ -263,11 +268,31 @@ class _Watchdog(threading.Thread):
         with contextlib.suppress(Exception):
             _client().key_value_set(f"apj/alive/{self.me}", status, allow_overwrite=True)
 
+    def let_others_end(self, timeout: float = LINGER_S) -> None:
+        """In process 0, which hosts the key-value store, before it exits on a failure: wait
+        (at most `timeout` seconds) until every other process has ended or failed, so that each
+        still reads the store and says why in its own line."""
+        others = [f"apj/alive/{p}" for p in range(self.count) if p != self.me]
+        deadline = time.monotonic() + timeout
+        with contextlib.suppress(Exception):
+            while time.monotonic() < deadline:
+                values = dict(_client().key_value_dir_get("apj/alive/"))
+                if all(_final(values.get(key, "")) for key in others):
+                    return
+                time.sleep(0.1)
+
     def _stop_with(self, reason: str) -> None:
         self.lost = reason
         self.decided.set()
+        if not reason.startswith("lost the coordinator"):  # else there is no store to tell
+            with contextlib.suppress(Exception):
+                _client().key_value_set(f"apj/alive/{self.me}", "ended", allow_overwrite=True)
         _exit(f"error: {reason}. Stopping this process too; rerun every process with the same "
               "command to resume from the last good checkpoint.")  # fmt: skip
+
+
+def _final(status: str) -> bool:
+    return status in ENDED or status.startswith("failed: ")
 
 
 def _first(error: BaseException) -> str:
@@ -288,6 +313,8 @@ def _exit(line: str, status: int = 1, prog: str | None = None) -> None:
     sys.stdout.flush()
     prog = prog or _prog or "apj"
     print(f"{prog}: {line}", file=sys.stderr, flush=True)
+    if _watchdog is not None and _watchdog.me == 0:
+        _watchdog.let_others_end()
     os._exit(status)
 
 
