@@ -18,6 +18,7 @@ from adapter_plus_jax import backend
 from adapter_plus_jax.convert import abstract_params
 from adapter_plus_jax.errors import SetupError
 from adapter_plus_jax.images import resize_bilinear_v1
+from adapter_plus_jax.model import VisionTransformer, ViTConfig
 from adapter_plus_jax.params import param_group
 from adapter_plus_jax.serving import TaskSet
 from adapter_plus_jax.task import (
@@ -59,21 +60,30 @@ EXPECTED_GROUPS = [[0, 1, 2, 3, 4, 5], [6, 7], [8], [9]]
 
 
 @pytest.fixture(scope="module")
-def backbone() -> dict:
-    _, variables = apj.create_model("vit_tiny_patch16_224", num_classes=0, pretrained=False,
-                                    rng=0, **TINY)  # fmt: skip
-    return backbone_params(variables["params"])
+def tiny() -> tuple[ViTConfig, dict]:
+    """The tiny ViT's config and a backbone (timm's random init)."""
+    module, variables = apj.create_model("vit_tiny_patch16_224", num_classes=0,
+                                         pretrained=False, rng=0, **TINY)  # fmt: skip
+    return module.config, backbone_params(variables["params"])
 
 
-def _task(name: str, num_classes: int, backbone: dict, seed: int, **peft) -> Task:
-    """A task whose PEFT and head parameters are random (init plus noise: no scaling of one,
-    no zero up projection), on `backbone`."""
-    module, variables = apj.create_model("vit_tiny_patch16_224", num_classes=num_classes,
-                                         pretrained=False, rng=seed, **peft, **TINY)  # fmt: skip
+@pytest.fixture(scope="module")
+def backbone(tiny) -> dict:
+    return tiny[1]
+
+
+def _task(name: str, num_classes: int, tiny: tuple[ViTConfig, dict], seed: int, **modules) -> Task:
+    """A task with these PEFT `modules` (adapter, lora, prompt, tune specs) whose own parameters
+    are random (init plus noise: no scaling of one, no zero up projection), on the backbone.
+    Initialised eagerly: a compile or a timm model per task would cost more."""
+    config, backbone = tiny
+    module = VisionTransformer(config.replace(num_classes=num_classes), **modules)
+    images = np.zeros((1, *config.img_size, 3), np.float32)
+    params = module.init(jax.random.key(seed), images)["params"]
     rng = np.random.default_rng(seed)
     own = {
         k: np.asarray(v) + rng.normal(0, 0.05, v.shape).astype(np.float32)
-        for k, v in traverse_util.flatten_dict(variables["params"]).items()
+        for k, v in traverse_util.flatten_dict(params).items()
         if param_group("/".join(k)) in ("peft", "fixed", "head")
     }
     record = BackboneRecord("vit_tiny_patch16_224", backbone_digest(backbone))
@@ -83,8 +93,8 @@ def _task(name: str, num_classes: int, backbone: dict, seed: int, **peft) -> Tas
 
 
 @pytest.fixture(scope="module")
-def tasks(backbone) -> list[Task]:
-    return [_task(n, k, backbone, seed, **p) for seed, (n, k, p) in enumerate(SPECS)]
+def tasks(tiny) -> list[Task]:
+    return [_task(n, k, tiny, seed, **p) for seed, (n, k, p) in enumerate(SPECS)]
 
 
 def _own_logits(task: Task, backbone: dict, images: np.ndarray) -> np.ndarray:
@@ -201,8 +211,8 @@ TUNED = [
 ]
 
 
-def test_tasks_of_one_tuning_method_and_shapes_share_a_mixed_batch(backbone):
-    tuned = [_task(n, k, backbone, 20 + i, tune=t) for i, (n, k, t) in enumerate(TUNED)]
+def test_tasks_of_one_tuning_method_and_shapes_share_a_mixed_batch(tiny, backbone):
+    tuned = [_task(n, k, tiny, 20 + i, tune=t) for i, (n, k, t) in enumerate(TUNED)]
     serving = TaskSet(tuned, backbone, batch_size=8)
     assert [g.members for g in serving.groups] == [
         [0, 2], [1, 4], [3], [5, 6], [7, 8], [9, 10], [11, 12], [13, 14]
