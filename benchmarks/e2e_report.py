@@ -253,8 +253,8 @@ def summary(out: Path, tiny: bool) -> str:
     if tiny:
         lines += [
             "",
-            "--tiny: toy sizes (the run a 2-block ViT-Ti at 32x32, the isolated step a ViT-Ti at "
-            "224x224): the figures check the plumbing, not the speed.",
+            "--tiny: toy sizes (the run a 2-block ViT-Ti at 32x32, the isolated step a 4-block "
+            "ViT-Ti at 64x64): the figures check the plumbing, not the speed.",
         ]
 
     lines += ["", "## One run (main.py)", ""]

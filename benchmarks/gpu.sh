@@ -17,8 +17,8 @@
 # 3. The input pipeline on this host's cores at batch 128: benchmarks/data_pipeline.py.
 # Writes OUT/train_step_b<batch>/*.{md,json}, OUT/dot_forms.md, OUT/data_pipeline.md,
 # OUT/nvidia-smi.txt, OUT/versions.txt, the log of every part in OUT/*.log, and everything in
-# OUT/summary.md. --tiny skips torch.compile (minutes of compilation on a CPU) and uses ViT-Ti
-# at batch 4, 75x100 JPEGs, and tiny products.
+# OUT/summary.md. --tiny skips torch.compile (minutes of compilation on a CPU) and uses a
+# 4-block ViT-Ti at 64x64 and batch 4, 75x100 JPEGs, and tiny products.
 set -uo pipefail
 
 tiny=0
@@ -33,7 +33,8 @@ python="${PYTHON:-python}"
 
 if ((tiny)); then
     batches=(4)
-    train_args=(--model-size tiny --warmup 1 --rounds 1 --steps 1 --matmul-n 256)
+    train_args=(--model-size tiny --image 64 --depth 4 --warmup 1 --rounds 1 --steps 1
+        --matmul-n 256)
     pipeline_args=(--batch 16 --epochs 1 --test-size 64 --height 75 --width 100)
     dot_args=(--batch 1 --width 0.125 --calls 2 --rounds 1)
     limit=300

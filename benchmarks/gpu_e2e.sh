@@ -61,8 +61,8 @@ if ((tiny)); then
     model_args=(--config.model.name=vit_tiny_patch16_224
         "--config.model.timm_kwargs={'img_size': 32, 'patch_size': 16, 'depth': 2}"
         --config.batch_size=8 --config.eval_batch_size=8 --config.model.dtype=float32)
-    step_args=(--model-size tiny --batch 8 --dtype float32 --warmup 1 --rounds 1 --steps 1
-        --matmul-n 256)
+    step_args=(--model-size tiny --image 64 --depth 4 --batch 8 --dtype float32 --warmup 1
+        --rounds 1 --steps 1 --matmul-n 256)
     limit=300
     # XLA's own CPU dots: executables with oneDNN's (backend.ONEDNN_DOTS, the float32 default on
     # Intel and AMD CPUs) cannot be written to the compilation cache ("ToProto is not

@@ -126,25 +126,27 @@ def other_dots(plan: backend.Plan) -> tuple[str, backend.Plan]:
 # Models.
 
 
-def reference_model(size: str, classes: int) -> torch.nn.Module:
+def reference_model(
+    size: str, classes: int, image: int = IMAGE, depth: int = DEPTH
+) -> torch.nn.Module:
     """The adapter-plus model with the Adapter+ config, frozen as the reference trains it."""
     width, heads = SIZES[size]
     model = reference_vit(
-        adapter=ADAPTER_PLUS, img_size=IMAGE, patch_size=PATCH, embed_dim=width, depth=DEPTH,
+        adapter=ADAPTER_PLUS, img_size=image, patch_size=PATCH, embed_dim=width, depth=depth,
         num_heads=heads, num_classes=classes, drop_path_rate=0.1,
     )  # fmt: skip
     freeze_like_reference(model)
     return model
 
 
-def model_gflop_per_image(size: str, classes: int) -> float:
+def model_gflop_per_image(size: str, classes: int, image: int = IMAGE, depth: int = DEPTH) -> float:
     """Forward + input-gradient GFLOP of one image (2 FLOP per multiply-add, backward = 2x the
     forward's matmuls without weight gradients): ~70 for ViT-B/16 at 224."""
     width, _ = SIZES[size]
-    tokens = (IMAGE // PATCH) ** 2 + 1
+    tokens = (image // PATCH) ** 2 + 1
     per_block = tokens * 12 * width**2 + 2 * tokens**2 * width  # qkv+proj+mlp, q@k and a@v
     patch = (tokens - 1) * 3 * PATCH**2 * width
-    forward_macs = DEPTH * per_block + patch + width * classes
+    forward_macs = depth * per_block + patch + width * classes
     return 2 * 2 * forward_macs / 1e9
 
 
@@ -403,8 +405,11 @@ def summarise(times: list[tuple[float, float]], batch: int) -> dict:
 def markdown(results: dict) -> str:
     a = results["args"]
     peak = results["matmul_gflops"]
+    depth = a.get("depth", DEPTH)
+    blocks = "" if depth == DEPTH else f", {depth} blocks"
     lines = [
-        f"# Training step: ViT-{a['model_size']}/16 224, Adapter+ r=8, batch {a['batch']}, "
+        f"# Training step: ViT-{a['model_size']}/16 {a.get('image', IMAGE)}{blocks}, Adapter+ "
+        f"r=8, batch {a['batch']}, "
         f"{a['classes']} classes, {a['dtype']}",
         "",
         f"Device: {results['device']}; torch {results['versions']['torch']} "
@@ -524,6 +529,8 @@ def add_step_args(p: argparse.ArgumentParser) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_step_args(p)
+    p.add_argument("--image", type=int, default=IMAGE, help="input size (smaller: a toy check)")
+    p.add_argument("--depth", type=int, default=DEPTH, help="blocks (fewer: a toy check)")
     p.add_argument(
         "--torch-threads",
         type=lambda v: [int(n) for n in v.split(",")],
@@ -572,13 +579,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     print(f"== building ViT-{a.model_size}/16 with Adapter+ ({a.dtype})", flush=True)
     rng = np.random.default_rng(0)
-    x_np = rng.standard_normal((a.batch, IMAGE, IMAGE, 3), np.float32)
+    x_np = rng.standard_normal((a.batch, a.image, a.image, 3), np.float32)
     y_np = rng.integers(0, a.classes, a.batch)
     tx = torch.from_numpy(x_np.transpose(0, 3, 1, 2).copy()).to(device)  # NCHW for torch
     ty = torch.from_numpy(y_np).to(device)
     jx, jy = jnp.asarray(x_np), jnp.asarray(y_np, jnp.int32)
 
-    model = reference_model(a.model_size, a.classes)
+    model = reference_model(a.model_size, a.classes, a.image, a.depth)
     module, variables = from_timm(model, dtype=jnp.dtype(a.dtype))
     # timm stores the rates as float32 (0.10000000149); runner.py sets the config's 0.1.
     module = module.clone(config=module.config.replace(drop_path_rate=0.1))
@@ -611,7 +618,7 @@ def main(argv: list[str] | None = None) -> dict:
         compiled = torch.compile(copy.deepcopy(model))
         peers.append(torch_train_peer(COMPILED, compiled, tx, ty, bf16, threads[0]))
 
-    results["gflop_per_image"] = model_gflop_per_image(a.model_size, a.classes)
+    results["gflop_per_image"] = model_gflop_per_image(a.model_size, a.classes, a.image, a.depth)
     print(f"== warmup: {a.warmup} steps per peer", flush=True)
     for peer in list(peers):
         why = warm_up(peer, a.warmup)
