@@ -225,14 +225,17 @@ class _Watchdog(threading.Thread):
         self.decided = threading.Event()
         self._stopping = threading.Event()
         self._failed: str | None = None
+        self._gone: set[int] = set()  # processes whose heartbeat stopped
 
     def run(self) -> None:
         client, beat, started = _client(), 0, time.monotonic()
         seen = {p: ("", started) for p in range(self.count) if p != self.me}
         while not self._stopping.is_set():
             beat += 1
+            # Once this process fails, its status stays the reason (the others read it).
+            status = str(beat) if self._failed is None else f"failed: {self._failed}"
             try:
-                client.key_value_set(f"apj/alive/{self.me}", str(beat), allow_overwrite=True)
+                client.key_value_set(f"apj/alive/{self.me}", status, allow_overwrite=True)
                 values = dict(client.key_value_dir_get("apj/alive/"))
             except Exception as e:  # the coordinator (process 0) no longer answers
                 if self._stopping.is_set():
@@ -248,6 +251,7 @@ class _Watchdog(threading.Thread):
                     seen[p] = (value, now)
                 # a process not seen yet may still be starting its backend
                 elif now - since > STALE_S + (0 if last else init_timeout()):
+                    self._gone.add(p)
                     self._stop_with(f"process {p} of {self.count} stopped (no heartbeat for "
                                     f"{now - since:.0f} s)")  # fmt: skip
             self._stopping.wait(BEAT_S)
@@ -272,7 +276,7 @@ class _Watchdog(threading.Thread):
         """In process 0, which hosts the key-value store, before it exits on a failure: wait
         (at most `timeout` seconds) until every other process has ended or failed, so that each
         still reads the store and says why in its own line."""
-        others = [f"apj/alive/{p}" for p in range(self.count) if p != self.me]
+        others = [f"apj/alive/{p}" for p in range(self.count) if p not in {self.me, *self._gone}]
         deadline = time.monotonic() + timeout
         with contextlib.suppress(Exception):
             while time.monotonic() < deadline:
@@ -284,7 +288,9 @@ class _Watchdog(threading.Thread):
     def _stop_with(self, reason: str) -> None:
         self.lost = reason
         self.decided.set()
-        if not reason.startswith("lost the coordinator"):  # else there is no store to tell
+        # Tell the others this process ended with the run (unless it failed itself: they read
+        # why; or the store is gone).
+        if self._failed is None and not reason.startswith("lost the coordinator"):
             with contextlib.suppress(Exception):
                 _client().key_value_set(f"apj/alive/{self.me}", "ended", allow_overwrite=True)
         _exit(f"error: {reason}. Stopping this process too; rerun every process with the same "

@@ -111,20 +111,31 @@ def assert_written_once(workdir: Path, reference: Path, epochs: int) -> None:
     assert names == [str((epochs - 1) * STEPS), str(epochs * STEPS)]
 
 
+def has_checkpoint(workdir: Path) -> bool:
+    checkpoints = workdir / "checkpoints"
+    return checkpoints.is_dir() and any(checkpoints.iterdir())
+
+
 def kill_and_watch(
-    procs: list[subprocess.Popen], workdir: Path, victim: int, ready: Callable[[], bool]
+    procs: list[subprocess.Popen],
+    workdir: Path,
+    victim: int,
+    ready: Callable[[], bool],
+    sig: signal.Signals = signal.SIGKILL,
+    within: float = 60,
 ) -> str:
-    """SIGKILL process `victim` of a 2-process run once `ready()`; the other must end with
-    status 1 within 60 s, in exactly one error line (no traceback, no C++ stack): returned."""
+    """Send `sig` to process `victim` of a 2-process run once `ready()`; the other must end with
+    status 1 within `within` seconds, in exactly one error line (no traceback, no C++ stack):
+    returned."""
     survivor = 1 - victim
     deadline = time.monotonic() + 240
     while not ready():
         assert time.monotonic() < deadline and procs[victim].poll() is None, output(workdir, victim)
         time.sleep(0.1)
-    procs[victim].send_signal(signal.SIGKILL)
+    procs[victim].send_signal(sig)
     killed_at = time.monotonic()
     assert procs[survivor].wait(timeout=90) == 1
-    assert time.monotonic() - killed_at < 60
+    assert time.monotonic() - killed_at < within
     text = output(workdir, survivor)
     errors = [line for line in text.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and "Traceback" not in text and "@     0x" not in text, text
@@ -226,11 +237,20 @@ def test_the_other_process_stopping_ends_the_coordinator_in_one_line(tmp_path: P
     and ends it within 60 s, in one line."""
     workdir = tmp_path / "run"
     procs = demo(workdir, 20, 2, 1)
-    checkpoints = workdir / "checkpoints"
-    line = kill_and_watch(
-        procs, workdir, 1, lambda: checkpoints.is_dir() and any(checkpoints.iterdir())
-    )
+    line = kill_and_watch(procs, workdir, 1, lambda: has_checkpoint(workdir))
     assert "process 1 of 2 stopped" in line, line
+
+
+def test_process_0_interrupted_alone_tells_the_other_why(tmp_path: Path) -> None:
+    """Ctrl-C on process 0 only: it ends with "interrupted." (status 130) and keeps the
+    key-value store up until process 1 has read why; process 1 ends in one line naming the
+    cause, long before a missed heartbeat (STALE_S) would have told it."""
+    workdir = tmp_path / "run"
+    procs = demo(workdir, 20, 2, 1)
+    line = kill_and_watch(procs, workdir, 0, lambda: has_checkpoint(workdir), signal.SIGINT,
+                          within=distributed.STALE_S)  # fmt: skip
+    assert "process 0 of 2 failed: interrupted" in line, line
+    assert procs[0].returncode == 130 and "interrupted." in output(workdir, 0)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -61,10 +61,18 @@ EXPECTED_GROUPS = [[0, 1, 2, 3, 4, 5], [6, 7], [8], [9]]
 
 @pytest.fixture(scope="module")
 def tiny() -> tuple[ViTConfig, dict]:
-    """The tiny ViT's config and a backbone (timm's random init)."""
+    """The tiny ViT's config and a backbone: timm's random init, with noise on its biases and
+    LayerNorms (timm initialises them to 0 and 1, values a task's own could be confused with)."""
     module, variables = apj.create_model("vit_tiny_patch16_224", num_classes=0,
                                          pretrained=False, rng=0, **TINY)  # fmt: skip
-    return module.config, backbone_params(variables["params"])
+    rng = np.random.default_rng(100)
+    flat = {
+        k: np.asarray(v)
+        + (param_group("/".join(k)) in ("bias", "norm", "norm_bias"))
+        * rng.normal(0, 0.1, v.shape).astype(np.float32)
+        for k, v in traverse_util.flatten_dict(backbone_params(variables["params"])).items()
+    }
+    return module.config, traverse_util.unflatten_dict(flat)
 
 
 @pytest.fixture(scope="module")
