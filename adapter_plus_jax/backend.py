@@ -56,6 +56,11 @@ CACHE_ENV = "ADAPTER_PLUS_JAX_COMPILATION_CACHE"
 DEFAULT_CACHE = "~/.cache/adapter_plus_jax/xla"
 CACHE_OFF = ("off", "none", "false", "0")
 CACHE_MAX_BYTES = 4 << 30
+# Programs that compile faster than this are not written to the cache: a tiny model's steps are
+# kept, the one-op programs of eager jax calls are not. Each write lists the whole directory to
+# evict its oldest entries, so caching those thousands of programs made later compiles slower
+# (docs/performance.md, "Compilation").
+CACHE_MIN_COMPILE_S = 0.25
 
 
 def compilation_cache_dir(setting: str | None = None) -> Path | None:
@@ -71,8 +76,9 @@ def compilation_cache_dir(setting: str | None = None) -> Path | None:
 def use_compilation_cache(setting: str | None = None) -> Path | None:
     """Point JAX's persistent compilation cache at `compilation_cache_dir(setting)` before the
     first compilation; returns the directory (None: off). Unless the environment says
-    otherwise, every program is kept however quick its compilation (the steps of small models
-    too) and the cache is capped at CACHE_MAX_BYTES, its least recently used entries evicted.
+    otherwise, programs that took at least CACHE_MIN_COMPILE_S to compile are kept (the steps of
+    small models too) and the cache is capped at CACHE_MAX_BYTES, its least recently used
+    entries evicted.
     A directory that cannot be created turns the cache off with a warning."""
     from jax.experimental.compilation_cache import compilation_cache as cc
 
@@ -87,7 +93,7 @@ def use_compilation_cache(setting: str | None = None) -> Path | None:
         cc.reset_cache()  # a directory set earlier in this process is replaced
     jax.config.update("jax_compilation_cache_dir", None if path is None else str(path))
     if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_S)
     if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ:
         jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
     return path

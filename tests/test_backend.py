@@ -186,3 +186,27 @@ def test_compiler_options_choose_the_float32_dot_library(monkeypatch: pytest.Mon
         backend.compiler_options(jnp.float32)
 
 
+def test_the_compilation_cache_keeps_steps_not_one_op_programs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A program that compiles in CACHE_MIN_COMPILE_S or more is written to the cache; the
+    one-op programs of eager jax calls are not (each write lists the whole cache directory)."""
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    monkeypatch.delenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", raising=False)
+    before = {
+        name: getattr(jax.config, name)
+        for name in ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    }
+    model, _ = create_model("vit_tiny_patch16_224", num_classes=3, pretrained=False, rng=0)
+    images = jnp.zeros((1, 224, 224, 3))
+    try:
+        assert backend.use_compilation_cache(str(tmp_path)) == tmp_path
+        jnp.add(jnp.ones((5, 7, 11)), 3.0).block_until_ready()  # one op: ~10 ms to compile
+        jax.jit(model.init).lower(jax.random.key(0), images).compile()  # ~2.7 s on 2 cores
+        stored = {p.name.split("-")[0] for p in tmp_path.glob("*-cache")}
+        assert stored == {"jit_init"}, stored
+    finally:
+        cc.reset_cache()
+        for name, value in before.items():
+            jax.config.update(name, value)
