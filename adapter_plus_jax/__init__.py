@@ -14,7 +14,7 @@ experiment runner's data pipelines the `data` extra.
 """
 
 from adapter_plus_jax import backend, nnx, train  # submodules: apj.backend, apj.nnx, apj.train
-from adapter_plus_jax.convert import ConversionError, from_timm, to_adapter_plus
+from adapter_plus_jax.convert import from_timm, to_adapter_plus
 from adapter_plus_jax.errors import SetupError
 from adapter_plus_jax.factory import create_model
 from adapter_plus_jax.hf_peft import to_peft
@@ -25,6 +25,7 @@ from adapter_plus_jax.peft import METHODS, AdapterSpec, LoRASpec, Method, Prompt
 from adapter_plus_jax.pretrained import PretrainedError, load_pretrained, save_pretrained
 from adapter_plus_jax.serving import TaskSet
 from adapter_plus_jax.task import Task, load_backbone, read_task, write_task
+from adapter_plus_jax.timm_arch import ConversionError
 from adapter_plus_jax.train import decay_mask
 from adapter_plus_jax.tuning import TuneSpec
 

@@ -5,15 +5,20 @@ mid-save leaves the previous checkpoint intact (and the next run deletes the unf
 Each checkpoint also records a digest of its arrays: a checkpoint whose files were damaged
 afterwards (a half-copied directory, files deleted or zeroed by a full disk or a sync tool)
 fails to restore or to match its digest, and `find_good` falls back to the newest one that
-restores, moving the damaged ones to WORKDIR/damaged_checkpoints.
+restores, moving the damaged ones to WORKDIR/damaged_checkpoints. Ctrl-C during a save takes
+effect once the save has finished.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +35,26 @@ TMP_MARK = ".orbax-checkpoint-tmp"  # Orbax's name for a step directory being wr
 
 class CheckpointError(SetupError):
     """A checkpoint could not be written (the previous one is kept)."""
+
+
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Ctrl-C (SIGINT) inside the block is delivered to the handler it replaced when the block
+    ends. A KeyboardInterrupt raised inside Orbax's save left the step unwritten (a process
+    interrupted between saves loses no work, so neither should one interrupted in one) and,
+    in two-process runs, was seen to be lost, the run going on. Only the main thread can do
+    this; elsewhere the block runs unchanged."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pressed: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda number, _: pressed.append(number))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if pressed:
+            signal.raise_signal(signal.SIGINT)
 
 
 def digest(state: Any) -> str:
@@ -67,12 +92,14 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
         """Save synchronously (the state is small: adapters, head and their optimizer state).
-        Raises CheckpointError when the write fails; the previous checkpoint stays usable."""
+        Raises CheckpointError when the write fails; the previous checkpoint stays usable.
+        Ctrl-C during the save raises KeyboardInterrupt when the checkpoint is complete."""
         meta = {**meta, "digest": digest(state)}
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         try:
-            self._manager.save(step, args=args, force=True)
-            self._manager.wait_until_finished()
+            with _interrupts_deferred():
+                self._manager.save(step, args=args, force=True)
+                self._manager.wait_until_finished()
         except Exception as e:  # Orbax re-raises the writer thread's error, wrapped or not
             kept = [s for s in self._manager.all_steps() if s != step]
             last = f"step {max(kept)}" if kept else "none yet"

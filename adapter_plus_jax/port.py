@@ -28,9 +28,10 @@ import numpy as np
 import timm
 import torch
 
-from adapter_plus_jax.convert import ConversionError, from_timm, vit_config_from_timm
+from adapter_plus_jax.convert import from_timm
 from adapter_plus_jax.params import key_diff
 from adapter_plus_jax.pretrained import save_pretrained
+from adapter_plus_jax.timm_arch import ConversionError, vit_config_from_timm
 
 STATE_DICT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 # Wrappers of training checkpoints, in timm's order of preference (EMA weights first).

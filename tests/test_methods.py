@@ -34,11 +34,12 @@ from test_peft_parity import GRAD_TOL, LOGITS_TOL, _fixed_dropout_flax, _fixed_d
 
 from adapter_plus_jax import config as cfglib
 from adapter_plus_jax import fact, tuning
-from adapter_plus_jax.convert import abstract_params, from_timm, timm_key, vit_config_from_timm
+from adapter_plus_jax.convert import abstract_params, from_timm, timm_key
 from adapter_plus_jax.hf_peft import PeftConversionError, to_peft, unwrap
 from adapter_plus_jax.model import VisionTransformer, ViTConfig
 from adapter_plus_jax.params import trainable_count, trainable_mask
 from adapter_plus_jax.peft import METHODS
+from adapter_plus_jax.timm_arch import vit_config_from_timm
 from adapter_plus_jax.tuning import TuneSpec
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=5)

@@ -42,17 +42,10 @@ from flax import linen as nn
 from omegaconf import OmegaConf
 from reference import freeze_like_reference, reference_trains
 
-from adapter_plus_jax.convert import (
-    ConversionError,
-    abstract_params,
-    from_timm,
-    peft_specs_from_timm,
-    timm_key,
-    to_adapter_plus,
-    vit_config_from_timm,
-)
+from adapter_plus_jax.convert import abstract_params, from_timm, timm_key, to_adapter_plus
 from adapter_plus_jax.model import VisionTransformer
 from adapter_plus_jax.params import trainable_count, trainable_mask
+from adapter_plus_jax.timm_arch import ConversionError, peft_specs_from_timm, vit_config_from_timm
 
 LOGITS_TOL, GRAD_TOL = 1e-5, 1e-4
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=5)

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import jax
@@ -242,6 +243,31 @@ def test_a_full_disk_keeps_the_previous_checkpoint(finished, tmp_path, monkeypat
     monkeypatch.setattr(handler, "_save_fn", original)
     runner.run(tiny_demo(EPOCHS), workdir)  # resumes from step 20
     assert_same_state(workdir, finished)
+
+
+def test_ctrl_c_during_a_save_stops_after_it(tmp_path, monkeypatch) -> None:
+    """Ctrl-C while Orbax writes a checkpoint (sent from its writer thread) raises
+    KeyboardInterrupt once the checkpoint is complete; without the deferral the step was left
+    unwritten."""
+    from adapter_plus_jax.checkpoint import Checkpointer
+
+    handler = ocp.handlers.JsonCheckpointHandler
+    original = handler._save_fn
+
+    async def interrupted_save(self, x, directory):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.5)  # the main thread is waiting for this thread when the signal lands
+        return await original(self, x, directory)
+
+    monkeypatch.setattr(handler, "_save_fn", interrupted_save)
+    state = {"w": np.arange(6, dtype=np.float32)}
+    with pytest.raises(KeyboardInterrupt):
+        Checkpointer(tmp_path).save(7, state, {"epoch": 1})
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    monkeypatch.setattr(handler, "_save_fn", original)
+    restored, meta = Checkpointer(tmp_path, read_only=True).read(7)
+    np.testing.assert_array_equal(restored["w"], state["w"])
+    assert meta["epoch"] == 1
 
 
 # ----------------------------------------------------------------------------------------------
