@@ -554,6 +554,13 @@ MUTANTS = [
         tests=(f"{METHODS_T}::test_fact_computes_what_its_papers_code_computes",),
         select="fact_tt",
     ),
+    Mutant(
+        "ctrl_c_cuts_the_save",
+        "Ctrl-C during a checkpoint save interrupts it at once, leaving the step unwritten",
+        *_one("adapter_plus_jax/checkpoint.py", "            with _interrupts_deferred():",
+              "            with contextlib.nullcontext():"),  # fmt: skip
+        tests=("tests/test_workdir.py::test_ctrl_c_during_a_save_stops_after_it",),
+    ),
 ]
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from runs import ROOT, TINY, final_state
+from runs import ROOT, TINY, checkpoint_steps, final_state
 
 from adapter_plus_jax import distributed
 from adapter_plus_jax.workdir import read_metrics
@@ -69,7 +69,14 @@ def start(
                 f"--num_processes={n}", f"--process_id={i}"]  # fmt: skip
     log = log or workdir.with_name(f"{workdir.name}.{process[0] if process else 's'}.log")
     with open(log, "w") as out:
-        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                preexec_fn=_ctrl_c_as_in_a_terminal)  # fmt: skip
+
+
+def _ctrl_c_as_in_a_terminal() -> None:
+    """The runs take SIGINT as a terminal's Ctrl-C, also where the suite itself was started in
+    the background of a script (`pytest ... &`), whose children inherit SIGINT ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def demo(workdir: Path, epochs: int, processes: int, devices: int) -> list[subprocess.Popen]:
@@ -242,22 +249,17 @@ def test_the_other_process_stopping_ends_the_coordinator_in_one_line(tmp_path: P
 
 
 def test_process_0_interrupted_alone_tells_the_other_why(tmp_path: Path) -> None:
-    """Ctrl-C on process 0 only: it ends with "interrupted." (status 130) and keeps the
-    key-value store up until process 1 has read why; process 1 ends in one line naming the
-    cause, long before a missed heartbeat (STALE_S) would have told it."""
+    """Ctrl-C on process 0 only, while the first checkpoint is being written: the checkpoint is
+    completed, then process 0 ends with "interrupted." (status 130) and keeps the key-value
+    store up until process 1 has read why; process 1 ends in one line naming the cause, long
+    before a missed heartbeat (STALE_S) would have told it."""
     workdir = tmp_path / "run"
     procs = demo(workdir, 40, 2, 1)
-
-    def training_after_a_save() -> bool:  # Ctrl-C during a save was seen to be lost (open)
-        if not has_checkpoint(workdir):
-            return False
-        time.sleep(3)
-        return True
-
-    line = kill_and_watch(procs, workdir, 0, training_after_a_save, signal.SIGINT,
+    line = kill_and_watch(procs, workdir, 0, lambda: has_checkpoint(workdir), signal.SIGINT,
                           within=distributed.STALE_S)  # fmt: skip
     assert "process 0 of 2 failed: interrupted" in line, line
     assert procs[0].returncode == 130 and "interrupted." in output(workdir, 0)
+    assert checkpoint_steps(workdir)[:1] == [STEPS]
 
 
 # ----------------------------------------------------------------------------------------------
