@@ -41,9 +41,8 @@ class CheckpointError(SetupError):
 def _interrupts_deferred() -> Iterator[None]:
     """Ctrl-C (SIGINT) inside the block is delivered to the handler it replaced when the block
     ends. A KeyboardInterrupt raised inside Orbax's save left the step unwritten, losing the
-    epoch just trained (in a two-process run, a Ctrl-C sent as the first save began left no
-    checkpoint at all, 3 times of 3). Only the main thread can do this; elsewhere the block
-    runs unchanged."""
+    epoch just trained (tests/test_multiprocess.py sends one as the first save begins). Only
+    the main thread can do this; elsewhere the block runs unchanged."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return

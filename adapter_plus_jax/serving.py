@@ -230,10 +230,11 @@ class TaskSet:
 
     def _grouping(self) -> list[list[int]]:
         groups: list[tuple[tuple, list[int]]] = []
+        mixes = [_mixes(task) for task in self.tasks]
         for i, task in enumerate(self.tasks):
             structure = _structure(task)
             for n, (key, members) in enumerate(groups):
-                if _mixes(task) and _mixes(self.tasks[members[0]]) and _fits(key, structure):
+                if mixes[i] and mixes[members[0]] and _fits(key, structure):
                     pairs = zip(key, structure, strict=True)
                     merged = tuple(k if k is not None else s for k, s in pairs)
                     groups[n] = (merged, [*members, i])

@@ -261,9 +261,14 @@ def test_ctrl_c_during_a_save_stops_after_it(tmp_path, monkeypatch) -> None:
 
     monkeypatch.setattr(handler, "_save_fn", interrupted_save)
     state = {"w": np.arange(6, dtype=np.float32)}
-    with pytest.raises(KeyboardInterrupt):
-        Checkpointer(tmp_path).save(7, state, {"epoch": 1})
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # Ctrl-C as in a terminal, also where pytest was started with SIGINT ignored (`pytest &`).
+    outside = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            Checkpointer(tmp_path).save(7, state, {"epoch": 1})
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, outside)
     monkeypatch.setattr(handler, "_save_fn", original)
     restored, meta = Checkpointer(tmp_path, read_only=True).read(7)
     np.testing.assert_array_equal(restored["w"], state["w"])
