@@ -10,8 +10,9 @@ What differs between backends is decided here and nowhere else:
 - compiler options: XLA:CPU's float32 dots through oneDNN on Intel and AMD CPUs
   (`compiler_options`; `ADAPTER_PLUS_JAX_CPU_DOTS=onednn|xla` overrides).
 - the form of 16-bit products on XLA:CPU (`f32_dot`), which the bfloat16 layers use.
-- the attention implementation: XLA's einsums by default; cuDNN's fused kernel as an opt-in on
-  NVIDIA GPUs, checked by `check_attention`.
+- the attention implementation: 'auto' (the default) takes cuDNN's fused kernel where it runs
+  (`auto_attention`: NVIDIA GPUs from Ampere on, 16-bit compute, no attention dropout) and
+  XLA's einsums everywhere else; an explicit choice is checked by `check_attention`.
 - host memory: glibc's huge pages for XLA:CPU's large buffers, which only a restart of the
   process can turn on (`reexec_with_huge_pages`).
 - compilation: JAX's persistent compilation cache, on by default in
@@ -102,7 +103,49 @@ def use_compilation_cache(setting: str | None = None) -> Path | None:
 # ----------------------------------------------------------------------------------------------
 # Attention.
 
-ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+ATTENTION_KERNELS = ("xla", "cudnn")  # what `layers.attend` computes with
+ATTENTION_IMPLEMENTATIONS = ("auto", *ATTENTION_KERNELS)  # what users choose from
+# cuDNN's fused attention kernels (flash attention): NVIDIA GPUs of compute capability 8.0
+# (Ampere) and later, head dimensions that are multiples of 8 up to 128.
+CUDNN_MIN_COMPUTE_CAPABILITY = 8.0
+CUDNN_MAX_HEAD_DIM = 128
+
+
+def nvidia_compute_capability(device: Any | None = None) -> float | None:
+    """The compute capability of `device` (default: JAX's first device) if it is an NVIDIA GPU
+    (e.g. 9.0 for an H100), else None."""
+    device = jax.devices()[0] if device is None else device
+    if device.platform != "gpu":
+        return None
+    try:  # CUDA devices say "9.0"; ROCm's say "gfx90a" or nothing
+        return float(getattr(device, "compute_capability", ""))
+    except ValueError:
+        return None
+
+
+def auto_attention(
+    dtype: Any, attn_drop_rate: float, head_dim: int, compute_capability: float | None
+) -> str:
+    """What attention='auto' computes with: 'cudnn' where cuDNN's fused kernel runs (an NVIDIA
+    GPU of `compute_capability` 8.0 or later, a 16-bit dtype, no attention dropout, a head
+    dimension that is a multiple of 8 up to 128), 'xla' everywhere else: on CPUs, TPUs and
+    other GPUs, and in float32, where the einsums are the reference's arithmetic."""
+    fits = (
+        compute_capability is not None
+        and compute_capability >= CUDNN_MIN_COMPUTE_CAPABILITY
+        and low_precision(dtype)
+        and not attn_drop_rate
+        and head_dim % 8 == 0
+        and head_dim <= CUDNN_MAX_HEAD_DIM
+    )
+    return "cudnn" if fits else "xla"
+
+
+def resolve_attention(implementation: str, dtype: Any, attn_drop_rate: float, head_dim: int) -> str:
+    """`implementation` with 'auto' replaced by this machine's choice (`auto_attention`)."""
+    if implementation != "auto":
+        return implementation
+    return auto_attention(dtype, attn_drop_rate, head_dim, nvidia_compute_capability())
 
 
 def check_attention(
@@ -119,7 +162,7 @@ def check_attention(
         raise SetupError(
             f"attention={implementation!r}: expected one of {ATTENTION_IMPLEMENTATIONS}."
         )
-    if implementation != "cudnn":
+    if implementation != "cudnn":  # 'auto' takes cuDNN only where it runs
         return
     if not low_precision(dtype):
         raise SetupError(

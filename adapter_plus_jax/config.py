@@ -192,9 +192,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.drop_path_rate = 0.1
     c.model.dtype = "bfloat16"  # compute dtype; parameters stay float32 (bf16-mixed, as Lightning)
     c.model.remat = False
-    # 'cudnn': cuDNN's fused attention, an opt-in for NVIDIA GPUs in bfloat16 (docs/
-    # performance.md, 'GPU').
-    c.model.attention = "xla"
+    # 'auto': cuDNN's fused attention on NVIDIA GPUs in bfloat16 where it runs, XLA's einsums
+    # elsewhere; 'xla' or 'cudnn' to choose (docs/performance.md, 'GPU').
+    c.model.attention = "auto"
     # The head's width: 0 pads it with masked-out classes to a multiple of 128, so that runs
     # with other class counts share one compiled step (params.head_width); -1: no padding;
     # N: N outputs. Results and exported tasks have the dataset's classes either way.

@@ -49,7 +49,7 @@ def build_model(
         drop_path_rate=m.drop_path_rate,
         dtype=m.dtype,
         remat=m.remat,
-        attention=m.get("attention", "xla"),
+        attention=m.get("attention", "auto"),
         weights_dir=m.weights_dir,
         **({} if m.pretrained else dict(m.timm_kwargs or {})),
     )

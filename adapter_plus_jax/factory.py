@@ -143,7 +143,7 @@ def create_model(
     drop_path_rate: float = 0.1,
     dtype: Any = "float32",
     remat: bool = False,
-    attention: str = "xla",
+    attention: str = "auto",
     weights_dir: str | os.PathLike | None = None,
     **timm_kwargs: Any,
 ) -> tuple[VisionTransformer, dict]:
@@ -164,8 +164,10 @@ def create_model(
       drop_path_rate: stochastic depth at the last block (linear over depth, as timm).
       dtype: compute dtype ('float32' or 'bfloat16'); parameters stay float32.
       remat: recompute block activations in the backward pass (less memory, more time).
-      attention: 'xla', or 'cudnn' for cuDNN's fused attention (NVIDIA GPUs, bfloat16, no
-        attention dropout; an opt-in, see docs/performance.md, 'GPU').
+      attention: 'auto' (cuDNN's fused attention where it runs: an NVIDIA GPU from Ampere on,
+        bfloat16, no attention dropout; XLA's einsums elsewhere: `backend.auto_attention`),
+        'xla' (the einsums, the reference's arithmetic, everywhere) or 'cudnn'. The module's
+        `attention` says which was taken; docs/performance.md, 'GPU', has the measurements.
       weights_dir: where ported timm names live (default ~/.cache/adapter_plus_jax).
       **timm_kwargs: `timm.create_model` arguments for `pretrained=False` (e.g. depth=4).
 
@@ -186,6 +188,8 @@ def create_model(
         name_or_dir, num_classes, pretrained, rng, img_size, weights_dir, timm_kwargs
     )
     config = backbone.config.replace(drop_path_rate=drop_path_rate)
+    head_dim = config.embed_dim // config.num_heads
+    attention = backend.resolve_attention(attention, dtype, config.attn_drop_rate, head_dim)
     module = VisionTransformer(
         config, dtype=jnp.dtype(dtype), remat=remat, attention=attention, **specs
     )

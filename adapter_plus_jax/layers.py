@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from adapter_plus_jax.backend import ATTENTION_IMPLEMENTATIONS
+from adapter_plus_jax.backend import ATTENTION_KERNELS
 from adapter_plus_jax.precision import Dense, einsum
 
 # ----------------------------------------------------------------------------------------------
@@ -143,12 +143,14 @@ def attend(
     faster than tokens-first einsums (docs/performance.md, "The train step, op class by op
     class").
 
-    implementation='cudnn' (opt-in, NVIDIA GPUs, 16-bit compute, no attention dropout: checked
-    by `backend.check_attention`) runs cuDNN's fused attention kernel instead.
+    implementation='cudnn' (NVIDIA GPUs, 16-bit compute, no attention dropout: checked by
+    `backend.check_attention`) runs cuDNN's fused attention kernel instead. 'auto' is resolved
+    before a model is built (`backend.resolve_attention`, in `create_model`), not here.
     """
-    if implementation not in ATTENTION_IMPLEMENTATIONS:
+    if implementation not in ATTENTION_KERNELS:
         raise ValueError(
-            f"attention={implementation!r}: expected one of {ATTENTION_IMPLEMENTATIONS}."
+            f"attention={implementation!r}: expected one of {ATTENTION_KERNELS} (create_model "
+            "resolves 'auto' into one of them: backend.resolve_attention)."
         )
     if implementation == "cudnn":  # one dtype for the kernel (qk_norm, LoRA scales: float32)
         return fused_attention(q.astype(v.dtype), k.astype(v.dtype), v, "cudnn")

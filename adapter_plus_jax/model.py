@@ -278,6 +278,7 @@ class VisionTransformer(nn.Module):
       remat: recompute block activations in the backward pass (saves memory, costs time).
       attention: 'xla' (default: the einsums of `layers.attend`) or 'cudnn' (cuDNN's fused
         attention; NVIDIA GPUs with a 16-bit dtype and no attention dropout only).
+        `create_model` picks one for its 'auto' (`backend.resolve_attention`).
     """
 
     config: ViTConfig

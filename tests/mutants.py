@@ -480,6 +480,15 @@ MUTANTS = [
         ),
     ),
     Mutant(
+        "auto_attention_in_float32",
+        "attention='auto' takes cuDNN's kernel in float32 too, leaving the reference's arithmetic",
+        *_one("adapter_plus_jax/backend.py", "        and low_precision(dtype)\n", ""),
+        tests=(
+            "tests/test_backend.py::"
+            "test_auto_attention_takes_cudnn_only_where_it_runs[float32-0.0-64-9.0-xla]",
+        ),
+    ),
+    Mutant(
         "dora_norm_not_detached",
         "DoRA's weight norm passes gradients (Liu et al. and peft treat it as a constant)",
         *_one(TUNING, "norm = jax.lax.stop_gradient(jnp.linalg.norm(weight, axis=0))",

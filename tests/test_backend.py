@@ -135,7 +135,7 @@ def test_restart_gives_malloc_huge_pages_where_it_helps() -> None:
 @pytest.mark.parametrize(
     ("implementation", "dtype", "attn_drop", "message"),
     [
-        ("flash", "bfloat16", 0.0, "expected one of"),
+        ("flash", "bfloat16", 0.0, "expected one of \\('auto', 'xla', 'cudnn'\\)"),
         ("cudnn", "float32", 0.0, "has no float32 kernel"),
         ("cudnn", "bfloat16", 0.1, "takes no attention dropout"),
         ("cudnn", "bfloat16", 0.0, "needs an NVIDIA GPU; JAX computes on cpu"),
@@ -156,6 +156,69 @@ def test_create_model_refuses_cudnn_attention_before_building() -> None:
             "vit_tiny_patch16_224", pretrained=False, num_classes=3, rng=0,
             dtype="bfloat16", attention="cudnn", depth=1,
         )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("dtype", "attn_drop", "head_dim", "capability", "expected"),
+    [
+        ("bfloat16", 0.0, 64, 9.0, "cudnn"),  # ViT-B/16 on an H100 or H200
+        ("float16", 0.0, 64, 8.0, "cudnn"),  # an A100
+        ("bfloat16", 0.0, 128, 8.9, "cudnn"),  # the widest head cuDNN takes
+        ("float32", 0.0, 64, 9.0, "xla"),  # float32: the reference's arithmetic
+        ("bfloat16", 0.1, 64, 9.0, "xla"),  # attention dropout
+        ("bfloat16", 0.0, 80, 7.5, "xla"),  # a T4: no fused kernel before Ampere
+        ("bfloat16", 0.0, 60, 9.0, "xla"),  # a head dimension cuDNN does not take
+        ("bfloat16", 0.0, 256, 9.0, "xla"),
+        ("bfloat16", 0.0, 64, None, "xla"),  # CPUs, TPUs, other GPUs
+    ],
+)
+def test_auto_attention_takes_cudnn_only_where_it_runs(
+    dtype: str, attn_drop: float, head_dim: int, capability: float | None, expected: str
+) -> None:
+    assert backend.auto_attention(jnp.dtype(dtype), attn_drop, head_dim, capability) == expected
+
+
+class _Device:
+    def __init__(self, platform: str, capability: str | None) -> None:
+        self.platform = platform
+        if capability is not None:
+            self.compute_capability = capability
+
+
+@pytest.mark.parametrize(
+    ("device", "expected"),
+    [(_Device("gpu", "9.0"), 9.0), (_Device("gpu", "gfx90a"), None),
+     (_Device("gpu", None), None), (_Device("cpu", None), None), (_Device("tpu", None), None)],
+)  # fmt: skip
+def test_nvidia_compute_capability_reads_cuda_devices_only(device, expected) -> None:
+    assert backend.nvidia_compute_capability(device) == expected
+
+
+@CPU_ONLY
+def test_create_model_resolves_auto_attention_to_the_einsums_on_cpus() -> None:
+    for dtype in ("float32", "bfloat16"):
+        module, _ = create_model(
+            "vit_tiny_patch16_224", pretrained=False, num_classes=3, rng=0, dtype=dtype,
+            depth=1, img_size=32,
+        )  # fmt: skip
+        assert module.attention == "xla"
+
+
+def test_create_model_takes_cudnn_where_auto_finds_a_gpu_for_it(monkeypatch) -> None:
+    """What create_model builds when `auto_attention` says cuDNN (on an NVIDIA GPU): a module
+    with attention='cudnn'. The facts of the GPU are stubbed; the module is not run."""
+    monkeypatch.setattr(backend, "nvidia_compute_capability", lambda device=None: 9.0)
+    monkeypatch.setattr(backend, "check_attention", lambda *args, **kwargs: None)
+    built = []
+    monkeypatch.setattr(
+        "adapter_plus_jax.factory.init_params",
+        lambda module, params, rng: built.append(module) or params,
+    )
+    create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, rng=0,
+                 dtype="bfloat16", depth=1, img_size=32)  # fmt: skip
+    create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, rng=0,
+                 dtype="float32", depth=1, img_size=32)  # fmt: skip
+    assert [m.attention for m in built] == ["cudnn", "xla"]
 
 
 def test_cpu_vendor_reads_proc_cpuinfo(tmp_path: Path) -> None:
