@@ -9,8 +9,13 @@ Both sides train the same model on the same batch in one process, with the same 
   CPUs in float32 also the same step, and the evaluation forward, with the other dot library
   (XLA's default YNNPACK where ours is oneDNN, else oneDNN), and, where the batch is split,
   the step over the whole batch at once;
-- on NVIDIA GPUs in bfloat16, ours with the opt-in cuDNN fused attention (`attention='cudnn'`),
-  train and evaluation, and how far its logits are from the default's;
+- ours with the attention `create_model` takes by default here (`attention='auto'`: cuDNN's
+  fused kernel on NVIDIA GPUs in bfloat16, XLA's einsums elsewhere); where that is cuDNN's,
+  also ours with the einsums (`attention='xla'`), train and evaluation, and how far the two
+  logits are apart;
+- with `--xla-option NAME:KEY=VALUE[,KEY=VALUE]` (repeatable), ours compiled with those XLA
+  options as one more peer each (e.g. `cudnn_ln:xla_gpu_enable_cudnn_layer_norm=true`); an
+  option this XLA does not know is reported, not fatal;
 - reference: adapter-plus `VisionTransformerAdapter` on timm, torch.optim.AdamW, only adapters
   and head trainable; with `--torch-compile` also the same under `torch.compile`.
 
@@ -35,8 +40,14 @@ batch / median step time. Also measured:
   each training step's model FLOP/s (forward + input gradients, ~70 GFLOP per image for
   ViT-B/16, counted analytically) is reported as a fraction of it;
 - peak memory of a step: on CPU the host RSS rise over the step (sampled every 2 ms, after
-  `malloc_trim` so that freed heap is not counted as reuse); on GPU the device peak
-  (torch.cuda.max_memory_allocated, jax `peak_bytes_in_use`; both include weights and state).
+  `malloc_trim` so that freed heap is not counted as reuse); on GPU the device peak of torch's
+  peers (torch.cuda.max_memory_allocated, weights and state included) and, for ours, what
+  XLA's buffer assignment plans for the step (arguments + outputs + temporaries, less what is
+  donated and aliased), since jax's `peak_bytes_in_use` is the process's peak, shared by all
+  our peers.
+
+`--hlo-dir DIR` writes each of our train steps' optimized HLO (DIR/<peer>.hlo.txt.gz), which
+says what XLA fused and which kernels (cuBLAS, cuDNN, Triton) it chose.
 
 Usage:
     python benchmarks/train_step.py --model-size base --batch 8 --dtype float32 --out DIR
@@ -53,9 +64,11 @@ import copy
 import ctypes
 import dataclasses
 import gc
+import gzip
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import threading
@@ -105,7 +118,7 @@ EIGEN_DOTS = {
     )
 }
 BATCHED = "ours (jax, whole batch at once)"
-CUDNN = "ours (jax, attention='cudnn')"
+XLA_ATTENTION = "ours (jax, attention='xla')"  # on GPUs where the default is cuDNN's
 COMPILED = "reference (torch.compile)"
 # Dense bfloat16 peaks from the vendors' datasheets (TFLOP/s), for MFU on GPUs; the most
 # specific name first.
@@ -216,6 +229,11 @@ def jax_train_peer(
     memory = compiled.memory_analysis()
     if memory is not None:
         info["xla_temp_mib"] = memory.temp_size_in_bytes / 2**20
+        planned = (
+            memory.argument_size_in_bytes + memory.output_size_in_bytes
+            + memory.temp_size_in_bytes - memory.alias_size_in_bytes
+        )  # fmt: skip
+        info["xla_planned_mib"] = planned / 2**20
     holder = {"state": state}
 
     def step() -> None:
@@ -292,11 +310,11 @@ class RssPeak:
 
 
 def device_peak_mib(peer: Peer) -> float | None:
-    """Device memory peak in MiB (GPU only): torch's since reset, jax's since start."""
+    """Device memory peak in MiB (GPU only): torch's since its reset; for ours, the step's
+    buffers as XLA planned them (jax's `peak_bytes_in_use` cannot be reset: it would give every
+    peer of ours the largest one's peak)."""
     if peer.name.startswith("ours"):
-        stats = jax.devices()[0].memory_stats() or {}
-        peak = stats.get("peak_bytes_in_use")
-        return None if peak is None else peak / 2**20
+        return peer.info.get("xla_planned_mib")
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
     return None
@@ -429,7 +447,8 @@ def markdown(results: dict) -> str:
         p16 = results["matmul_gflops_run_dtype"]
         lines[-1] += f" {a['dtype']} matmul: torch {p16['torch']:.0f}, jax {p16['jax']:.0f}."
     lines[-1] += f" Peak ({a['dtype']}): {results['peak_gflops']:.0f} GFLOP/s."
-    memory_label = "peak RSS rise (MiB)" if results["device_kind"] == "cpu" else "device peak (MiB)"
+    on_cpu = results["device_kind"] == "cpu"
+    memory_label = "peak RSS rise (MiB)" if on_cpu else "device memory (MiB)†"
     lines += [
         "",
         f"| Train step | images/s | vs ref.* | of peak | images/CPU-s | vs ref.* | {memory_label} "
@@ -457,7 +476,13 @@ def markdown(results: dict) -> str:
         "",
         "\\* vs the fastest eager reference peer. Of peak: model FLOP/s over the matmul peak. "
         "images/CPU-s: per second of process CPU time (all threads), which other processes' load "
-        "hardly changes.",
+        "hardly changes."
+        + (
+            ""
+            if on_cpu
+            else " † torch: its device peak (torch.cuda.max_memory_allocated); ours: the step's "
+            "buffers as XLA planned them (arguments + outputs + temporaries, less what is aliased)."
+        ),
         "",
         "| Evaluation forward | images/s | vs ref. | images/CPU-s |",
         "|---|---|---|---|",
@@ -480,7 +505,8 @@ def markdown(results: dict) -> str:
     if "cudnn_max_abs_logit_diff" in results:
         lines += [
             "",
-            f"attention='cudnn' against the default: logits differ by at most "
+            f"attention='{results['default_attention']}' (the default here) against 'xla': "
+            f"logits differ by at most "
             f"{results['cudnn_max_abs_logit_diff']:.2e} (largest logit "
             f"{results['max_abs_logit']:.2f}).",
         ]
@@ -526,6 +552,49 @@ def add_step_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=4)
 
 
+def xla_option(text: str) -> tuple[str, dict[str, Any]]:
+    """'NAME:KEY=VALUE,KEY=VALUE' -> (NAME, {KEY: VALUE}), values as bool, int, float or str."""
+    name, _, pairs = text.partition(":")
+    if not name or not pairs:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME:KEY=VALUE[,KEY=VALUE]")
+    options: dict[str, Any] = {}
+    for pair in pairs.split(","):
+        key, eq, value = pair.partition("=")
+        if not eq:
+            raise argparse.ArgumentTypeError(f"{pair!r} in {text!r}: expected KEY=VALUE")
+        options[key] = _option_value(value)
+    return name, options
+
+
+def _option_value(value: str) -> Any:
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
+def default_attention(module: VisionTransformer) -> str:
+    """The attention `create_model` takes here for this model ('auto')."""
+    cfg = module.config
+    head_dim = cfg.embed_dim // cfg.num_heads
+    return backend.resolve_attention("auto", module.dtype, cfg.attn_drop_rate, head_dim)
+
+
+def write_hlo(peers: list[Peer], folder: Path) -> None:
+    """Each compiled peer's optimized HLO, gzipped, as FOLDER/<peer name>.hlo.txt.gz."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for peer in peers:
+        if peer.compiled is not None:
+            slug = re.sub(r"[^A-Za-z0-9]+", "_", peer.name).strip("_")
+            path = folder / f"{slug}.hlo.txt.gz"
+            path.write_bytes(gzip.compress(peer.compiled.as_text().encode()))
+            print(f"  wrote {path}", flush=True)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_step_args(p)
@@ -541,6 +610,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--torch-compile", action="store_true", help="add torch.compile as a peer")
     p.add_argument("--matmul-n", type=int, default=2048)
+    p.add_argument(
+        "--xla-option",
+        type=xla_option,
+        action="append",
+        default=[],
+        metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+        help="one more peer of ours, compiled with these XLA options (repeatable)",
+    )
+    p.add_argument("--hlo-dir", type=Path, default=None, help="write our steps' optimized HLO")
     p.add_argument("--out", type=Path, default=None, help="write the .md and .json here")
     return p.parse_args(argv)
 
@@ -597,23 +675,40 @@ def main(argv: list[str] | None = None) -> dict:
         for n in threads
     ]
     print("== compiling our step", flush=True)
-    plan = backend.plan(module)  # as runs and users' loops build their steps
-    peers.append(jax_train_peer(OURS, module, params, jx, jy, plan))
+    results["train"] = {}
+    # The attention create_model takes here by default; where that is cuDNN's kernel, the
+    # einsums (module) are a peer of their own.
+    default = module.clone(attention=default_attention(module))
+    try:
+        peers.append(jax_train_peer(OURS, default, params, jx, jy, backend.plan(default)))
+    except Exception as e:  # cuDNN's kernel needs a recent cuDNN, and rejects some shapes
+        results["default_attention_failed"] = f"{type(e).__name__}: {str(e)[:300]}"
+        print(f"  attention={default.attention} failed: {results['default_attention_failed']}")
+        default = module
+        peers.append(jax_train_peer(OURS, default, params, jx, jy, backend.plan(default)))
+    results["default_attention"] = default.attention
+    einsums = module if default.attention != "xla" else None
+    if einsums is not None:
+        peers.append(jax_train_peer(XLA_ATTENTION, module, params, jx, jy, backend.plan(module)))
+    plan = backend.plan(module)  # chunks and compiler options do not depend on the attention
     other = other_dots(plan) if device == "cpu" and not bf16 else None
     if other is not None:  # the other float32 dot library, for comparison
         peers.append(jax_train_peer(other[0], module, params, jx, jy, other[1]))
     if plan.chunk_size(a.batch):
         whole = dataclasses.replace(plan, chunk=None)
         peers.append(jax_train_peer(BATCHED, module, params, jx, jy, whole))
-    # The opt-in cuDNN fused attention (backend.check_attention says where it runs).
-    results["train"] = {}
-    cudnn = module.clone(attention="cudnn") if device == "cuda" and bf16 else None
-    if cudnn is not None:
+    for name, options in a.xla_option:  # XLA options to try, one peer each
+        peer_name = f"ours + {name}"
+        optioned = dataclasses.replace(
+            backend.plan(default), compiler_options={**(plan.compiler_options or {}), **options}
+        )
         try:
-            peers.append(jax_train_peer(CUDNN, cudnn, params, jx, jy, backend.plan(cudnn)))
-        except Exception as e:  # cuDNN's kernel needs a recent cuDNN, and rejects some shapes
-            results["train"][CUDNN] = {"skipped": f"{type(e).__name__}: {str(e)[:300]}"}
-            cudnn = None
+            peers.append(jax_train_peer(peer_name, default, params, jx, jy, optioned))
+        except Exception as e:  # an option this XLA does not know, or cannot apply
+            results["train"][peer_name] = {"skipped": f"{type(e).__name__}: {str(e)[:300]}"}
+            print(f"  {peer_name}: {results['train'][peer_name]['skipped']}", flush=True)
+    if a.hlo_dir is not None:
+        write_hlo(peers, a.hlo_dir)
     if a.torch_compile:
         compiled = torch.compile(copy.deepcopy(model))
         peers.append(torch_train_peer(COMPILED, compiled, tx, ty, bf16, threads[0]))
@@ -626,8 +721,8 @@ def main(argv: list[str] | None = None) -> dict:
         if why is not None:
             results["train"][peer.name] = {"skipped": why}
             peers.remove(peer)
-            if peer.name == CUDNN:
-                cudnn = None
+            if peer.name == XLA_ATTENTION:
+                einsums = None
 
     print(f"== timing: {a.rounds} rounds x {a.steps} steps", flush=True)
     times = interleaved(peers, a.rounds, a.steps)
@@ -646,27 +741,26 @@ def main(argv: list[str] | None = None) -> dict:
     gc.collect()
 
     print("== evaluation forward: Adapter+, and LoRA r=8 on q, k unmerged and merged", flush=True)
-    lora = VisionTransformer(module.config, lora=LoRASpec(), dtype=module.dtype)
+    lora = VisionTransformer(
+        module.config, lora=LoRASpec(), dtype=module.dtype, attention=default.attention
+    )
     backbone = {k: v for k, v in flatten_dict(params).items() if "adapter" not in k}
     lora_params = init_params(lora, unflatten_dict(backbone), jax.random.key(0))
     merged, merged_vars = merge_lora(lora, {"params": lora_params})
     eval_peers = [
         torch_eval_peer(f"reference (torch, {threads[0]} threads)", model, tx, bf16),
-        jax_eval_peer(OURS, module, params, jx, plan),
+        jax_eval_peer(OURS, default, params, jx, plan),
         jax_eval_peer(LORA, lora, lora_params, jx, plan),
         jax_eval_peer(MERGED, merged, merged_vars["params"], jx, plan),
     ]
     if other is not None:
         eval_peers.append(jax_eval_peer(other[0], module, params, jx, other[1]))
-    if cudnn is not None:
-        try:
-            eval_peers.append(jax_eval_peer(CUDNN, cudnn, params, jx, backend.plan(cudnn)))
-            # The same logits both ways, within bfloat16 rounding: what the opt-in changes.
-            xla_logits, cudnn_logits = (m.apply({"params": params}, jx) for m in (module, cudnn))
-            results["cudnn_max_abs_logit_diff"] = float(jnp.abs(xla_logits - cudnn_logits).max())
-            results["max_abs_logit"] = float(jnp.abs(xla_logits).max())
-        except Exception as e:  # as for the train peer: report, keep the other figures
-            print(f"  {CUDNN} evaluation skipped: {type(e).__name__}: {str(e)[:300]}", flush=True)
+    if einsums is not None:
+        eval_peers.append(jax_eval_peer(XLA_ATTENTION, einsums, params, jx, plan))
+        # The same logits both ways, within bfloat16 rounding: what the default's kernel changes.
+        xla_logits, cudnn_logits = (m.apply({"params": params}, jx) for m in (einsums, default))
+        results["cudnn_max_abs_logit_diff"] = float(jnp.abs(xla_logits - cudnn_logits).max())
+        results["max_abs_logit"] = float(jnp.abs(xla_logits).max())
     for peer in eval_peers:
         warm_up(peer, a.warmup)
     times = interleaved(eval_peers, a.rounds, a.steps)

@@ -28,6 +28,13 @@ def test_gpu_script_tiny_mode_writes_every_table(tmp_path: Path) -> None:
     assert "what runs get now" in summary  # the input pipeline's table
     assert "| qkv 96->288 | float32 result + float32 bias, rounded once (ours) |" in summary
     assert (out / "train_step_b4" / "train_step_tiny_bfloat16.json").is_file()
+    # The accuracy test with this machine's default attention, an XLA option as a peer, our
+    # step's optimized HLO and the kernel profile.
+    assert "ViT-Ti/16, attention=xla: logits" in summary and "1 passed" in summary
+    assert "| ours + fast_min_max |" in summary
+    assert (out / "hlo" / "ours_jax.hlo.txt.gz").stat().st_size > 10_000
+    assert "| kernel family | ours | torch eager |" in summary
+    assert "Ours by op class" in summary
 
 
 NO_TF = 'raise ImportError("TensorFlow is not installed here (blocked by the test)")\n'
