@@ -3,7 +3,7 @@
 # up to 8 files back from $OUT) runs one of the prepared GPU checks and sends back its results
 # as a few files. From the repository's root:
 #
-#   here, once:  echo /.whl/ >> .git/info/exclude && benchmarks/device_wheels.sh
+#   here, once:  benchmarks/device_wheels.sh         # .whl/, which .gitignore leaves out
 #   there:       bash benchmarks/device_run.sh gpu    # carry [".whl"]: benchmarks/gpu.sh
 #                bash benchmarks/device_run.sh e2e    # carry [".whl"]: benchmarks/gpu_e2e.sh
 #

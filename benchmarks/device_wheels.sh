@@ -4,7 +4,7 @@
 # benchmarks/device_run.sh: the versions this project pins (requirements*.txt) of the packages
 # that host has in other versions or not at all. All are pure-Python wheels.
 #
-#   benchmarks/device_wheels.sh [DIR]   # default DIR=.whl (ignore it: echo /.whl/ >> .git/info/exclude)
+#   benchmarks/device_wheels.sh [DIR]   # default DIR=.whl (.gitignore leaves it out of git)
 set -euo pipefail
 dir="${1:-.whl}"
 python="${PYTHON:-python3}"
