@@ -105,15 +105,12 @@ def use_compilation_cache(setting: str | None = None) -> Path | None:
 
 ATTENTION_KERNELS = ("xla", "cudnn")  # what `layers.attend` computes with
 ATTENTION_IMPLEMENTATIONS = ("auto", *ATTENTION_KERNELS)  # what users choose from
-# cuDNN's fused attention kernels (flash attention): NVIDIA GPUs of compute capability 8.0
-# (Ampere) and later, head dimensions that are multiples of 8 up to 128.
-CUDNN_MIN_COMPUTE_CAPABILITY = 8.0
-CUDNN_MAX_HEAD_DIM = 128
+CUDNN_MIN_COMPUTE_CAPABILITY, CUDNN_MAX_HEAD_DIM = 8.0, 128  # cuDNN's fused kernels: Ampere on
 
 
 def nvidia_compute_capability(device: Any | None = None) -> float | None:
-    """The compute capability of `device` (default: JAX's first device) if it is an NVIDIA GPU
-    (e.g. 9.0 for an H100), else None."""
+    """The CUDA compute capability of `device` (default: JAX's first device) if it is an NVIDIA
+    GPU, else None."""
     device = jax.devices()[0] if device is None else device
     if device.platform != "gpu":
         return None
@@ -131,13 +128,10 @@ def auto_attention(
     dimension that is a multiple of 8 up to 128), 'xla' everywhere else: on CPUs, TPUs and
     other GPUs, and in float32, where the einsums are the reference's arithmetic."""
     fits = (
-        compute_capability is not None
-        and compute_capability >= CUDNN_MIN_COMPUTE_CAPABILITY
-        and low_precision(dtype)
-        and not attn_drop_rate
-        and head_dim % 8 == 0
-        and head_dim <= CUDNN_MAX_HEAD_DIM
-    )
+        (compute_capability or 0.0) >= CUDNN_MIN_COMPUTE_CAPABILITY
+        and low_precision(dtype) and not attn_drop_rate
+        and head_dim % 8 == 0 and head_dim <= CUDNN_MAX_HEAD_DIM
+    )  # fmt: skip
     return "cudnn" if fits else "xla"
 
 
@@ -148,16 +142,10 @@ def resolve_attention(implementation: str, dtype: Any, attn_drop_rate: float, he
     return auto_attention(dtype, attn_drop_rate, head_dim, nvidia_compute_capability())
 
 
-def check_attention(
-    implementation: str, dtype: Any, attn_drop_rate: float, backend: bool = True
-) -> None:
+def check_attention(implementation: str, dtype: Any, attn_drop_rate: float) -> None:
     """Raise SetupError (a ValueError), saying what to change, where `layers.attend` cannot run
-    with `implementation`.
-
-    cuDNN's fused attention (jax.nn.dot_product_attention) runs on NVIDIA GPUs only, has
-    bfloat16/float16 kernels only, and takes no attention dropout. `backend=False` leaves out
-    the GPU check, which starts JAX's backend.
-    """
+    with `implementation`: cuDNN's fused attention (jax.nn.dot_product_attention) runs on NVIDIA
+    GPUs only, has bfloat16/float16 kernels only, and takes no attention dropout."""
     if implementation not in ATTENTION_IMPLEMENTATIONS:
         raise SetupError(
             f"attention={implementation!r}: expected one of {ATTENTION_IMPLEMENTATIONS}."
@@ -174,7 +162,7 @@ def check_attention(
             f"attention='cudnn' takes no attention dropout (attn_drop_rate={attn_drop_rate}): "
             "set it to 0 or use attention='xla'."
         )
-    if backend and jax.default_backend() != "gpu":
+    if jax.default_backend() != "gpu":
         raise SetupError(
             f"attention='cudnn' needs an NVIDIA GPU; JAX computes on {jax.default_backend()} "
             "here. Use attention='xla'."
