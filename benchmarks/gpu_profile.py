@@ -48,8 +48,8 @@ from adapter_plus_jax.convert import from_timm
 # (family, pattern over the kernel's name, lowercased); the first match wins.
 FAMILIES = (
     ("fused attention", r"flash|fmha|sdpa|attention|attn"),
+    ("convolution", r"conv|implicit|fprop|dgrad|wgrad"),
     ("GEMM (cuBLAS, CUTLASS, Triton GEMM)", r"gemm|nvjet|xmma|cutlass|cublas|matmul|wgmma|_mma"),
-    ("convolution", r"conv|implicit"),
     ("copies and memset", r"memcpy|memset|copy|transpose"),
     ("element-wise and reductions", r"."),
 )
@@ -121,6 +121,8 @@ def profile_ours(module, params, x, y, warmup: int, steps: int) -> dict:
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     found = our_device_events(events, op_names)
     result = summarise([(name, us) for name, _, us in found], steps)
+    # Which events were read: a GPU's stream events, or (no GPU in the trace) XLA:CPU's thunks.
+    result["source"] = "GPU streams" if device_pids(events) else "XLA thunks (no GPU in the trace)"
     classes: dict[str, float] = collections.defaultdict(float)
     for _, hlo, us in found:
         name, direction = ps.classify_ours(op_names[hlo]) if hlo in op_names else ("?", "?")
@@ -161,11 +163,12 @@ def markdown(results: dict) -> str:
     a, sides = results["args"], results["sides"]
     names = list(sides)
     lines = [
-        f"# GPU train step profile: ViT-{a['model_size']}/16 224, Adapter+ r=8, batch "
+        f"# GPU train step profile: ViT-{a['model_size']}/16 {a['image']}, Adapter+ r=8, batch "
         f"{a['batch']}, bfloat16",
         "",
         f"{results['device']}; jax {results['versions']['jax']}, torch "
-        f"{results['versions']['torch']}; ours with attention='{results['attention']}'; "
+        f"{results['versions']['torch']}; ours with attention='{results['attention']}', read "
+        f"from the trace's {sides['ours'].get('source', '?')}; "
         f"{a['steps']} profiled steps per side after {a['warmup']} warmup steps. "
         "Milliseconds per step of device-kernel time (profiling slows the steps a little).",
         "",

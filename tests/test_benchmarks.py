@@ -70,3 +70,37 @@ def test_gpu_e2e_script_tiny_mode_runs_without_tensorflow(tmp_path: Path) -> Non
     assert (out / "suite" / "results.md").is_file()
     for step in ("train_step", "eval_step"):  # the run's steps, for the suite to load
         assert list((out / "xla_cache").glob(f"jit_{step}-*")), step
+
+
+def test_gpu_profile_reads_the_gpu_streams_of_a_trace(monkeypatch) -> None:
+    """benchmarks/gpu_profile.py on a trace as jax writes one on a GPU: kernels on the device's
+    process, each carrying its HLO instruction; the host's events of the same instruction are
+    not device time, and kernels fall into families by name."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_profile
+
+    events = [
+        {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "name": "process_name", "pid": 701, "args": {"name": "/host:CPU"}},
+        {"ph": "X", "pid": 1, "name": "loop_add_fusion", "dur": 10, "args": {"hlo_op": "add.3"}},
+        {"ph": "X", "pid": 1, "name": "nvjet_hsh_256x128_2cta", "dur": 30,
+         "args": {"hlo_op": "custom-call.7"}},
+        {"ph": "X", "pid": 1, "name": "cudnn_generated_fort_native_sdpa_sm90", "dur": 20,
+         "args": {"hlo_op": "custom-call.9"}},
+        {"ph": "X", "pid": 701, "name": "add.3", "dur": 500},  # the host's launch of add.3
+    ]  # fmt: skip
+    op_names = {"add.3": "jit(train_step)/jvp(VisionTransformer)/blocks_0/add"}
+    found = gpu_profile.our_device_events(events, op_names)
+    assert [(name, hlo) for name, hlo, _ in found] == [
+        ("loop_add_fusion", "add.3"), ("nvjet_hsh_256x128_2cta", "custom-call.7"),
+        ("cudnn_generated_fort_native_sdpa_sm90", "custom-call.9"),
+    ]  # fmt: skip
+    summary = gpu_profile.summarise([(n, us) for n, _, us in found], steps=2)
+    assert summary["busy_ms"] == 0.03
+    assert summary["families"] == {
+        "element-wise and reductions": 0.005,
+        "GEMM (cuBLAS, CUTLASS, Triton GEMM)": 0.015,
+        "fused attention": 0.01,
+    }
+    assert summary["top"][0] == {"kernel": "nvjet_hsh_256x128_2cta", "ms": 0.015, "per_step": 0.5}
+
