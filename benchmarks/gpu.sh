@@ -14,7 +14,8 @@
 # 2. The train step in bfloat16 at batch 64 (200 s) and 128 (300 s): ours (the default
 #    attention, and XLA's einsums where the default is cuDNN's) against the reference
 #    (adapter-plus on timm) in torch eager bf16 autocast and under torch.compile, one
-#    interleaved run per batch size, with evaluation throughput, device memory and MFU (model
+#    interleaved run per batch size, with evaluation throughput (torch.compile's forward
+#    too), device memory and MFU (model
 #    FLOP/s over the GPU's datasheet bf16 peak and over the measured matmul peak):
 #    benchmarks/train_step.py. At batch 128 also ours with each of XLA_OPTIONS (one peer
 #    each), and our steps' optimized HLO in OUT/hlo.

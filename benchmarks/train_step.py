@@ -17,7 +17,8 @@ Both sides train the same model on the same batch in one process, with the same 
   options as one more peer each (e.g. `cudnn_ln:xla_gpu_enable_cudnn_layer_norm=true`); an
   option this XLA does not know is reported, not fatal;
 - reference: adapter-plus `VisionTransformerAdapter` on timm, torch.optim.AdamW, only adapters
-  and head trainable; with `--torch-compile` also the same under `torch.compile`.
+  and head trainable; with `--torch-compile` also the same under `torch.compile`, train step
+  and evaluation forward.
 
 Like `apj train`, the script restarts itself once with glibc's huge-page tunable where that
 helps (`backend.reexec_with_huge_pages`); both sides then run under it, and the table says
@@ -761,8 +762,14 @@ def main(argv: list[str] | None = None) -> dict:
         xla_logits, cudnn_logits = (m.apply({"params": params}, jx) for m in (einsums, default))
         results["cudnn_max_abs_logit_diff"] = float(jnp.abs(xla_logits - cudnn_logits).max())
         results["max_abs_logit"] = float(jnp.abs(xla_logits).max())
-    for peer in eval_peers:
-        warm_up(peer, a.warmup)
+    if a.torch_compile:  # its forward compiled on its own (eval mode, no autograd)
+        compiled_eval = torch.compile(copy.deepcopy(model))
+        eval_peers.append(torch_eval_peer(COMPILED, compiled_eval, tx, bf16))
+    for peer in list(eval_peers):
+        why = warm_up(peer, a.warmup)
+        if why is not None:
+            print(f"  {peer.name} evaluation skipped: {why}", flush=True)
+            eval_peers.remove(peer)
     times = interleaved(eval_peers, a.rounds, a.steps)
     results["inference"] = {p.name: summarise(times[p.name], a.batch) for p in eval_peers}
 
