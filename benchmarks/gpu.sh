@@ -15,9 +15,8 @@
 #    attention, and XLA's einsums where the default is cuDNN's) against the reference
 #    (adapter-plus on timm) in torch eager bf16 autocast and under torch.compile, one
 #    interleaved run per batch size, with evaluation throughput (torch.compile's forward
-#    too), device memory and MFU (model
-#    FLOP/s over the GPU's datasheet bf16 peak and over the measured matmul peak):
-#    benchmarks/train_step.py. At batch 128 also ours with each of XLA_OPTIONS (one peer
+#    too), device memory and MFU (model FLOP/s over the GPU's datasheet bf16 peak and over
+#    the measured matmul peak): benchmarks/train_step.py. At batch 128 also ours with each of XLA_OPTIONS (one peer
 #    each), and our steps' optimized HLO in OUT/hlo.
 # 3. Where the step's time goes (150 s): GPU kernels by family, ours by op class, ours against
 #    torch eager and torch.compile at batch 128: benchmarks/gpu_profile.py.
