@@ -12,6 +12,8 @@
 # 540, inside the tool's 600 s per call), so that it always ends in time to pack, and writes
 # to $OUT: console.txt (what the check printed), summary.md, and <check>_results.tgz (every
 # table, log, JSON and HLO file; the e2e image folders and compilation cache left out).
+# A session lent 15 minutes of device time: `gpu` first (its start and 9 minutes), then `e2e`
+# at once, while the machine is still warm, with DEVICE_BUDGET_S set to what is left.
 set -uo pipefail
 
 check="${1:-}"
