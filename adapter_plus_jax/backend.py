@@ -106,6 +106,7 @@ def use_compilation_cache(setting: str | None = None) -> Path | None:
 ATTENTION_KERNELS = ("xla", "cudnn")  # what `layers.attend` computes with
 ATTENTION_IMPLEMENTATIONS = ("auto", *ATTENTION_KERNELS)  # what users choose from
 CUDNN_MIN_COMPUTE_CAPABILITY, CUDNN_MAX_HEAD_DIM = 8.0, 128  # cuDNN's fused kernels: Ampere on
+CUDNN_MIN_VERSION = 90000  # cuDNN 9: what 'auto' was measured with (docs/performance.md, "GPU")
 
 
 def nvidia_compute_capability(device: Any | None = None) -> float | None:
@@ -120,13 +121,24 @@ def nvidia_compute_capability(device: Any | None = None) -> float | None:
         return None
 
 
+def cudnn_version() -> int | None:
+    """The version of the cuDNN jax loads (91900 for 9.19.0); None for none, or where this jax
+    keeps its check elsewhere (then 'auto' keeps the einsums)."""
+    try:
+        from jax._src.cudnn.fused_attention_stablehlo import check_cudnn_version
+
+        return int(check_cudnn_version())
+    except Exception:  # no cuDNN (RuntimeError), or a jax without this function
+        return None
+
+
 def auto_attention(
     dtype: Any, attn_drop_rate: float, head_dim: int, compute_capability: float | None
 ) -> str:
     """What attention='auto' computes with: 'cudnn' where cuDNN's fused kernel runs (an NVIDIA
-    GPU of `compute_capability` 8.0 or later, a 16-bit dtype, no attention dropout, a head
-    dimension that is a multiple of 8 up to 128), 'xla' everywhere else: on CPUs, TPUs and
-    other GPUs, and in float32, where the einsums are the reference's arithmetic."""
+    GPU of `compute_capability` 8.0 or later with cuDNN 9, None for none; a 16-bit dtype, no
+    attention dropout, a head dimension that is a multiple of 8 up to 128), 'xla' everywhere
+    else: on CPUs, TPUs and other GPUs, and in float32 (the reference's arithmetic)."""
     fits = (
         (compute_capability or 0.0) >= CUDNN_MIN_COMPUTE_CAPABILITY
         and low_precision(dtype) and not attn_drop_rate
@@ -139,7 +151,10 @@ def resolve_attention(implementation: str, dtype: Any, attn_drop_rate: float, he
     """`implementation` with 'auto' replaced by this machine's choice (`auto_attention`)."""
     if implementation != "auto":
         return implementation
-    return auto_attention(dtype, attn_drop_rate, head_dim, nvidia_compute_capability())
+    capability = nvidia_compute_capability()
+    if capability is not None and (cudnn_version() or 0) < CUDNN_MIN_VERSION:
+        capability = None  # an NVIDIA GPU, but no cuDNN that runs the fused kernel
+    return auto_attention(dtype, attn_drop_rate, head_dim, capability)
 
 
 def check_attention(implementation: str, dtype: Any, attn_drop_rate: float) -> None:

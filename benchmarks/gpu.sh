@@ -71,6 +71,15 @@ failed=0
 part() {  # part NAME LIMIT_S COMMAND...: run COMMAND under a time limit, log to OUT/NAME.log
     local name=$1 seconds=$2
     shift 2
+    if [[ -n "${GPU_CHECK_DEADLINE:-}" ]]; then  # device_run.sh: the whole check's end
+        local left=$((GPU_CHECK_DEADLINE - $(date +%s)))
+        if ((left < 10)); then
+            echo "== $name skipped: the check's time (GPU_CHECK_DEADLINE) is up"
+            failed=1
+            return
+        fi
+        ((seconds > left)) && seconds=$left
+    fi
     echo "== $name (at most ${seconds} s)"
     if timeout -k 10 "$seconds" "$@" >"$out/$name.log" 2>&1; then
         tail -n 3 "$out/$name.log"
@@ -85,8 +94,13 @@ part() {  # part NAME LIMIT_S COMMAND...: run COMMAND under a time limit, log to
 source "$here/host.sh"
 describe_host "$python" "$out"
 cd "$(dirname "$here")" || exit 2  # the repository: pytest finds its tests and conftest
-part accuracy "${limits[0]}" "$python" -m pytest -q -s -p no:cacheprovider \
-    tests/test_mixed_precision.py -k "$accuracy_tests"
+if "$python" -c "import pytest" 2>/dev/null; then
+    part accuracy "${limits[0]}" "$python" -m pytest -q -s -p no:cacheprovider \
+        tests/test_mixed_precision.py -k "$accuracy_tests"
+else
+    echo "== accuracy skipped: pytest is not installed for $python"
+    failed=1
+fi
 for b in "${batches[@]}"; do
     extra=()
     limit=${limits[1]}

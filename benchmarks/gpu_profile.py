@@ -48,7 +48,7 @@ from adapter_plus_jax.convert import from_timm
 # (family, pattern over the kernel's name, lowercased); the first match wins.
 FAMILIES = (
     ("fused attention", r"flash|fmha|sdpa|attention|attn"),
-    ("convolution", r"conv|implicit|fprop|dgrad|wgrad"),
+    ("convolution", r"conv(?!ert)|implicit|fprop|dgrad|wgrad"),  # not XLA's converts
     ("GEMM (cuBLAS, CUTLASS, Triton GEMM)", r"gemm|nvjet|xmma|cutlass|cublas|matmul|wgmma|_mma"),
     ("copies and memset", r"memcpy|memset|copy|transpose"),
     ("element-wise and reductions", r"."),

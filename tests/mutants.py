@@ -482,7 +482,11 @@ MUTANTS = [
     Mutant(
         "auto_attention_in_float32",
         "attention='auto' takes cuDNN's kernel in float32 too, leaving the reference's arithmetic",
-        *_one("adapter_plus_jax/backend.py", "        and low_precision(dtype)\n", ""),
+        *_one(
+            "adapter_plus_jax/backend.py",
+            "        and low_precision(dtype) and not attn_drop_rate\n",
+            "        and not attn_drop_rate\n",
+        ),
         tests=(
             "tests/test_backend.py::"
             "test_auto_attention_takes_cudnn_only_where_it_runs[float32-0.0-64-9.0-xla]",

@@ -204,21 +204,42 @@ def test_create_model_resolves_auto_attention_to_the_einsums_on_cpus() -> None:
         assert module.attention == "xla"
 
 
-def test_create_model_takes_cudnn_where_auto_finds_a_gpu_for_it(monkeypatch) -> None:
-    """What create_model builds when `auto_attention` says cuDNN (on an NVIDIA GPU): a module
-    with attention='cudnn'. The facts of the GPU are stubbed; the module is not run."""
+@pytest.mark.parametrize(
+    ("cudnn", "dtype", "expected"),
+    [(91900, "bfloat16", "cudnn"), (91900, "float32", "xla"), (None, "bfloat16", "xla"),
+     (8907, "bfloat16", "xla")],
+)  # fmt: skip
+def test_create_model_takes_cudnn_where_auto_finds_a_gpu_for_it(
+    monkeypatch, cudnn: int | None, dtype: str, expected: str
+) -> None:
+    """What create_model builds on an H100 (compute capability 9.0) with `cudnn` (its version;
+    None: none found): attention='cudnn' in bfloat16 with cuDNN 9, the einsums otherwise. The
+    facts of the GPU are stubbed; the module is not run."""
     monkeypatch.setattr(backend, "nvidia_compute_capability", lambda device=None: 9.0)
-    monkeypatch.setattr(backend, "check_attention", lambda *args, **kwargs: None)
+    monkeypatch.setattr(backend, "cudnn_version", lambda: cudnn)
     built = []
     monkeypatch.setattr(
         "adapter_plus_jax.factory.init_params",
         lambda module, params, rng: built.append(module) or params,
     )
-    create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, rng=0,
-                 dtype="bfloat16", depth=1, img_size=32)  # fmt: skip
-    create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, rng=0,
-                 dtype="float32", depth=1, img_size=32)  # fmt: skip
-    assert [m.attention for m in built] == ["cudnn", "xla"]
+    create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, rng=0, dtype=dtype,
+                 depth=1, img_size=32)  # fmt: skip
+    assert built[0].attention == expected
+
+
+def test_cudnn_version_asks_jax(monkeypatch) -> None:
+    """`cudnn_version` reads the version through jax's own check (so that a jax that moves it
+    shows up here, not as a silent fallback to the einsums on GPUs)."""
+    from jax._src.cudnn import fused_attention_stablehlo
+
+    monkeypatch.setattr(fused_attention_stablehlo, "check_cudnn_version", lambda: 91900)
+    assert backend.cudnn_version() == 91900
+
+    def missing() -> int:
+        raise RuntimeError("cuDNN is not detected.")
+
+    monkeypatch.setattr(fused_attention_stablehlo, "check_cudnn_version", missing)
+    assert backend.cudnn_version() is None
 
 
 def test_cpu_vendor_reads_proc_cpuinfo(tmp_path: Path) -> None:
