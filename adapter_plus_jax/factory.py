@@ -164,8 +164,9 @@ def create_model(
       drop_path_rate: stochastic depth at the last block (linear over depth, as timm).
       dtype: compute dtype ('float32' or 'bfloat16'); parameters stay float32.
       remat: recompute block activations in the backward pass (less memory, more time).
-      attention: 'auto' (cuDNN's fused attention where it runs: an NVIDIA GPU from Ampere on,
-        bfloat16, no attention dropout; XLA's einsums elsewhere: `backend.auto_attention`),
+      attention: 'auto' (cuDNN's fused attention where it runs: an NVIDIA GPU from Ampere on
+        with cuDNN 9, bfloat16, no attention dropout; XLA's einsums elsewhere:
+        `backend.auto_attention`),
         'xla' (the einsums, the reference's arithmetic, everywhere) or 'cudnn'. The module's
         `attention` says which was taken; docs/performance.md, 'GPU', has the measurements.
       weights_dir: where ported timm names live (default ~/.cache/adapter_plus_jax).
