@@ -84,15 +84,11 @@ failed=0
 part() {  # part NAME LIMIT_S COMMAND...: run COMMAND under a time limit, log to OUT/NAME.log
     local name=$1 seconds=$2 begin status
     shift 2
-    if [[ -n "${GPU_CHECK_DEADLINE:-}" ]]; then  # device_run.sh: the whole check's end
-        local left=$((GPU_CHECK_DEADLINE - $(date +%s)))
-        if ((left < 10)); then
-            echo "== $name skipped: the check's time (GPU_CHECK_DEADLINE) is up"
-            failed=1
-            return
-        fi
-        ((seconds > left)) && seconds=$left
-    fi
+    seconds=$(capped_limit "$seconds") || {
+        echo "== $name skipped: the check's time (GPU_CHECK_DEADLINE) is up"
+        failed=1
+        return
+    }
     echo "== $name (at most ${seconds} s)"
     begin=$(date +%s.%N)
     timeout -k 10 "$seconds" "$@" >"$out/$name.log" 2>&1

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import collections
 import copy
-import gzip
 import json
 import re
 import sys
@@ -108,17 +107,7 @@ def profile_ours(module, params, x, y, warmup: int, steps: int) -> dict:
     """Our step (`train_step.jax_train_peer`, the backend's plan) under jax.profiler."""
     peer = ts.jax_train_peer("ours", module, params, x, y, backend.plan(module))
     op_names = ps.instruction_op_names(peer.compiled.as_text())
-    for _ in range(warmup):
-        peer.step()
-    with tempfile.TemporaryDirectory() as tmp:
-        with jax.profiler.trace(tmp, create_perfetto_trace=True):
-            start = time.perf_counter()
-            for _ in range(steps):
-                peer.step()
-            wall = time.perf_counter() - start
-        raw = next(Path(tmp).rglob("perfetto_trace.json.gz")).read_bytes()
-    trace = json.loads(gzip.decompress(raw))
-    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    events, wall = ps.traced_steps(peer, warmup, steps)
     found = our_device_events(events, op_names)
     result = summarise([(name, us) for name, _, us in found], steps)
     # Which events were read: a GPU's stream events, or (no GPU in the trace) XLA:CPU's thunks.

@@ -116,10 +116,9 @@ def split_concurrent(intervals: list[tuple[float, float, str]]) -> tuple[dict[st
     return dict(totals), covered
 
 
-def profile_ours(module, params, x, y, warmup: int, steps: int, plan: backend.Plan) -> dict:
-    """Per-class milliseconds per step of our jitted step, built and compiled in `plan`."""
-    peer = ts.jax_train_peer("ours", module, params, x, y, plan)
-    op_names = instruction_op_names(peer.compiled.as_text())
+def traced_steps(peer: ts.Peer, warmup: int, steps: int) -> tuple[list[dict], float]:
+    """(the jax.profiler trace events, wall seconds) of `steps` steps of `peer`, after `warmup`
+    untraced ones."""
     for _ in range(warmup):
         peer.step()
     with tempfile.TemporaryDirectory() as tmp:
@@ -130,7 +129,14 @@ def profile_ours(module, params, x, y, warmup: int, steps: int, plan: backend.Pl
             wall = time.perf_counter() - start
         raw = next(Path(tmp).rglob("perfetto_trace.json.gz")).read_bytes()
     trace = json.loads(gzip.decompress(raw))
-    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    return (trace["traceEvents"] if isinstance(trace, dict) else trace), wall
+
+
+def profile_ours(module, params, x, y, warmup: int, steps: int, plan: backend.Plan) -> dict:
+    """Per-class milliseconds per step of our jitted step, built and compiled in `plan`."""
+    peer = ts.jax_train_peer("ours", module, params, x, y, plan)
+    op_names = instruction_op_names(peer.compiled.as_text())
+    events, wall = traced_steps(peer, warmup, steps)
     intervals = []
     for e in events:
         if e.get("ph") != "X" or e["name"] not in op_names:
