@@ -147,14 +147,16 @@ def auto_attention(
     return "cudnn" if fits else "xla"
 
 
-def resolve_attention(implementation: str, dtype: Any, attn_drop_rate: float, head_dim: int) -> str:
-    """`implementation` with 'auto' replaced by this machine's choice (`auto_attention`)."""
+def resolve_attention(implementation: str, dtype: Any, config: Any) -> str:
+    """`implementation` with 'auto' replaced by this machine's choice (`auto_attention`) for a
+    model of `config` (a `ViTConfig`: its width, heads and attention dropout)."""
     if implementation != "auto":
         return implementation
     capability = nvidia_compute_capability()
     if capability is not None and (cudnn_version() or 0) < CUDNN_MIN_VERSION:
         capability = None  # an NVIDIA GPU, but no cuDNN that runs the fused kernel
-    return auto_attention(dtype, attn_drop_rate, head_dim, capability)
+    head_dim = config.embed_dim // config.num_heads
+    return auto_attention(dtype, config.attn_drop_rate, head_dim, capability)
 
 
 def check_attention(implementation: str, dtype: Any, attn_drop_rate: float) -> None:

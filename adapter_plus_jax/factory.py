@@ -189,8 +189,7 @@ def create_model(
         name_or_dir, num_classes, pretrained, rng, img_size, weights_dir, timm_kwargs
     )
     config = backbone.config.replace(drop_path_rate=drop_path_rate)
-    head_dim = config.embed_dim // config.num_heads
-    attention = backend.resolve_attention(attention, dtype, config.attn_drop_rate, head_dim)
+    attention = backend.resolve_attention(attention, dtype, config)
     module = VisionTransformer(
         config, dtype=jnp.dtype(dtype), remat=remat, attention=attention, **specs
     )

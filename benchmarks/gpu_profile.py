@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = ts.reference_model(a.model_size, a.classes, a.image, a.depth)
     module, variables = from_timm(model, dtype=jnp.dtype(a.dtype))
     module = module.clone(config=module.config.replace(drop_path_rate=0.1))  # as train_step.py
-    module = module.clone(attention=ts.default_attention(module))
+    module = module.clone(attention=backend.resolve_attention("auto", module.dtype, module.config))
     results: dict = {
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
         "device": torch.cuda.get_device_name() if device == "cuda" else "CPU",

@@ -581,13 +581,6 @@ def _option_value(value: str) -> Any:
     return value
 
 
-def default_attention(module: VisionTransformer) -> str:
-    """The attention `create_model` takes here for this model ('auto')."""
-    cfg = module.config
-    head_dim = cfg.embed_dim // cfg.num_heads
-    return backend.resolve_attention("auto", module.dtype, cfg.attn_drop_rate, head_dim)
-
-
 def write_hlo(peers: list[Peer], folder: Path) -> None:
     """Each compiled peer's optimized HLO, gzipped, as FOLDER/<peer name>.hlo.txt.gz."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -680,21 +673,21 @@ def main(argv: list[str] | None = None) -> dict:
     ]
     print("== compiling our step", flush=True)
     results["train"] = {}
+    plan = backend.plan(module)  # chunks and compiler options do not depend on the attention
     # The attention create_model takes here by default; where that is cuDNN's kernel, the
     # einsums (module) are a peer of their own.
-    default = module.clone(attention=default_attention(module))
+    default = module.clone(attention=backend.resolve_attention("auto", module.dtype, module.config))
     try:
-        peers.append(jax_train_peer(OURS, default, params, jx, jy, backend.plan(default)))
+        peers.append(jax_train_peer(OURS, default, params, jx, jy, plan))
     except Exception as e:  # cuDNN's kernel needs a recent cuDNN, and rejects some shapes
         results["default_attention_failed"] = f"{type(e).__name__}: {str(e)[:300]}"
         print(f"  attention={default.attention} failed: {results['default_attention_failed']}")
         default = module
-        peers.append(jax_train_peer(OURS, default, params, jx, jy, backend.plan(default)))
+        peers.append(jax_train_peer(OURS, default, params, jx, jy, plan))
     results["default_attention"] = default.attention
     einsums = module if default.attention != "xla" else None
     if einsums is not None:
-        peers.append(jax_train_peer(XLA_ATTENTION, module, params, jx, jy, backend.plan(module)))
-    plan = backend.plan(module)  # chunks and compiler options do not depend on the attention
+        peers.append(jax_train_peer(XLA_ATTENTION, module, params, jx, jy, plan))
     other = other_dots(plan) if device == "cpu" and not bf16 else None
     if other is not None:  # the other float32 dot library, for comparison
         peers.append(jax_train_peer(other[0], module, params, jx, jy, other[1]))
@@ -704,7 +697,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name, options in a.xla_option:  # XLA options to try, one peer each
         peer_name = f"ours + {name}"
         optioned = dataclasses.replace(
-            backend.plan(default), compiler_options={**(plan.compiler_options or {}), **options}
+            plan, compiler_options={**(plan.compiler_options or {}), **options}
         )
         try:
             peers.append(jax_train_peer(peer_name, default, params, jx, jy, optioned))

@@ -113,9 +113,7 @@ def _default_bf16(module: VisionTransformer) -> VisionTransformer:
     """`module` in bfloat16 with the attention `create_model` takes by default here: XLA's
     einsums on CPUs, cuDNN's fused kernel on NVIDIA GPUs (so that these accuracy bounds hold
     for what users run on each)."""
-    cfg = module.config
-    head_dim = cfg.embed_dim // cfg.num_heads
-    attention = backend.resolve_attention("auto", jnp.bfloat16, cfg.attn_drop_rate, head_dim)
+    attention = backend.resolve_attention("auto", jnp.bfloat16, module.config)
     return module.clone(dtype=jnp.bfloat16, attention=attention)
 
 
